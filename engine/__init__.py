@@ -1,0 +1,1 @@
+"""DALL-E engine: model, VAEs, tokenizers, checkpoints and sampling."""

@@ -1,0 +1,150 @@
+"""DALL-E attention patterns as mask predicates over sequence positions.
+
+Layout: positions ``0..text_len-1`` are bos + caption, the rest is an ``fmap_size x fmap_size`` image grid in
+row-major order (image token ``t = p - text_len``). Every pattern is causal; text queries see earlier text, image
+queries see all text plus the image keys of their pattern (see ``dalle-semantics.md`` §5.1):
+
+- ``full``: every earlier image key;
+- ``axial_row``: same row, column <= own;
+- ``axial_col``: same column, row <= own;
+- ``conv_like`` (DALLE-pytorch v1.5+): keys at ``(r - a*d, c - b*d)`` for ``a, b`` in ``0..k-1``, a window whose
+  bottom-right corner is the query;
+- ``conv_like_centered`` (pre-1.5): ``|dr|, |dc| <= (k//2)*d`` on the dilation lattice, raster-causal.
+
+Predicates work on Python ints and on broadcasting integer tensors alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Index = int | torch.Tensor  # a position, or an integer tensor of positions
+Mask = bool | torch.Tensor
+
+PATTERNS = ("full", "axial_row", "axial_col", "conv_like", "conv_like_centered")
+
+
+def check_geometry(
+    pattern: str,
+    *,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    seq_len: int | None = None,
+) -> None:
+    """Raise ValueError unless the pattern name and geometry are valid (and ``seq_len`` fits, when given)."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown attention pattern {pattern!r}; valid patterns: {', '.join(PATTERNS)}")
+    for name, value in (("text_len", text_len), ("fmap_size", fmap_size),
+                        ("kernel_size", kernel_size), ("dilation", dilation)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if seq_len is not None:
+        max_len = text_len + fmap_size ** 2
+        if not 1 <= seq_len <= max_len:
+            raise ValueError(
+                f"seq_len must be in 1..{max_len} (text_len {text_len} + fmap_size {fmap_size}**2), got {seq_len}")
+
+
+# Image->image rules on image token indices; causality (tk <= tq) is applied by `allowed` on top.
+
+def _full(tq: Index, tk: Index, fmap_size: int, kernel_size: int, dilation: int) -> Mask:
+    return tk <= tq
+
+
+def _axial_row(tq: Index, tk: Index, fmap_size: int, kernel_size: int, dilation: int) -> Mask:
+    return (tq // fmap_size == tk // fmap_size) & (tk % fmap_size <= tq % fmap_size)
+
+
+def _axial_col(tq: Index, tk: Index, fmap_size: int, kernel_size: int, dilation: int) -> Mask:
+    return (tq % fmap_size == tk % fmap_size) & (tk // fmap_size <= tq // fmap_size)
+
+
+def _on_lattice(delta: Index, lo: int, hi: int, dilation: int) -> Mask:
+    """``delta`` lies in ``[lo, hi]`` and is a multiple of ``dilation``."""
+    return (delta >= lo) & (delta <= hi) & (delta % dilation == 0)
+
+
+def _conv_like(tq: Index, tk: Index, fmap_size: int, kernel_size: int, dilation: int) -> Mask:
+    reach = (kernel_size - 1) * dilation
+    dr = tq // fmap_size - tk // fmap_size  # query minus key: the window extends up and left only
+    dc = tq % fmap_size - tk % fmap_size
+    return _on_lattice(dr, 0, reach, dilation) & _on_lattice(dc, 0, reach, dilation)
+
+
+def _conv_like_centered(tq: Index, tk: Index, fmap_size: int, kernel_size: int, dilation: int) -> Mask:
+    reach = (kernel_size // 2) * dilation
+    dr = tq // fmap_size - tk // fmap_size
+    dc = tq % fmap_size - tk % fmap_size
+    # The window's lower half and right part of the own row are future keys; the raster order removes them.
+    return _on_lattice(dr, -reach, reach, dilation) & _on_lattice(dc, -reach, reach, dilation) & (tk <= tq)
+
+
+_IMAGE_RULES: dict[str, Callable[[Index, Index, int, int, int], Mask]] = {
+    "full": _full,
+    "axial_row": _axial_row,
+    "axial_col": _axial_col,
+    "conv_like": _conv_like,
+    "conv_like_centered": _conv_like_centered,
+}
+
+
+def allowed(
+    pattern: str,
+    q: Index,
+    k: Index,
+    *,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+) -> Mask:
+    """Whether query position ``q`` may attend to key position ``k`` (bool, or a broadcast bool tensor)."""
+    check_geometry(pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size, dilation=dilation)
+    image_rule = _IMAGE_RULES[pattern](q - text_len, k - text_len, fmap_size, kernel_size, dilation)
+    # Causality makes text queries see only text; an image query sees all text plus its pattern's image keys.
+    return (k <= q) & ((k < text_len) | image_rule)
+
+
+def dense_mask(
+    pattern: str,
+    seq_len: int,
+    *,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``(seq_len, seq_len)`` bool mask, True where query row may attend to key column."""
+    check_geometry(pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size, dilation=dilation,
+                   seq_len=seq_len)
+    pos = torch.arange(seq_len, device=device)
+    return allowed(pattern, pos[:, None], pos[None, :], text_len=text_len, fmap_size=fmap_size,
+                   kernel_size=kernel_size, dilation=dilation)
+
+
+def block_layout(
+    pattern: str,
+    seq_len: int,
+    *,
+    text_len: int,
+    fmap_size: int,
+    block_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """``(nb, nb)`` bool layout, ``nb = ceil(seq_len / block_size)``: True where query block i has any allowed key
+    in key block j, i.e. where a block-sparse kernel must visit the tile."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    mask = dense_mask(pattern, seq_len, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
+                      dilation=dilation)
+    num_blocks = -(-seq_len // block_size)
+    pad = num_blocks * block_size - seq_len
+    mask = F.pad(mask, (0, pad, 0, pad))  # pads with False: padding never needs a visit
+    return mask.view(num_blocks, block_size, num_blocks, block_size).any(dim=3).any(dim=1)

@@ -1,0 +1,135 @@
+"""Exact pure-PyTorch attention for the DALL-E patterns (the oracle and the CPU fallback).
+
+The sparse patterns never build ``seq x seq`` scores: text queries run causal attention over the text
+(``text_len x text_len``), and image queries run one joint softmax over ``[all text keys | their pattern's image
+keys]``, so scores take ``O(seq * (text_len + keys per query))`` memory. The image part is zero-padded to the full
+grid; padded keys are never attended because every pattern is causal and they come after every real query.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from . import masks
+
+__all__ = ["sparse_attention"]
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: str,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``softmax(q @ k^T * scale)`` restricted to the pattern's allowed keys, times ``v``.
+
+    q, k, v: ``(batch, heads, seq, dim_head)`` of one float dtype; returns the same shape and dtype. Scores and
+    softmax run in float32 (float64 for float64 inputs). ``scale`` defaults to ``dim_head ** -0.5``. Arguments are
+    assumed valid; ``kernels.sparse_attention`` checks them.
+    """
+    dtype = q.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    if pattern == "full":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).to(dtype)
+
+    seq = q.shape[2]
+    text = slice(0, min(seq, text_len))
+    causal = torch.ones(text.stop, text.stop, dtype=torch.bool, device=q.device).tril()
+    text_scores = torch.einsum("bhid,bhjd->bhij", q[:, :, text], k[:, :, text]) * scale
+    out = text_scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v[:, :, text]
+    if seq <= text_len:
+        return out.to(dtype)
+
+    num_image = seq - text_len
+    image_q, image_k, image_v = (F.pad(x[:, :, text_len:], (0, 0, 0, fmap_size ** 2 - num_image))
+                                 for x in (q, k, v))
+    text_k, text_v = k[:, :, :text_len], v[:, :, :text_len]
+    if pattern in ("axial_row", "axial_col"):
+        image_out = _axial_attention(image_q, image_k, image_v, text_k, text_v, scale=scale,
+                                     fmap_size=fmap_size, along_columns=pattern == "axial_col")
+    else:
+        image_out = _window_attention(image_q, image_k, image_v, text_k, text_v, scale=scale,
+                                      fmap_size=fmap_size, offsets=_window_offsets(pattern, kernel_size, dilation))
+    return torch.cat([out, image_out[:, :, :num_image]], dim=2).to(dtype)
+
+
+def _joint_softmax(
+    text_scores: torch.Tensor, image_scores: torch.Tensor, image_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over ``[text | image]`` keys (last dim); returns the two probability blocks.
+
+    -inf is safe here: every query has all text keys allowed, so no row is fully masked and no NaN appears.
+    """
+    image_scores = image_scores.masked_fill(~image_valid, float("-inf"))
+    probs = torch.cat([text_scores, image_scores], dim=-1).softmax(dim=-1)
+    return probs.split([text_scores.shape[-1], image_scores.shape[-1]], dim=-1)
+
+
+def _axial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    *,
+    scale: float,
+    fmap_size: int,
+    along_columns: bool,
+) -> torch.Tensor:
+    """Image queries of a full grid attend to all text plus the earlier keys on their own row (or column)."""
+    # View the grid as lines (rows, or columns for axial_col), each a causal sequence of `fmap_size` keys.
+    to_lines = "b h (c i) d -> b h i c d" if along_columns else "b h (r i) d -> b h r i d"
+    q, k, v = (rearrange(x, to_lines, i=fmap_size) for x in (q, k, v))
+    text_scores = torch.einsum("bhlid,bhtd->bhlit", q, text_k) * scale
+    line_scores = torch.einsum("bhlid,bhljd->bhlij", q, k) * scale
+    causal = torch.ones(fmap_size, fmap_size, dtype=torch.bool, device=q.device).tril()
+    text_probs, line_probs = _joint_softmax(text_scores, line_scores, causal)
+    out = text_probs @ text_v.unsqueeze(2) + line_probs @ v
+    from_lines = "b h i c d -> b h (c i) d" if along_columns else "b h r i d -> b h (r i) d"
+    return rearrange(out, from_lines)
+
+
+def _window_offsets(pattern: str, kernel_size: int, dilation: int) -> list[tuple[int, int]]:
+    """(row, col) offsets, key minus query, of the conv window keys that can be causal."""
+    if pattern == "conv_like":
+        steps = range(-(kernel_size - 1) * dilation, 1, dilation)  # the query is the window's bottom-right corner
+        return [(dr, dc) for dr in steps for dc in steps]
+    reach = (kernel_size // 2) * dilation
+    steps = range(-reach, reach + 1, dilation)
+    # Centred window: keep the raster-causal half (rows above, then the own row up to the query).
+    return [(dr, dc) for dr in steps for dc in steps if (dr, dc) <= (0, 0)]
+
+
+def _window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    *,
+    scale: float,
+    fmap_size: int,
+    offsets: list[tuple[int, int]],
+) -> torch.Tensor:
+    """Image queries of a full grid attend to all text plus the in-grid keys at the given window offsets."""
+    cells = torch.arange(fmap_size ** 2, device=q.device)[:, None]
+    dr, dc = torch.tensor(offsets, device=q.device).unbind(dim=1)
+    rows, cols = cells // fmap_size + dr, cells % fmap_size + dc  # (cells, window)
+    valid = (rows >= 0) & (rows < fmap_size) & (cols >= 0) & (cols < fmap_size)
+    index = torch.where(valid, rows * fmap_size + cols, 0)  # invalid slots read cell 0 and are masked
+    window_k, window_v = k[:, :, index], v[:, :, index]  # (b, h, cells, window, d)
+    text_scores = torch.einsum("bhnd,bhtd->bhnt", q, text_k) * scale
+    window_scores = torch.einsum("bhnd,bhnwd->bhnw", q, window_k) * scale
+    text_probs, window_probs = _joint_softmax(text_scores, window_scores, valid)
+    return text_probs @ text_v + torch.einsum("bhnw,bhnwd->bhnd", window_probs, window_v)
