@@ -1,1 +1,23 @@
 """DALL-E engine: model, VAEs, tokenizers, checkpoints and sampling."""
+
+from engine.checkpoint import CheckpointError, DALLECheckpoint, load_dalle, load_vae, save_dalle, save_vae
+from engine.config import DALLEConfig
+from engine.dalle import DALLE
+from engine.tokenizers import (
+    ChineseTokenizer,
+    HugTokenizer,
+    SimpleTokenizer,
+    Tokenizer,
+    YttmTokenizer,
+    build_tokenizer,
+    tokenizer_from_bytes,
+)
+from engine.vae import DiscreteVAE, DiscreteVAEConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DALLE", "DALLEConfig", "DiscreteVAE", "DiscreteVAEConfig", "Tokenizer", "SimpleTokenizer", "YttmTokenizer",
+    "HugTokenizer", "ChineseTokenizer", "build_tokenizer", "tokenizer_from_bytes", "save_dalle", "load_dalle",
+    "save_vae", "load_vae", "DALLECheckpoint", "CheckpointError",
+]

@@ -100,6 +100,24 @@ class DALLE(nn.Module):
         captions by the null caption, for classifier-free guidance.
         """
         c = self.config
+        x, text, codes = self._hidden(text, image, null_cond_prob)
+        logits = self._logits(x, offset=0)
+        if not return_loss:
+            return logits
+
+        if codes is None or codes.shape[1] != c.image_seq_len:
+            raise ValueError(f"return_loss needs the full image: {c.image_seq_len} codes or an image")
+        labels = torch.cat([text, codes + c.num_text_tokens_internal], dim=1)
+        T = c.text_seq_len
+        loss_text = F.cross_entropy(logits[:, :T].transpose(1, 2), labels[:, :T])
+        loss_img = F.cross_entropy(logits[:, T:].transpose(1, 2), labels[:, T:])
+        return (loss_text + c.loss_img_weight * loss_img) / (c.loss_img_weight + 1)
+
+    def _hidden(
+        self, text: torch.Tensor, image: torch.Tensor | None, null_cond_prob: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Transformer output (batch, seq, dim), plus the pad-substituted text and the image codes."""
+        c = self.config
         self._check_text(text)
         p = (c.null_cond_prob if self.training else 0.0) if null_cond_prob is None else null_cond_prob
         if p > 0:
@@ -128,18 +146,13 @@ class DALLE(nn.Module):
         x = self.transformer(tokens)
         if c.stable:
             x = x / x.amax(dim=-1, keepdim=True).detach()  # DivideMax
-        logits = self.to_logits(x)
-        logits = logits.masked_fill(~self.logits_allowed[: logits.shape[1]], -torch.finfo(logits.dtype).max)
-        if not return_loss:
-            return logits
+        return x, text, codes
 
-        if codes is None or codes.shape[1] != c.image_seq_len:
-            raise ValueError(f"return_loss needs the full image: {c.image_seq_len} codes or an image")
-        labels = torch.cat([text, codes + c.num_text_tokens_internal], dim=1)
-        T = c.text_seq_len
-        loss_text = F.cross_entropy(logits[:, :T].transpose(1, 2), labels[:, :T])
-        loss_img = F.cross_entropy(logits[:, T:].transpose(1, 2), labels[:, T:])
-        return (loss_text + c.loss_img_weight * loss_img) / (c.loss_img_weight + 1)
+    def _logits(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Masked logits of hidden states x at sequence positions offset, offset + 1, ..."""
+        logits = self.to_logits(x)
+        allowed = self.logits_allowed[offset: offset + logits.shape[1]]
+        return logits.masked_fill(~allowed, -torch.finfo(logits.dtype).max)
 
     def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
         c = self.config
@@ -158,10 +171,13 @@ class DALLE(nn.Module):
 
         The null branch gets its own all-padding caption in the same batch; the caller's text is never modified.
         """
+        if cond_scale != 1.0:  # the null caption's rows ride in the same batch
+            text, codes = torch.cat([text, torch.zeros_like(text)]), torch.cat([codes, codes])
+        x = self._hidden(text, codes, null_cond_prob=0.0)[0][:, -1:]
+        logits = self._logits(x, offset=self.config.text_len + codes.shape[1] - 1)[:, 0]
         if cond_scale == 1.0:
-            return self(text, codes)[:, -1]
-        both = self(torch.cat([text, torch.zeros_like(text)]), torch.cat([codes, codes]))[:, -1]
-        cond, null = both.chunk(2)
+            return logits
+        cond, null = logits.chunk(2)
         return null + (cond - null) * cond_scale
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ Predicates work on Python ints and on broadcasting integer tensors alike.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,8 @@ def check_geometry(
                 f"seq_len must be in 1..{max_len} (text_len {text_len} + fmap_size {fmap_size}**2), got {seq_len}")
 
 
-# Image->image rules on image token indices; causality (tk <= tq) is applied by `allowed` on top.
+# Image->image rules on image token indices, written as in the table of dalle-semantics.md §5.1;
+# `allowed` adds text visibility and the global causal mask on top.
 
 def _full(tq: Index, tk: Index, fmap_size: int, kernel_size: int, dilation: int) -> Mask:
     return tk <= tq
@@ -80,7 +81,7 @@ def _conv_like_centered(tq: Index, tk: Index, fmap_size: int, kernel_size: int, 
     reach = (kernel_size // 2) * dilation
     dr = tq // fmap_size - tk // fmap_size
     dc = tq % fmap_size - tk % fmap_size
-    # The window's lower half and right part of the own row are future keys; the raster order removes them.
+    # The centred window's lower half and the own row's right part are future keys: raster order drops them.
     return _on_lattice(dr, -reach, reach, dilation) & _on_lattice(dc, -reach, reach, dilation) & (tk <= tq)
 
 

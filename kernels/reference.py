@@ -1,9 +1,10 @@
-"""Exact pure-PyTorch attention for the DALL-E patterns (the oracle and the CPU fallback).
+"""Exact pure-PyTorch attention for the DALL-E patterns: the portable fallback and the baseline for fast kernels.
 
-The sparse patterns never build ``seq x seq`` scores: text queries run causal attention over the text
-(``text_len x text_len``), and image queries run one joint softmax over ``[all text keys | their pattern's image
-keys]``, so scores take ``O(seq * (text_len + keys per query))`` memory. The image part is zero-padded to the full
-grid; padded keys are never attended because every pattern is causal and they come after every real query.
+``full`` is dense causal attention. The sparse patterns never build ``seq x seq`` scores: text queries run causal
+attention over the text (``text_len x text_len``), and image queries run one joint softmax over ``[all text keys |
+their pattern's image keys]``, so scores take ``O(seq * (text_len + keys per query))`` memory. The image part is
+zero-padded to the full grid; padded keys are never attended because they come after every real query and every
+pattern is causal.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-
-from . import masks
 
 __all__ = ["sparse_attention"]
 
@@ -41,13 +40,10 @@ def sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     if pattern == "full":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).to(dtype)
+        return _causal_attention(q, k, v, scale).to(dtype)
 
     seq = q.shape[2]
-    text = slice(0, min(seq, text_len))
-    causal = torch.ones(text.stop, text.stop, dtype=torch.bool, device=q.device).tril()
-    text_scores = torch.einsum("bhid,bhjd->bhij", q[:, :, text], k[:, :, text]) * scale
-    out = text_scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v[:, :, text]
+    out = _causal_attention(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len], scale)
     if seq <= text_len:
         return out.to(dtype)
 
@@ -62,6 +58,14 @@ def sparse_attention(
         image_out = _window_attention(image_q, image_k, image_v, text_k, text_v, scale=scale,
                                       fmap_size=fmap_size, offsets=_window_offsets(pattern, kernel_size, dilation))
     return torch.cat([out, image_out[:, :, :num_image]], dim=2).to(dtype)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention. Explicit rather than SDPA: the CPU SDPA kernel's dq is measurably less accurate."""
+    seq = q.shape[2]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-2, -1)) * scale
+    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
 
 
 def _joint_softmax(
@@ -89,14 +93,14 @@ def _axial_attention(
 ) -> torch.Tensor:
     """Image queries of a full grid attend to all text plus the earlier keys on their own row (or column)."""
     # View the grid as lines (rows, or columns for axial_col), each a causal sequence of `fmap_size` keys.
-    to_lines = "b h (c i) d -> b h i c d" if along_columns else "b h (r i) d -> b h r i d"
-    q, k, v = (rearrange(x, to_lines, i=fmap_size) for x in (q, k, v))
+    to_lines = "b h (r c) d -> b h c r d" if along_columns else "b h (r c) d -> b h r c d"
+    q, k, v = (rearrange(x, to_lines, c=fmap_size) for x in (q, k, v))
     text_scores = torch.einsum("bhlid,bhtd->bhlit", q, text_k) * scale
     line_scores = torch.einsum("bhlid,bhljd->bhlij", q, k) * scale
     causal = torch.ones(fmap_size, fmap_size, dtype=torch.bool, device=q.device).tril()
     text_probs, line_probs = _joint_softmax(text_scores, line_scores, causal)
     out = text_probs @ text_v.unsqueeze(2) + line_probs @ v
-    from_lines = "b h i c d -> b h (c i) d" if along_columns else "b h r i d -> b h (r i) d"
+    from_lines = "b h c r d -> b h (r c) d" if along_columns else "b h r c d -> b h (r c) d"
     return rearrange(out, from_lines)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -10,24 +12,43 @@ from kernels import PATTERNS, dense_mask, reference
 
 # (batch, heads, seq, dim_head, text_len, fmap_size, kernel_size, dilation)
 Config = tuple[int, int, int, int, int, int, int, int]
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# text_len 5 with a 3x3 grid: empty, text-only, boundary, one image token, training length, full grid.
+SPEC_CONFIG: Config = (1, 2, 19, 8, 4, 4, 3, 2)  # the spec's 4x4 example with a dilated window
+EVEN_KERNEL_CONFIG: Config = (2, 1, 27, 5, 3, 5, 2, 1)
+
+# text_len 5 with a 3x3 grid: one token, text-only, boundary, one image token, training length, full grid.
 CONFIGS: list[Config] = [(2, 3, seq, 7, 5, 3, 3, 1) for seq in (1, 4, 5, 6, 13, 14)] + [
-    (1, 2, 19, 8, 4, 4, 3, 2),   # the spec's 4x4 example with a dilated window
-    (2, 1, 27, 5, 3, 5, 2, 1),   # even kernel
-    (1, 1, 17, 3, 1, 4, 5, 1),   # bos-only text
-    (1, 2, 39, 9, 4, 6, 4, 3),   # dilation that reaches past the grid
-    (1, 1, 2, 1, 1, 1, 5, 1),    # 1x1 grid, dim_head 1
+    SPEC_CONFIG,
+    EVEN_KERNEL_CONFIG,
+    (1, 1, 17, 3, 1, 4, 5, 1),  # bos-only text
+    (1, 2, 39, 9, 4, 6, 4, 3),  # dilation that reaches past the grid
+    (1, 1, 2, 1, 1, 1, 5, 1),   # 1x1 grid, dim_head 1
 ]
 
-LOW_PRECISION_CONFIGS: list[Config] = [(2, 2, 40, 16, 5, 6, 5, 1), (1, 3, 44, 24, 8, 6, 3, 2)]
+# Large enough that the max error is a stable statistic; on tiny problems the 2x ratio below is noisy.
+LOW_PRECISION_CONFIGS: list[Config] = [(2, 4, 68, 32, 5, 8, 5, 1), (2, 4, 100, 16, 9, 10, 3, 2)]
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-    """Plain masked softmax attention in the inputs' own dtype."""
-    scores = (q @ k.transpose(-2, -1)) * scale
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+def geometry(config: Config) -> dict[str, int]:
+    text_len, fmap_size, kernel_size, dilation = config[4:]
+    return dict(text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size, dilation=dilation)
+
+
+def ours(config: Config, pattern: str, scale: float | None = None) -> Attention:
+    return lambda q, k, v: reference.sparse_attention(q, k, v, pattern=pattern, scale=scale, **geometry(config))
+
+
+def dense(config: Config, pattern: str, scale: float | None = None) -> Attention:
+    """Plain masked softmax attention, computed in the inputs' own dtype."""
+    mask = dense_mask(pattern, config[2], **geometry(config))
+    scale = config[3] ** -0.5 if scale is None else scale
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)) * scale
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+    return attend
 
 
 def make_inputs(config: Config, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -38,76 +59,59 @@ def make_inputs(config: Config, dtype: torch.dtype, seed: int = 0) -> list[torch
             for _ in range(4)]
 
 
-def run(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
-    """Output and (dq, dk, dv) of ``fn`` for the given upstream gradient."""
+def run(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Output and (dq, dk, dv) for the given upstream gradient."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v)
+    out = attention(q, k, v)
     return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
-
-
-def geometry(config: Config, pattern: str) -> dict:
-    text_len, fmap_size, kernel_size, dilation = config[4:]
-    return dict(pattern=pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
-                dilation=dilation)
-
-
-def dense_reference(config: Config, pattern: str, scale: float | None = None):
-    kwargs = geometry(config, pattern)
-    mask = dense_mask(kwargs.pop("pattern"), config[2], **kwargs)
-    scale = config[3] ** -0.5 if scale is None else scale
-    return lambda q, k, v: dense_attention(q, k, v, mask, scale)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_float64_matches_dense(pattern: str, config: Config) -> None:
-    q, k, v, grad_out = make_inputs(config, torch.float64)
-    ours = run(lambda q, k, v: reference.sparse_attention(q, k, v, **geometry(config, pattern)), q, k, v, grad_out)
-    expected = run(dense_reference(config, pattern), q, k, v, grad_out)
-    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, expected):
-        assert got.dtype == torch.float64 and got.shape == want.shape
+    inputs = make_inputs(config, torch.float64)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), run(ours(config, pattern), *inputs),
+                               run(dense(config, pattern), *inputs)):
+        assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_custom_scale(pattern: str) -> None:
-    config = CONFIGS[-4]
-    q, k, v, grad_out = make_inputs(config, torch.float64)
-    ours = run(lambda q, k, v: reference.sparse_attention(q, k, v, scale=0.3, **geometry(config, pattern)),
-               q, k, v, grad_out)
-    expected = run(dense_reference(config, pattern, scale=0.3), q, k, v, grad_out)
-    for got, want in zip(ours, expected):
+    inputs = make_inputs(EVEN_KERNEL_CONFIG, torch.float64)
+    for got, want in zip(run(ours(EVEN_KERNEL_CONFIG, pattern, scale=0.3), *inputs),
+                         run(dense(EVEN_KERNEL_CONFIG, pattern, scale=0.3), *inputs)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", LOW_PRECISION_CONFIGS, ids=str)
 def test_low_precision_error_budget(pattern: str, dtype: torch.dtype, config: Config) -> None:
     """FlashAttention-style budget: our error vs float64 is at most twice plain PyTorch's error in ``dtype``."""
     inputs = make_inputs(config, dtype)
-    dense = dense_reference(config, pattern)
-    ours = run(lambda q, k, v: reference.sparse_attention(q, k, v, **geometry(config, pattern)), *inputs)
-    plain = run(dense, *inputs)
-    exact = run(dense, *(x.double() for x in inputs))
-    for name, got, baseline, want in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
-        assert got.dtype == dtype
-        err = (got.double() - want).abs().max().item()
-        budget = 2 * (baseline.double() - want).abs().max().item() + 1e-6
+    got = run(ours(config, pattern), *inputs)
+    plain = run(dense(config, pattern), *inputs)
+    exact = run(dense(config, pattern), *(x.double() for x in inputs))
+    for name, ours_x, plain_x, exact_x in zip(("out", "dq", "dk", "dv"), got, plain, exact):
+        assert ours_x.dtype == dtype
+        err = (ours_x.double() - exact_x).abs().max().item()
+        budget = 2 * (plain_x.double() - exact_x).abs().max().item() + 1e-2 * torch.finfo(dtype).eps
         assert err <= budget, f"{name}: error {err:.3g} exceeds budget {budget:.3g}"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_public_entry_point_matches_reference(pattern: str) -> None:
-    config = CONFIGS[6]
-    q, k, v, _ = make_inputs(config, torch.float32)
-    kwargs = geometry(config, pattern)
+    q, k, v, _ = make_inputs(SPEC_CONFIG, torch.float32)
+    kwargs = dict(pattern=pattern, **geometry(SPEC_CONFIG))
     assert torch.equal(kernels.sparse_attention(q, k, v, **kwargs), reference.sparse_attention(q, k, v, **kwargs))
 
 
 @pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "full"])
 def test_sparse_patterns_do_not_materialise_seq_by_seq(pattern: str) -> None:
-    text_len, fmap_size, seq = 8, 16, 8 + 16 * 16
+    text_len, fmap_size = 8, 16
+    seq = text_len + fmap_size ** 2
     q, k, v = (torch.randn(1, 1, seq, 2, requires_grad=True) for _ in range(3))
     saved: list[int] = []
 
@@ -133,7 +137,7 @@ def test_sparse_patterns_do_not_materialise_seq_by_seq(pattern: str) -> None:
         (((1, 1, 6, 4),) * 3, {"text_len": 0}, "text_len"),
     ],
 )
-def test_bad_arguments(shapes: tuple, kwargs: dict, match: str) -> None:
+def test_bad_arguments(shapes: tuple[tuple[int, ...], ...], kwargs: dict, match: str) -> None:
     q, k, v = (torch.randn(shape) for shape in shapes)
     args = dict(pattern="conv_like", text_len=5, fmap_size=3) | kwargs
     with pytest.raises(ValueError, match=match):
