@@ -230,12 +230,11 @@ class DiscreteVAE(nn.Module):
         if codes.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"expected int64 or int32 codes, got dtype {codes.dtype}")
         # One host sync per decode; an out-of-range id would otherwise be an opaque device-side assert.
-        if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < self.num_tokens):
-            raise ValueError(
-                f"codes must lie in [0, {self.num_tokens}), got values in [{int(codes.min())}, {int(codes.max())}]"
-            )
+        lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
+        if lo < 0 or hi >= self.num_tokens:
+            raise ValueError(f"codes must lie in [0, {self.num_tokens}), got values in [{lo}, {hi}]")
         f = self.fmap_size
-        embeds = self.codebook(codes).view(codes.shape[0], f, f, -1).permute(0, 3, 1, 2)
+        embeds = self.codebook(codes).view(-1, f, f, self.config.codebook_dim).permute(0, 3, 1, 2)
         out = self.decoder(embeds)
         return (out * self.norm_std + self.norm_mean).clamp(0.0, 1.0)
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+__all__ = ["PATTERNS", "allowed", "block_layout", "check_geometry", "dense_mask"]
+
 Index = int | torch.Tensor  # a position, or an integer tensor of positions
 Mask = bool | torch.Tensor
 

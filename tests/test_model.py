@@ -250,3 +250,16 @@ def test_gumbel_sample_follows_softmax():
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
     with pytest.raises(ValueError):
         gumbel_sample(logits, temperature=0.0)
+
+
+def test_images_of_the_wrong_size_are_rejected():
+    from engine.vae import DiscreteVAE, DiscreteVAEConfig
+
+    vae = DiscreteVAE(DiscreteVAEConfig(image_size=16, num_layers=2, num_tokens=17, codebook_dim=8, hidden_dim=8))
+    model = DALLE(tiny_config(num_image_tokens=17, image_fmap_size=4), vae)
+    text, _ = random_batch(model.config, batch=2)
+    assert model(text, torch.rand(2, 3, 16, 16), return_loss=True).isfinite()
+    with pytest.raises(ValueError, match="16"):
+        model(text, torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="VAE has 17 tokens on a 4x4 grid"):
+        DALLE(tiny_config(num_image_tokens=17, image_fmap_size=8), vae)
