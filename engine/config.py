@@ -15,38 +15,49 @@ from typing import Any
 ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 
 
-def _help(text: str, **kw: Any) -> Any:
+def help_field(text: str, **kw: Any) -> Any:
+    """A dataclass field with a help string, from which the command-line flag is generated."""
     return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class DALLEConfig:
-    num_text_tokens: int = _help("raw tokenizer vocabulary size (pad ids are added on top)", default=10000)
-    text_seq_len: int = _help("fixed caption length in tokens", default=256)
-    num_image_tokens: int = _help("VAE codebook size (taken from the VAE)", default=512)
-    image_fmap_size: int = _help("side of the VAE's token grid (taken from the VAE)", default=8)
-    dim: int = _help("model width", default=512)
-    depth: int = _help("number of transformer layers", default=2)
-    heads: int = _help("attention heads", default=8)
-    dim_head: int = _help("width of one attention head", default=64)
-    attn_types: tuple[str, ...] = _help(
+    num_text_tokens: int = help_field("raw tokenizer vocabulary size (pad ids are added on top)", default=10000)
+    text_seq_len: int = help_field("fixed caption length in tokens", default=256)
+    num_image_tokens: int = help_field("VAE codebook size (taken from the VAE)", default=512)
+    image_fmap_size: int = help_field("side of the VAE's token grid (taken from the VAE)", default=8)
+    dim: int = help_field("model width", default=512)
+    depth: int = help_field("number of transformer layers", default=2)
+    heads: int = help_field("attention heads", default=8)
+    dim_head: int = help_field("width of one attention head", default=64)
+    attn_types: tuple[str, ...] = help_field(
         "attention pattern per layer, cycled over depth: " + ", ".join(ATTN_TYPES), default=("full",)
     )
-    conv_kernel_size: int = _help("conv_like window side", default=5)
-    conv_dilation: int = _help("conv_like window dilation", default=1)
-    conv_centered: bool = _help("conv_like uses the pre-1.5 centred causal window (old checkpoints)", default=False)
-    reversible: bool = _help("reversible residual layers (activation memory independent of depth)", default=False)
-    attn_dropout: float = _help("dropout after the attention output projection", default=0.0)
-    ff_dropout: float = _help("dropout inside the feed-forward block", default=0.0)
-    loss_img_weight: float = _help("image loss weight: loss = (text + w*image) / (w + 1)", default=7.0)
-    stable: bool = _help("CogView stability tricks: embedding gradient shrink and DivideMax", default=False)
-    sandwich_norm: bool = _help("extra LayerNorm on every branch output", default=False)
-    shift_tokens: bool = _help("token shift (text: previous token; image: token above and to the left)", default=True)
-    rotary_emb: bool = _help("rotary embeddings (text 1-D + image 2-D) instead of learned positions", default=True)
-    shared_attn_ids: tuple[int, ...] | None = _help("attention weight-sharing ids, cycled over depth", default=None)
-    shared_ff_ids: tuple[int, ...] | None = _help("feed-forward weight-sharing ids, cycled over depth", default=None)
-    share_input_output_emb: bool = _help("token embeddings are rows of the output projection", default=False)
-    null_cond_prob: float = _help("probability of training on the null caption (classifier-free guidance)", default=0.0)
+    conv_kernel_size: int = help_field("conv_like window side", default=5)
+    conv_dilation: int = help_field("conv_like window dilation", default=1)
+    conv_centered: bool = help_field(
+        "conv_like uses the pre-1.5 centred causal window (old checkpoints)", default=False
+    )
+    reversible: bool = help_field("reversible residual layers (activation memory independent of depth)", default=False)
+    attn_dropout: float = help_field("dropout after the attention output projection", default=0.0)
+    ff_dropout: float = help_field("dropout inside the feed-forward block", default=0.0)
+    loss_img_weight: float = help_field("image loss weight: loss = (text + w*image) / (w + 1)", default=7.0)
+    stable: bool = help_field("CogView stability tricks: embedding gradient shrink and DivideMax", default=False)
+    sandwich_norm: bool = help_field("extra LayerNorm on every branch output", default=False)
+    shift_tokens: bool = help_field(
+        "token shift (text: previous token; image: token above and to the left)", default=True
+    )
+    rotary_emb: bool = help_field("rotary embeddings (text 1-D + image 2-D) instead of learned positions", default=True)
+    shared_attn_ids: tuple[int, ...] | None = help_field(
+        "attention weight-sharing ids, cycled over depth", default=None
+    )
+    shared_ff_ids: tuple[int, ...] | None = help_field(
+        "feed-forward weight-sharing ids, cycled over depth", default=None
+    )
+    share_input_output_emb: bool = help_field("token embeddings are rows of the output projection", default=False)
+    null_cond_prob: float = help_field(
+        "probability of training on the null caption (classifier-free guidance)", default=0.0
+    )
 
     def __post_init__(self) -> None:
         # Accept lists and comma strings (DALLE-pytorch's CLI passes "full,axial_row" and "0,0,1").

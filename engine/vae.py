@@ -9,36 +9,34 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.config import help_field
+
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class DiscreteVAEConfig:
-    image_size: int = _help("side of the square input images (a power of two)", default=256)
-    num_tokens: int = _help("codebook size (image vocabulary)", default=512)
-    codebook_dim: int = _help("width of one codebook vector", default=512)
-    num_layers: int = _help("stride-2 down/up-sampling layers; the token grid side is image_size / 2**num_layers",
+    image_size: int = help_field("side of the square input images (a power of two)", default=256)
+    num_tokens: int = help_field("codebook size (image vocabulary)", default=512)
+    codebook_dim: int = help_field("width of one codebook vector", default=512)
+    num_layers: int = help_field("stride-2 down/up-sampling layers; the token grid side is image_size / 2**num_layers",
                             default=3)
-    num_resnet_blocks: int = _help("residual blocks after the encoder's and before the decoder's convs", default=0)
-    hidden_dim: int = _help("conv channels inside encoder and decoder", default=64)
-    channels: int = _help("image channels (3 RGB, 4 RGBA)", default=3)
-    smooth_l1_loss: bool = _help("smooth-L1 instead of MSE reconstruction loss", default=False)
-    temperature: float = _help("Gumbel-softmax temperature when forward() gets no temp", default=0.9)
-    straight_through: bool = _help("hard one-hot samples with straight-through gradients", default=False)
-    reinmax: bool = _help("ReinMax second-order gradient estimator (needs straight_through)", default=False)
-    kl_div_loss_weight: float = _help("weight of KL(q || uniform) in the loss", default=0.0)
-    normalization: Normalization | None = _help(
+    num_resnet_blocks: int = help_field("residual blocks after the encoder's and before the decoder's convs", default=0)
+    hidden_dim: int = help_field("conv channels inside encoder and decoder", default=64)
+    channels: int = help_field("image channels (3 RGB, 4 RGBA)", default=3)
+    smooth_l1_loss: bool = help_field("smooth-L1 instead of MSE reconstruction loss", default=False)
+    temperature: float = help_field("Gumbel-softmax temperature when forward() gets no temp", default=0.9)
+    straight_through: bool = help_field("hard one-hot samples with straight-through gradients", default=False)
+    reinmax: bool = help_field("ReinMax second-order gradient estimator (needs straight_through)", default=False)
+    kl_div_loss_weight: float = help_field("weight of KL(q || uniform) in the loss", default=0.0)
+    normalization: Normalization | None = help_field(
         "per-channel (means, stds) applied to [0, 1] inputs; extra channels get mean 0, std 1; None = identity",
         default=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     )
