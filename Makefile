@@ -17,8 +17,17 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+DEMO_PROMPTS := a large red circle on the left|a small blue square at the top|the right has a large yellow triangle|large green circle, bottom
+
+# Trains a VAE and then a small DALL-E on the built-in shapes data (a few minutes on 2 CPU cores), then samples.
+demo: install
+	$(PY) train.py --dalle_output_file_name demo/dalle --epochs 1 --dim 128 --depth 4 --heads 4 --dim_head 32 \
+		--text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like
+	$(PY) generate.py --dalle_path demo/dalle.safetensors --text '$(DEMO_PROMPTS)' --num_images 8 --batch_size 8 \
+		--outputs_dir outputs --seed 0
+
 test: install
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo outputs

@@ -84,6 +84,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         return (self.specs[rng.integers(len(self.specs))], int(rng.integers(len(TEMPLATES))),
                 int(rng.integers(len(BACKGROUNDS))))
 
+    def caption(self, index: int) -> str:
+        spec, template, _ = self.sample(index)
+        return spec.caption(template)
+
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor]:
         spec, template, background = self.sample(index)
         img = render(spec, self.image_size, BACKGROUNDS[background])

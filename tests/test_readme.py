@@ -17,3 +17,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 def test_readme_names_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_installed_packages_import_from_anywhere(tmp_path):
+    """`pip install -e .` puts engine and kernels on the path, whatever the working directory."""
+    import subprocess
+    import sys
+
+    code = "import engine, kernels; print(engine.DALLE.__name__, kernels.sparse_attention.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["DALLE", "sparse_attention"]
