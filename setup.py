@@ -16,10 +16,13 @@ setup(
         "regex",
         "pillow",
         "tqdm",
+        "webdataset>=0.2.86",
+        "tensorboard",
     ],
     extras_require={
         # youtokentome only builds with Cython pre-installed and --no-build-isolation (see README).
         "yttm": ["youtokentome>=1.0.6"],
+        "deepspeed": ["deepspeed>=0.14"],
         "test": ["pytest", "pytest-benchmark"],
     },
 )

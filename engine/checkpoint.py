@@ -26,6 +26,7 @@ from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
 FORMAT = "dalle-engine/1"
 _TOKENIZER_KEY = "__tokenizer__"
+_AUX_PREFIX = "__aux__."  # extra tensors, e.g. optimizer state for resuming; reserved keys start with "__"
 VAE_CLASSES: dict[str, tuple[type, type]] = {"DiscreteVAE": (DiscreteVAE, DiscreteVAEConfig)}
 
 
@@ -38,18 +39,31 @@ class DALLECheckpoint:
     model: DALLE
     tokenizer: Tokenizer | None
     extra: dict[str, Any] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
-def save_dalle(path: str | os.PathLike, model: DALLE, tokenizer: Tokenizer | None = None,
-               extra: dict[str, Any] | None = None) -> None:
-    """Write `model` (with its VAE) and `tokenizer` to one self-contained file, atomically."""
+def save_dalle(
+    path: str | os.PathLike,
+    model: DALLE,
+    tokenizer: Tokenizer | None = None,
+    extra: dict[str, Any] | None = None,
+    aux: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write `model` (with its VAE) and `tokenizer` to one self-contained file, atomically.
+
+    `extra` (JSON) and `aux` (tensors) carry anything else, e.g. training state. `state_dict` replaces the
+    model's own weights, e.g. by ones gathered from ZeRO-3 shards.
+    """
     metadata = {"kind": "dalle", "config": json.dumps(model.config.to_dict())}
     if model.vae is not None:
         metadata.update(_vae_metadata(model.vae))
-    tensors = _unique_state(model)
+    tensors = _unique_state(model, state_dict)
+    for name, t in (aux or {}).items():
+        tensors[_AUX_PREFIX + name] = t.detach().to("cpu", copy=True).contiguous()
     if tokenizer is not None:
         metadata["tokenizer_kind"] = tokenizer.kind
         tensors[_TOKENIZER_KEY] = torch.frombuffer(bytearray(tokenizer.to_bytes()), dtype=torch.uint8)
@@ -79,8 +93,9 @@ def _unique_items(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return items
 
 
-def _unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in _unique_items(module).items()}
+def _unique_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None):
+    source = module.state_dict() if state_dict is None else state_dict
+    return {name: source[name].detach().to("cpu", copy=True).contiguous() for name in _unique_items(module)}
 
 
 def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], extra: dict[str, Any] | None) -> None:
@@ -116,7 +131,8 @@ def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     tokenizer = None
     if _TOKENIZER_KEY in tensors:
         tokenizer = tokenizer_from_bytes(metadata["tokenizer_kind"], tensors[_TOKENIZER_KEY].numpy().tobytes())
-    return DALLECheckpoint(model.to(device), tokenizer, json.loads(metadata["extra"]))
+    aux = {k[len(_AUX_PREFIX):]: v for k, v in tensors.items() if k.startswith(_AUX_PREFIX)}
+    return DALLECheckpoint(model.to(device), tokenizer, json.loads(metadata["extra"]), aux)
 
 
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -160,8 +176,9 @@ def _read(path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    weights = {k: v for k, v in tensors.items() if k != _TOKENIZER_KEY}
     expected = _unique_items(module)
+    aliases = set(module.state_dict()) - set(expected)  # weight-shared names, filled through their first name
+    weights = {k: v for k, v in tensors.items() if not k.startswith("__") and k not in aliases}
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match its own config: missing {missing[:5]}, "
@@ -169,4 +186,4 @@ def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path)
     for name, t in weights.items():
         if expected[name].shape != t.shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
-    module.load_state_dict(weights, strict=False)  # weight-shared aliases are filled through their first name
+    module.load_state_dict(weights, strict=False)

@@ -23,6 +23,7 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle")
 SIZES = ("small", "large")
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "center": (0.5, 0.5)}
+RADII = {"small": 0.12, "large": 0.2}  # half the shape's width, as a fraction of the image size
 BACKGROUNDS = ((245, 245, 245), (200, 200, 200), (40, 40, 40))
 TEMPLATES = (
     "a {size} {colour} {shape} on the {position}",
@@ -30,6 +31,9 @@ TEMPLATES = (
     "a {colour} {shape} at the {position}, {size}",
     "the {position} has a {size} {colour} {shape}",
 )
+# (colour, shape) pairs the demo leaves out of training, to test whether the model composes attributes it has only
+# seen apart; three colours and all three shapes, each used once, so every value still occurs in training.
+HELD_OUT: frozenset[tuple[str, str]] = frozenset({("red", "circle"), ("green", "triangle"), ("blue", "square")})
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class ShapeSpec:
 def render(spec: ShapeSpec, image_size: int, background: tuple[int, int, int]) -> Image.Image:
     img = Image.new("RGB", (image_size, image_size), background)
     cx, cy = (v * image_size for v in POSITIONS[spec.position])
-    r = image_size * (0.12 if spec.size == "small" else 0.2)
+    r = image_size * RADII[spec.size]
     box = (cx - r, cy - r, cx + r, cy + r)
     draw = ImageDraw.Draw(img)
     fill = COLOURS[spec.colour]

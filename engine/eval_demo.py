@@ -1,0 +1,289 @@
+"""Score a DALL-E trained on the built-in shapes: does each image show what its prompt asked for?
+
+    python -m engine.eval_demo --dalle_path dalle.safetensors --json eval.json --save_dir eval_images
+
+Every sampled image is read back by `analyse`, an analytic checker (pixel statistics, no learning), and compared
+with the prompt's colour, shape, size and position. The prompts come in two groups: combinations seen in training
+and the HELD_OUT (colour, shape) pairs, so the two accuracies show whether the model composes attributes it has only
+seen apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine.checkpoint import CheckpointError, load_dalle
+from engine.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, RADII, SHAPES, SIZES, ShapeSpec
+
+ATTRIBUTES = ("colour", "shape", "size", "position")
+SCORES = ("found", *ATTRIBUTES, "all")  # the per-image checks that evaluate averages
+_PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (colours, 3)
+_POSITIONS = torch.tensor(list(POSITIONS.values()))  # (positions, 2) as (x, y)
+# A pixel is foreground only if it lies at least halfway from the background to the least contrasting palette
+# colour; below that, noise (JPEG ringing, a flat but imperfect background) would count as shape.
+_MIN_CONTRAST = 0.5 * float(torch.cdist(_PALETTE, torch.tensor(BACKGROUNDS, dtype=torch.float32) / 255).min())
+# Area over r^2 of each rendered shape (r: half its width); a triangle's centroid also lies r/3 below its box centre.
+_SHAPE_AREAS = {"square": 4.0, "circle": math.pi, "triangle": 2.0}
+# Size compares the fitted r, which unlike the raw area does not depend on the shape (a small square covers
+# 4r^2 = 0.058 of the image, a large triangle 2r^2 = 0.08), halfway between the two radii.
+_SIZE_SPLIT = (RADII["small"] + RADII["large"]) / 2
+# Fewer pixels than a quarter of the smallest shape (a small triangle, 2r^2) are specks, not a shape.
+_MIN_AREA = 0.25 * 2 * RADII["small"] ** 2
+
+
+@dataclass(frozen=True)
+class Detected:
+    colour: str
+    shape: str
+    size: str
+    position: str
+
+
+def analyse(image: torch.Tensor) -> Detected | None:
+    """Read the shape in a (3, h, w) image in [0, 1], or None if there is none.
+
+    Background: the median border colour. Foreground: the largest 8-connected region of pixels far from it. Colour:
+    the palette colour nearest the foreground's median. Shape: the square, circle or triangle with the region's area
+    and centroid that overlaps it best; its half-width gives the size and its centre the position.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, h, w) image, got shape {tuple(image.shape)}")
+    pixels = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0)  # (h, w, 3)
+    h, w, _ = pixels.shape
+    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    distance = (pixels - border.median(0).values).norm(dim=-1)  # (h, w)
+    # Halfway between background and shape puts the cut on the true edge of a blurred (JPEG, VAE) shape; the 99th
+    # percentile is the shape's own contrast as long as the shape covers over 1% of the image and specks do not.
+    threshold = max(_MIN_CONTRAST, 0.5 * float(distance.flatten().quantile(0.99)))
+    mask = _largest_component(distance > threshold)
+    area = int(mask.sum())
+    if area < _MIN_AREA * h * w:
+        return None
+
+    # Fit each shape to the region's area and centroid (moments hardly move for a stray pixel or a blurred edge,
+    # unlike a bounding box) and keep the one that overlaps the region best.
+    ys, xs = mask.nonzero(as_tuple=True)
+    cx, cy = float(xs.float().mean()), float(ys.float().mean())
+    fits = []
+    for shape, k in _SHAPE_AREAS.items():
+        r = math.sqrt(area / k)
+        centre_y = cy - r / 3 if shape == "triangle" else cy
+        template = _shape_mask(shape, cx, centre_y, r, h, w)
+        iou = float((mask & template).sum() / (mask | template).sum())
+        fits.append((iou, shape, r, centre_y))
+    _, shape, r, centre_y = max(fits, key=lambda fit: fit[0])
+    centre = torch.tensor([(cx + 0.5) / w, (centre_y + 0.5) / h])
+    colour = pixels[mask].median(0).values
+    return Detected(
+        colour=list(COLOURS)[int((_PALETTE - colour).norm(dim=-1).argmin())],
+        shape=shape,
+        size="large" if r / math.sqrt(h * w) >= _SIZE_SPLIT else "small",
+        position=list(POSITIONS)[int((_POSITIONS - centre).norm(dim=-1).argmin())],
+    )
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> torch.Tensor:
+    """(h, w) mask of the pixel centres inside a shape drawn like `render` does: centre (cx, cy), half-width r."""
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    dx, dy = (x - cx).abs(), y - cy
+    if shape == "square":
+        return (dx <= r) & (dy.abs() <= r)
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    return (dy <= r) & (dx <= (dy + r) / 2)  # apex up, base at cy + r
+
+
+def _largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 8-connected region of a (h, w) bool mask.
+
+    Every pixel starts with its own label and repeatedly takes the largest label around it, so each region ends up
+    labelled by its largest member. float32 labels are exact up to 2^24 pixels.
+    """
+    if not mask.any():
+        return mask
+    keep = mask.float()
+    labels = torch.arange(1, mask.numel() + 1, dtype=torch.float32).view(mask.shape) * keep
+    while True:
+        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * keep
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    counts = torch.bincount(labels.long().flatten())
+    counts[0] = 0  # background
+    return labels == counts.argmax()
+
+
+def matches(detected: Detected | None, spec: ShapeSpec) -> dict[str, bool]:
+    """The checks of one image against its prompt: "found" (a shape was detected), each attribute, and "all" (colour,
+    shape and position together; size is reported on its own)."""
+    agree = {a: detected is not None and getattr(detected, a) == getattr(spec, a) for a in ATTRIBUTES}
+    return {"found": detected is not None, **agree, "all": agree["colour"] and agree["shape"] and agree["position"]}
+
+
+def demo_prompts(seed: int = 0) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
+    """12 trained prompts (each colour twice, each shape four times) and each HELD_OUT pair small and large.
+
+    Sizes and positions are drawn from `seed`; every held-out pair appears at two different positions.
+    """
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    trained = []
+    for i in range(12):
+        colour = colours[i % len(colours)]
+        # Offsetting the shape on the second pass gives each colour two different shapes.
+        shapes = [SHAPES[(i + i // len(colours) + k) % len(SHAPES)] for k in range(len(SHAPES))]
+        shape = next(s for s in shapes if (colour, s) not in HELD_OUT)
+        trained.append(ShapeSpec(colour, shape, str(rng.choice(SIZES)), str(rng.choice(list(POSITIONS)))))
+    held_out = []
+    for colour, shape in sorted(HELD_OUT):
+        positions = rng.choice(list(POSITIONS), size=len(SIZES), replace=False)
+        held_out += [ShapeSpec(colour, shape, size, str(p)) for size, p in zip(SIZES, positions)]
+    return trained, held_out
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[ShapeSpec],
+    *,
+    images_per_prompt: int = 8,
+    seed: int = 0,
+    batch_size: int = 16,
+    filter_thres: float = 0.9,
+    temperature: float = 1.0,
+    cond_scale: float = 1.0,
+    truncate_text: bool = False,
+    device: str | torch.device = "cpu",
+    save_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Sample `images_per_prompt` images per prompt (caption template 0) and score them with `analyse`.
+
+    `model` needs `.config.text_seq_len` and DALLE's `generate_images`; `tokenizer` needs `tokenize`. Batches mix
+    prompts, and batch i is sampled with seed `seed + i * batch_size`, so results depend on `batch_size` too.
+    Returns {"prompts": [per-prompt scores and detections], "accuracy": scores over all images}; a score is the
+    fraction of images that pass each check of `matches`.
+    With `save_dir`, writes one PNG grid of each prompt's images there.
+    """
+    if images_per_prompt < 1 or batch_size < 1:
+        raise ValueError("images_per_prompt and batch_size must be >= 1")
+    captions = [spec.caption(0) for spec in prompts]
+    text = tokenizer.tokenize(captions, model.config.text_seq_len, truncate_text=truncate_text)
+    text = text.repeat_interleave(images_per_prompt, dim=0)  # (prompts * images_per_prompt, text_seq_len)
+    batches = []
+    for start in range(0, text.shape[0], batch_size):
+        batches.append(model.generate_images(
+            text[start:start + batch_size].to(device), filter_thres=filter_thres, temperature=temperature,
+            cond_scale=cond_scale, seed=seed + start,
+        ).cpu())
+    images = torch.cat(batches).view(len(prompts), images_per_prompt, *batches[0].shape[1:])
+
+    results, scores = [], []
+    for spec, caption, group in zip(prompts, captions, images):
+        detections = [analyse(image[:3]) for image in group]
+        prompt_scores = [matches(d, spec) for d in detections]
+        scores += prompt_scores
+        results.append({
+            "caption": caption, **asdict(spec), "n": images_per_prompt, **_accuracy(prompt_scores),
+            "detections": [None if d is None else asdict(d) for d in detections],
+        })
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for i, (caption, group) in enumerate(zip(captions, images)):
+            save_grid(group, save_dir / f"{i:02d}_{caption.replace(' ', '_')}.png")
+    return {"prompts": results, "accuracy": {"n": len(scores), **_accuracy(scores)}}
+
+
+def _accuracy(scores: list[dict[str, bool]]) -> dict[str, float]:
+    return {key: sum(s[key] for s in scores) / len(scores) for key in SCORES}
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """Save (n, c, h, w) images in [0, 1] side by side, `columns` per row, as a lossless PNG."""
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    cols = min(n, columns)
+    grid = torch.ones(3, rows * h, cols * w)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image[:3].clamp(0, 1)
+    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dalle_path", required=True, help="checkpoint written by train.py")
+    p.add_argument("--images_per_prompt", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="picks the prompts' sizes and positions and the samples")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--top_k", type=float, default=0.9, help="top-k threshold, as a fraction of the vocabulary")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cond_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--truncate_captions", action="store_true", help="truncate prompts longer than the model's text")
+    p.add_argument("--json", default=None, help="write the figures and arguments to this file")
+    p.add_argument("--save_dir", default=None, help="write a PNG grid of each prompt's images here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    for name in ("images_per_prompt", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return args
+
+
+def format_table(groups: dict[str, dict[str, Any]]) -> str:
+    header = f"{'group':9} {'prompt':40} {'n':>3} " + " ".join(f"{k:>8}" for k in SCORES)
+    lines = [header, "-" * len(header)]
+    for group, result in groups.items():
+        for r in result["prompts"]:
+            lines.append(f"{group:9} {r['caption']:40} {r['n']:>3} "
+                         + " ".join(f"{r[k]:>8.2f}" for k in SCORES))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        ckpt = load_dalle(args.dalle_path, device=args.device)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if ckpt.tokenizer is None:
+        raise SystemExit("error: the checkpoint stores no tokenizer")
+    model = ckpt.model.eval()
+    trained, held_out = demo_prompts(args.seed)
+    groups = {}
+    for name, prompts in (("trained", trained), ("held_out", held_out)):
+        try:
+            groups[name] = evaluate(
+                model, ckpt.tokenizer, prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                batch_size=args.batch_size, filter_thres=args.top_k, temperature=args.temperature,
+                cond_scale=args.cond_scale, truncate_text=args.truncate_captions, device=args.device,
+                save_dir=None if args.save_dir is None else Path(args.save_dir) / name,
+            )
+        except ValueError as e:  # e.g. a caption longer than the model's text_seq_len
+            raise SystemExit(f"error: {e}") from None
+    print(format_table(groups))
+    headline = {name: result["accuracy"]["all"] for name, result in groups.items()}
+    for name, result in groups.items():
+        print(f"{name} accuracy (colour, shape and position right): {headline[name]:.3f} "
+              f"over {result['accuracy']['n']} images")
+    if args.json:
+        report = {"args": vars(args), "held_out_combinations": sorted(HELD_OUT),
+                  "trained_accuracy": headline["trained"], "held_out_accuracy": headline["held_out"], **groups}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from engine.checkpoint import save_dalle
+from engine.dalle import DALLE
+from engine.eval_demo import ATTRIBUTES, Detected, analyse, demo_prompts, evaluate, matches
+from engine.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset, ShapeSpec, render
+from engine.tokenizers import YttmTokenizer
+from engine.vae import DiscreteVAE, DiscreteVAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = [ShapeSpec(c, s, z, p) for c in COLOURS for s in SHAPES for z in SIZES for p in POSITIONS]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def jpeg(img: Image.Image, **options) -> Image.Image:
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=75, **options)
+    return Image.open(buffer).convert("RGB")
+
+
+def misreads(image_size: int, transform=lambda img: img) -> dict[tuple[ShapeSpec, int], Detected | None]:
+    """Every (spec, background index) the checker gets wrong on transformed renders, with what it read."""
+    wrong = {}
+    for spec in SPECS:
+        for b, background in enumerate(BACKGROUNDS):
+            detected = analyse(transform(render(spec, image_size, background)))
+            if detected != Detected(spec.colour, spec.shape, spec.size, spec.position):
+                wrong[spec, b] = detected
+    return wrong
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_checker_reads_every_clean_render(image_size):
+    assert misreads(image_size, to_tensor) == {}
+
+
+# At 32 px, JPEG's default 4:2:0 chroma subsampling stores colour at 16x16, i.e. a small (8 px) shape as about 4x4
+# colour samples. Where the shape differs from the background mainly in colour (yellow on grey has the same luma;
+# blue and red on dark grey nearly so), the decoded shape is a soft blob and its outline is gone: only its shape is
+# misread, never its colour, size or position. These are the exact misreads measured with Pillow's libjpeg; the same
+# renders encoded without subsampling, and every render at 64 px, are all read correctly.
+JPEG_32_MISREADS = {
+    (ShapeSpec("blue", "square", "small", "center"), 2): "circle",
+    (ShapeSpec("blue", "triangle", "small", "bottom"), 2): "square",
+    (ShapeSpec("blue", "triangle", "small", "center"), 2): "circle",
+    (ShapeSpec("yellow", "square", "small", "center"), 0): "circle",
+    (ShapeSpec("yellow", "square", "small", "center"), 1): "circle",
+    (ShapeSpec("yellow", "triangle", "small", "bottom"), 1): "circle",
+    (ShapeSpec("yellow", "triangle", "small", "center"), 1): "circle",
+}
+
+
+def test_checker_survives_jpeg():
+    wrong = misreads(32, lambda img: to_tensor(jpeg(img)))
+    assert {key: d.shape for key, d in wrong.items()} == JPEG_32_MISREADS
+    assert all(d == Detected(spec.colour, d.shape, spec.size, spec.position) for (spec, _), d in wrong.items())
+    assert misreads(32, lambda img: to_tensor(jpeg(img, subsampling=0))) == {}
+    assert misreads(64, lambda img: to_tensor(jpeg(img))) == {}
+
+
+def stray_pixels(image: torch.Tensor, rng: np.random.Generator, count: int = 5) -> torch.Tensor:
+    """`count` pixels anywhere, touching the shape or not, set to random colours."""
+    image = image.clone()
+    h, w = image.shape[1:]
+    for _ in range(count):
+        image[:, rng.integers(h), rng.integers(w)] = torch.from_numpy(rng.random(3, dtype=np.float32))
+    return image
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_checker_ignores_stray_pixels(image_size):
+    rng = np.random.default_rng(0)
+    assert misreads(image_size, lambda img: stray_pixels(to_tensor(img), rng)) == {}
+
+
+def test_checker_finds_nothing_in_blank_images():
+    rng = np.random.default_rng(0)
+    for background in BACKGROUNDS:
+        blank = to_tensor(Image.new("RGB", (32, 32), background))
+        assert analyse(blank) is None
+        assert analyse(stray_pixels(blank, rng)) is None
+        assert all(not m for m in matches(analyse(blank), SPECS[0]).values())
+    with pytest.raises(ValueError, match=r"\(3, h, w\)"):
+        analyse(torch.zeros(1, 3, 32, 32))
+
+
+def test_a_different_spec_does_not_match_the_render():
+    values = {"colour": list(COLOURS), "shape": SHAPES, "size": SIZES, "position": list(POSITIONS)}
+    for spec in SPECS:
+        detected = analyse(to_tensor(render(spec, 32, BACKGROUNDS[spec.size == "small"])))
+        assert all(matches(detected, spec).values())
+        for attribute in ATTRIBUTES:
+            for value in values[attribute]:
+                if value != getattr(spec, attribute):
+                    scores = matches(detected, ShapeSpec(**{**spec.__dict__, attribute: value}))
+                    assert not scores[attribute]
+                    assert scores["all"] == (attribute == "size")  # "all" leaves size out
+
+
+def test_held_out_pairs_never_reach_training():
+    assert len(HELD_OUT) == 3 and HELD_OUT <= {(c, s) for c in COLOURS for s in SHAPES}
+    assert {c for c, _ in HELD_OUT} <= set(COLOURS) and {s for _, s in HELD_OUT} == set(SHAPES)
+    dataset = ShapesDataset(2000, 32, exclude=HELD_OUT)
+    assert len(dataset.specs) == len(SPECS) - len(HELD_OUT) * len(SIZES) * len(POSITIONS)
+    assert not any((spec.colour, spec.shape) in HELD_OUT for spec in dataset.specs)
+    seen = {(spec.colour, spec.shape) for spec in (dataset.sample(i)[0] for i in range(len(dataset)))}
+    assert seen == {(c, s) for c in COLOURS for s in SHAPES} - HELD_OUT
+
+
+def test_demo_prompts_split_trained_and_held_out_pairs():
+    trained, held_out = demo_prompts()
+    assert demo_prompts() == (trained, held_out) and demo_prompts(1) != (trained, held_out)
+    assert len(trained) == 12 and len(set(trained)) == 12
+    assert not any((s.colour, s.shape) in HELD_OUT for s in trained)
+    assert all(sum(s.colour == c for s in trained) == 2 for c in COLOURS)
+    assert all(sum(s.shape == shape for s in trained) == 4 for shape in SHAPES)
+    assert sorted((s.colour, s.shape, s.size) for s in held_out) == sorted(
+        (c, shape, size) for c, shape in HELD_OUT for size in SIZES)
+    for pair in HELD_OUT:  # each pair at two different positions
+        assert len({s.position for s in held_out if (s.colour, s.shape) == pair}) == 2
+
+
+class CaptionIndexTokenizer:
+    """Encodes each known caption as its index, so a stub model can tell which prompt a row is."""
+
+    def __init__(self, specs: list[ShapeSpec]):
+        self.captions = [spec.caption(0) for spec in specs]
+
+    def tokenize(self, texts, context_length, truncate_text=False):
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        out[:, 0] = torch.tensor([self.captions.index(t) + 1 for t in texts])
+        return out
+
+
+class RenderingModel:
+    """Stands in for DALLE: 'samples' the exact render of each row's prompt, optionally recoloured."""
+
+    config = SimpleNamespace(text_seq_len=4)
+
+    def __init__(self, specs: list[ShapeSpec], recolour: dict[str, str] | None = None):
+        self.specs, self.recolour, self.calls = specs, recolour or {}, []
+
+    def generate_images(self, text, *, filter_thres=0.5, temperature=1.0, cond_scale=1.0, seed=None):
+        self.calls.append((text.shape[0], seed))
+        images = []
+        for row, ids in enumerate(text):
+            spec = self.specs[int(ids[0]) - 1]
+            spec = ShapeSpec(self.recolour.get(spec.colour, spec.colour), spec.shape, spec.size, spec.position)
+            images.append(to_tensor(render(spec, 32, BACKGROUNDS[(row + seed) % len(BACKGROUNDS)])))
+        return torch.stack(images)
+
+
+def test_evaluate_scores_a_perfect_and_a_wrong_colour_model(tmp_path):
+    trained, held_out = demo_prompts()
+    prompts = trained + held_out
+    tokenizer = CaptionIndexTokenizer(prompts)
+    model = RenderingModel(prompts)
+    # 3 images per prompt in batches of 4, so batches straddle prompts
+    result = evaluate(model, tokenizer, prompts, images_per_prompt=3, seed=5, batch_size=4, filter_thres=0.9,
+                      temperature=1.0, cond_scale=1.0, save_dir=tmp_path)
+    assert model.calls == [(4, 5 + start) for start in range(0, 52, 4)] + [(2, 57)]
+    assert result["accuracy"] == {"n": 54, "found": 1.0, "colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "all": 1.0}
+    assert [r["caption"] for r in result["prompts"]] == tokenizer.captions
+    assert all(r["n"] == 3 and r["all"] == 1.0 for r in result["prompts"])
+    assert result["prompts"][0]["detections"][0] == {k: getattr(prompts[0], k) for k in ATTRIBUTES}
+    grids = sorted(tmp_path.glob("*.png"))
+    assert len(grids) == len(prompts) and Image.open(grids[0]).size == (3 * 32, 32)
+
+    shifted = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))
+    wrong = evaluate(RenderingModel(prompts, recolour=shifted), tokenizer, prompts, images_per_prompt=2, seed=0,
+                     batch_size=16, filter_thres=0.9, temperature=1.0, cond_scale=1.0)
+    assert wrong["accuracy"] == {"n": 36, "found": 1.0, "colour": 0.0, "shape": 1.0, "size": 1.0, "position": 1.0, "all": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained DALL-E over 32x32 images with a BPE trained on the shapes captions."""
+    root = tmp_path_factory.mktemp("tiny")
+    captions = [spec.caption(t) for spec in SPECS for t in range(4)]
+    tokenizer = YttmTokenizer.train(captions, vocab_size=100, model_path=root / "bpe.model")
+    vae = DiscreteVAE(DiscreteVAEConfig(image_size=32, num_layers=2, num_tokens=17, codebook_dim=8, hidden_dim=8,
+                                        num_resnet_blocks=1))
+    model = DALLE(tiny_config(num_text_tokens=tokenizer.vocab_size, text_seq_len=12, num_image_tokens=vae.num_tokens,
+                              image_fmap_size=vae.fmap_size), vae)
+    save_dalle(root / "dalle.safetensors", model, tokenizer)
+    return root / "dalle.safetensors"
+
+
+def test_cli_runs_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    cmd = [sys.executable, "-m", "engine.eval_demo", "--dalle_path", str(tiny_checkpoint), "--images_per_prompt", "2",
+           "--batch_size", "16", "--seed", "3", "--json", str(tmp_path / "eval.json"),
+           "--save_dir", str(tmp_path / "images")]
+    # One thread: the tiny model gains nothing from more, and on a busy machine idle-spinning OpenMP threads make
+    # each step ~100x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, env=env).stdout
+    assert "trained accuracy" in out and "held_out accuracy" in out
+    assert "a large blue square" in out or "a small blue square" in out  # held-out prompts are in the table
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert {"args", "held_out_combinations", "trained_accuracy", "held_out_accuracy", "trained", "held_out"} <= set(
+        report)
+    assert report["args"]["seed"] == 3 and report["args"]["images_per_prompt"] == 2
+    assert sorted(map(tuple, report["held_out_combinations"])) == sorted(HELD_OUT)
+    for group, size in (("trained", 12), ("held_out", 6)):
+        assert len(report[group]["prompts"]) == size and report[group]["accuracy"]["n"] == 2 * size
+        assert 0 <= report[f"{group}_accuracy"] == report[group]["accuracy"]["all"] <= 1
+        grids = sorted((tmp_path / "images" / group).glob("*.png"))
+        assert len(grids) == size and Image.open(grids[0]).size == (2 * 32, 32)

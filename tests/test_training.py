@@ -1,0 +1,152 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+import train
+from engine.checkpoint import load_dalle, save_vae
+from engine.vae import DiscreteVAE, DiscreteVAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim_head", "16", "--text_seq_len", "12",
+              "--attn_types", "full,axial_row", "--num_workers", "0", "--log_every_n_steps", "1",
+              "--sample_every_n_steps", "0", "--bpe_vocab_size", "40", "--truncate_captions"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
+
+
+def png_bytes(colour, size=(20, 24), mode="RGB") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def vae_path(tmp_path):
+    vae = DiscreteVAE(DiscreteVAEConfig(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8, hidden_dim=8))
+    path = tmp_path / "vae.safetensors"
+    save_vae(path, vae)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "data"
+    for i, (name, colour) in enumerate(list(COLOURS.items()) * 4):
+        sub = root / f"part{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i}.png").write_bytes(png_bytes(colour, mode=("RGB", "L", "P", "RGBA")[i % 4]))
+        (sub / f"{i}.txt").write_text(f"a {name} square\na picture of {name}\n")
+    (root / "part0" / "bad.png").write_bytes(b"not an image at all")
+    (root / "part0" / "bad.txt").write_text("a broken picture")
+    (root / "part1" / "empty.png").write_bytes(png_bytes((0, 0, 0)))
+    (root / "part1" / "empty.txt").write_text("\n\n")
+    (root / "part1" / "lonely.png").write_bytes(png_bytes((9, 9, 9)))  # no caption: not paired
+    return root
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_folder_training_skips_bad_samples(tmp_path, folder, vae_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main(["--image_text_folder", str(folder), "--vae_path", str(vae_path), "--batch_size", "7",
+                "--epochs", "2", "--output_dir", "logs", *TINY_MODEL])
+    rows = metrics(tmp_path / "logs")
+    assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)  # 14 pairs, batches of 7, 2 epochs
+    assert rows[-1]["samples_skipped"] == 4  # the corrupt image and the empty caption, twice
+    ckpt = load_dalle(tmp_path / "dalle.safetensors")
+    assert ckpt.extra["progress"]["step"] == 4 and ckpt.tokenizer is not None
+
+
+def test_webdataset_training(tmp_path, vae_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(3):
+        with wds.TarWriter(str(shards / f"data-{s:06d}.tar")) as sink:
+            for i, (name, colour) in enumerate(COLOURS.items()):
+                sink.write({"__key__": f"{s}_{i}", "jpg": png_bytes(colour), "json": json.dumps({"caption": name})})
+            sink.write({"__key__": f"{s}_bad", "jpg": b"garbage", "json": json.dumps({"caption": "x"})})
+    train.main(["--image_text_folder", str(shards / "data-{000000..000002}.tar"), "--wds", "jpg,json",
+                "--vae_path", str(vae_path), "--batch_size", "4", "--epochs", "1", "--output_dir", "logs",
+                *TINY_MODEL])
+    rows = metrics(tmp_path / "logs")
+    assert len(rows) == 3 and rows[-1]["samples_skipped"] == 3
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, vae_path, monkeypatch):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "lonely.png").write_bytes(png_bytes((1, 2, 3)))
+    with pytest.raises(SystemExit, match="no captions found"):  # nothing to train a tokenizer on
+        train.main(["--image_text_folder", str(tmp_path / "nothing"), "--vae_path", str(vae_path), *TINY_MODEL])
+    tokenizer = Tokenizer(WordLevel({"[PAD]": 0, "[UNK]": 1, "red": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(tmp_path / "tok.json"))
+    with pytest.raises(ValueError, match="no image.caption pairs"):
+        train.main(["--image_text_folder", str(tmp_path / "nothing"), "--vae_path", str(vae_path),
+                    "--bpe_path", str(tmp_path / "tok.json"), "--hug", *TINY_MODEL])
+
+
+def test_keep_n_checkpoints_and_gradient_accumulation(tmp_path, folder, vae_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main(["--image_text_folder", str(folder), "--vae_path", str(vae_path), "--batch_size", "6",
+                "--ga_steps", "2", "--epochs", "3", "--save_every_n_steps", "1", "--keep_n_checkpoints", "2",
+                "--bf16", "--lr_decay", "--output_dir", "logs", *TINY_MODEL])
+    assert sorted(p.name for p in tmp_path.glob("dalle-step*.safetensors")) == [
+        "dalle-step000000005.safetensors", "dalle-step000000006.safetensors"]
+    assert load_dalle(tmp_path / "dalle.safetensors").extra["progress"]["step"] == 6  # 14 pairs // 6 x 3 epochs
+
+
+def run_shapes(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--num_samples", "48", "--batch_size", "8", "--vae_steps", "2",
+           "--epochs", "2", "--save_every_n_steps", "2", "--ff_dropout", "0.2", *TINY_MODEL, *extra]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}
+
+
+def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir(), cut.mkdir()
+    assert run_shapes(whole).wait() == 0
+    reference = losses(whole / "dalle-logs")
+    assert len(reference) == 12  # 48 pairs / 8 = 6 steps per epoch
+
+    proc = run_shapes(cut)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = cut / "dalle-logs" / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_dalle(cut / "dalle.safetensors").extra["progress"]["step"]
+    assert 2 <= saved < 12
+
+    # Resuming takes the VAE and tokenizer from the checkpoint, and continues mid-epoch where it stopped.
+    assert run_shapes(cut, "--dalle_path", "dalle.safetensors").wait() == 0
+    resumed = losses(cut / "dalle-logs")
+    for step in range(saved + 1, 13):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    assert torch.equal(
+        load_dalle(cut / "dalle.safetensors").model.to_logits[1].weight,
+        load_dalle(whole / "dalle.safetensors").model.to_logits[1].weight,
+    )
