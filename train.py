@@ -25,16 +25,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from engine.data import TextImageFolder, WebDatasetStream, collate, webdataset_source
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from engine.checkpoint import load_dalle, load_vae, save_dalle, save_vae
 from engine.config import DALLEConfig, add_config_args, config_from_args
 from engine.dalle import DALLE
+from engine.data import TextImageFolder, WebDatasetStream, collate, webdataset_source
 from engine.shapes import HELD_OUT, ShapesDataset
 from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
-from engine.training import Progress, RunLogger, keep_tagged_copy, pack_state, restore_state
+from engine.training import EpochSampler, Progress, RunLogger, keep_tagged_copy, pack_state, restore_state
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
 DERIVED = ("num_text_tokens", "num_image_tokens", "image_fmap_size")  # taken from the tokenizer and the VAE
@@ -114,20 +114,6 @@ class TokenizedShapes(Dataset):
     def __getitem__(self, index: int):
         caption, image = self.shapes[index]
         return self.tokenizer.tokenize([caption], self.text_len, self.truncate)[0], image
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's share of a seeded per-epoch permutation, from a given micro-batch on (for exact resumes)."""
-
-    def __init__(self, size: int, *, seed: int, epoch: int, start: int, rank: int, world: int):
-        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        self.indices = perm[rank::world][start:].tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def sample_captions(args: argparse.Namespace, limit: int = 20000) -> list[str]:
@@ -268,14 +254,14 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer = build_tokenizer_for(args, name)
     else:
         if args.vae_path:
-            vae, _ = load_vae(args.vae_path)
+            vae = load_vae(args.vae_path).model
         elif args.image_text_folder is None:
             vae = train_shapes_vae(args, device) if rank == 0 else None
             if deepspeed_on:  # one rank trains the demo VAE, the others load it
                 if rank == 0:
                     save_vae(f"{name}-vae.safetensors", vae)
                 torch.distributed.barrier()
-                vae, _ = load_vae(f"{name}-vae.safetensors")
+                vae = load_vae(f"{name}-vae.safetensors").model
             else:
                 save_vae(f"{name}-vae.safetensors", vae)
         else:

@@ -35,8 +35,8 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class DALLECheckpoint:
-    model: DALLE
+class Checkpoint:
+    model: torch.nn.Module  # a DALLE, or a VAE for VAE checkpoints
     tokenizer: Tokenizer | None
     extra: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -61,17 +61,20 @@ def save_dalle(
     metadata = {"kind": "dalle", "config": json.dumps(model.config.to_dict())}
     if model.vae is not None:
         metadata.update(_vae_metadata(model.vae))
-    tensors = _unique_state(model, state_dict)
-    for name, t in (aux or {}).items():
-        tensors[_AUX_PREFIX + name] = t.detach().to("cpu", copy=True).contiguous()
+    tensors = {**_unique_state(model, state_dict), **_aux_tensors(aux)}
     if tokenizer is not None:
         metadata["tokenizer_kind"] = tokenizer.kind
         tensors[_TOKENIZER_KEY] = torch.frombuffer(bytearray(tokenizer.to_bytes()), dtype=torch.uint8)
     _write(path, tensors, metadata, extra)
 
 
-def save_vae(path: str | os.PathLike, vae: torch.nn.Module, extra: dict[str, Any] | None = None) -> None:
-    _write(path, _unique_state(vae), {"kind": "vae", **_vae_metadata(vae)}, extra)
+def save_vae(path: str | os.PathLike, vae: torch.nn.Module, extra: dict[str, Any] | None = None,
+             aux: dict[str, torch.Tensor] | None = None) -> None:
+    _write(path, {**_unique_state(vae), **_aux_tensors(aux)}, {"kind": "vae", **_vae_metadata(vae)}, extra)
+
+
+def _aux_tensors(aux: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    return {_AUX_PREFIX + name: t.detach().to("cpu", copy=True).contiguous() for name, t in (aux or {}).items()}
 
 
 def _vae_metadata(vae: torch.nn.Module) -> dict[str, str]:
@@ -122,7 +125,7 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ext
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu") -> DALLECheckpoint:
+def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     metadata, tensors = _read(path, "dalle")
     config = DALLEConfig.from_dict(json.loads(metadata["config"]))
     vae = _build_vae(metadata) if "vae_class" in metadata else None
@@ -131,15 +134,18 @@ def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     tokenizer = None
     if _TOKENIZER_KEY in tensors:
         tokenizer = tokenizer_from_bytes(metadata["tokenizer_kind"], tensors[_TOKENIZER_KEY].numpy().tobytes())
-    aux = {k[len(_AUX_PREFIX):]: v for k, v in tensors.items() if k.startswith(_AUX_PREFIX)}
-    return DALLECheckpoint(model.to(device), tokenizer, json.loads(metadata["extra"]), aux)
+    return Checkpoint(model.to(device), tokenizer, json.loads(metadata["extra"]), _aux_from(tensors))
 
 
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     metadata, tensors = _read(path, "vae")
     vae = _build_vae(metadata)
     _load_state(vae, tensors, path)
-    return vae.to(device), json.loads(metadata["extra"])
+    return Checkpoint(vae.to(device), None, json.loads(metadata["extra"]), _aux_from(tensors))
+
+
+def _aux_from(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(_AUX_PREFIX):]: v for k, v in tensors.items() if k.startswith(_AUX_PREFIX)}
 
 
 def _build_vae(metadata: dict[str, str]) -> torch.nn.Module:

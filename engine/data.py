@@ -229,6 +229,41 @@ class TextImageFolder(Dataset):
         return self._preprocess(image_path, caption, rng, str(caption_path))
 
 
+class ImageFolder(Dataset):
+    """Every image under ``folder`` (nested folders fine, no class sub-folders needed), centre-cropped to a square.
+
+    ``self[i]`` is an image ``(C, image_size, image_size)`` in [0, 1], or None when the file is unusable;
+    ``collate_images`` drops and counts those.
+    """
+
+    def __init__(self, folder: PathLike, *, image_size: int, transparent: bool = False) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"image folder {str(self.folder)!r} does not exist or is not a directory")
+        self.paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.paths:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.folder}")
+        self.image_size, self.transparent = image_size, transparent
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        try:
+            img = load_image(self.paths[index], self.transparent)
+        except Exception:  # noqa: BLE001 - Pillow signals corrupt data with many types
+            return None
+        # A full-area "random" crop is the centre square: Resize + CenterCrop, as DALLE-pytorch's train_vae.py.
+        return random_resized_crop(img, self.image_size, (1.0, 1.0), rng=random.Random(0))
+
+
+def collate_images(samples: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, int]:
+    """Stacked good images (possibly none) and the number of bad samples dropped."""
+    good = [s for s in samples if s is not None]
+    images = torch.stack(good) if good else torch.zeros(0, 0, 0, 0)
+    return images, len(samples) - len(good)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # WebDataset shards
 

@@ -22,6 +22,20 @@ class Progress:
     samples_skipped: int = 0  # bad samples dropped so far
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded per-epoch permutation, from its `start`-th sample on (for exact resumes)."""
+
+    def __init__(self, size: int, *, seed: int, epoch: int, start: int, rank: int, world: int):
+        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        self.indices = perm[rank::world][start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def pack_state(optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress,
                scaler: torch.amp.GradScaler | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Everything needed to resume, as JSON metadata plus named tensors (optimizer moments, RNG states)."""

@@ -71,9 +71,9 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
 def test_vae_round_trip(tmp_path):
     vae = tiny_vae()
     save_vae(tmp_path / "vae.safetensors", vae, extra={"step": 7})
-    loaded, extra = load_vae(tmp_path / "vae.safetensors")
+    loaded = load_vae(tmp_path / "vae.safetensors")
     codes = torch.randint(0, 17, (2, 16))
-    assert extra == {"step": 7} and torch.equal(loaded.decode(codes), vae.decode(codes))
+    assert loaded.extra == {"step": 7} and torch.equal(loaded.model.decode(codes), vae.decode(codes))
     with pytest.raises(CheckpointError, match="expected a 'dalle'"):
         load_dalle(tmp_path / "vae.safetensors")
 

@@ -174,7 +174,8 @@ def test_evaluate_scores_a_perfect_and_a_wrong_colour_model(tmp_path):
     result = evaluate(model, tokenizer, prompts, images_per_prompt=3, seed=5, batch_size=4, filter_thres=0.9,
                       temperature=1.0, cond_scale=1.0, save_dir=tmp_path)
     assert model.calls == [(4, 5 + start) for start in range(0, 52, 4)] + [(2, 57)]
-    assert result["accuracy"] == {"n": 54, "found": 1.0, "colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "all": 1.0}
+    assert result["accuracy"] == {"n": 54, "found": 1.0, "colour": 1.0, "shape": 1.0, "size": 1.0,
+                                  "position": 1.0, "all": 1.0}
     assert [r["caption"] for r in result["prompts"]] == tokenizer.captions
     assert all(r["n"] == 3 and r["all"] == 1.0 for r in result["prompts"])
     assert result["prompts"][0]["detections"][0] == {k: getattr(prompts[0], k) for k in ATTRIBUTES}
@@ -184,7 +185,8 @@ def test_evaluate_scores_a_perfect_and_a_wrong_colour_model(tmp_path):
     shifted = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))
     wrong = evaluate(RenderingModel(prompts, recolour=shifted), tokenizer, prompts, images_per_prompt=2, seed=0,
                      batch_size=16, filter_thres=0.9, temperature=1.0, cond_scale=1.0)
-    assert wrong["accuracy"] == {"n": 36, "found": 1.0, "colour": 0.0, "shape": 1.0, "size": 1.0, "position": 1.0, "all": 0.0}
+    assert wrong["accuracy"] == {"n": 36, "found": 1.0, "colour": 0.0, "shape": 1.0, "size": 1.0,
+                                 "position": 1.0, "all": 0.0}
 
 
 @pytest.fixture(scope="module")
