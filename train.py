@@ -191,13 +191,18 @@ def train_shapes_vae(args: argparse.Namespace, device: str) -> DiscreteVAE:
     return vae.eval()
 
 
-def build_tokenizer_for(args: argparse.Namespace, name: str) -> Tokenizer:
+def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first) -> Tokenizer:
     if args.bpe_path or args.chinese:
         return build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
-    captions = [line for c in sample_captions(args) for line in c.splitlines() if line.strip()]
-    if not captions:
-        raise SystemExit(f"no captions found in {args.image_text_folder} to train a tokenizer on")
-    return YttmTokenizer.train(captions, args.bpe_vocab_size, f"{name}-bpe.model")
+    model_file = f"{name}-bpe.model"
+
+    def train_bpe() -> Tokenizer:
+        captions = [line for c in sample_captions(args) for line in c.splitlines() if line.strip()]
+        if not captions:
+            raise SystemExit(f"no captions found in {args.image_text_folder} to train a tokenizer on")
+        return YttmTokenizer.train(captions, args.bpe_vocab_size, model_file)
+
+    return rank0_first(train_bpe, lambda: YttmTokenizer(model_file))
 
 
 # --- distributed ----------------------------------------------------------------------------------------------------
@@ -247,28 +252,36 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     deepspeed_on = args.distributed_backend == "deepspeed"
 
+    def rank0_first(build, load):
+        """Build on rank 0, which writes a file; the other ranks wait for it and load it."""
+        if not deepspeed_on:
+            return build()
+        built = build() if rank == 0 else None
+        torch.distributed.barrier()
+        return built if rank == 0 else load()
+
     resumed = load_dalle(args.dalle_path) if args.dalle_path else None
     if resumed is not None:
         model, tokenizer = resumed.model, resumed.tokenizer
         if tokenizer is None:
-            tokenizer = build_tokenizer_for(args, name)
+            tokenizer = build_tokenizer_for(args, name, rank0_first)
     else:
+        vae_file = f"{name}-vae.safetensors"
         if args.vae_path:
             vae = load_vae(args.vae_path).model
         elif args.image_text_folder is None:
-            vae = train_shapes_vae(args, device) if rank == 0 else None
-            if deepspeed_on:  # one rank trains the demo VAE, the others load it
-                if rank == 0:
-                    save_vae(f"{name}-vae.safetensors", vae)
-                torch.distributed.barrier()
-                vae = load_vae(f"{name}-vae.safetensors").model
-            else:
-                save_vae(f"{name}-vae.safetensors", vae)
+            def train_and_save():
+                vae = train_shapes_vae(args, device)
+                save_vae(vae_file, vae)
+                return vae
+
+            vae = rank0_first(train_and_save, lambda: load_vae(vae_file).model)
         else:
             raise SystemExit("pass --vae_path: a VAE checkpoint from train_vae.py")
-        tokenizer = build_tokenizer_for(args, name)
+        tokenizer = build_tokenizer_for(args, name, rank0_first)
         config = config_from_args(DALLEConfig, args, num_text_tokens=tokenizer.vocab_size,
                                   num_image_tokens=vae.num_tokens, image_fmap_size=vae.fmap_size)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank, whatever ran before
         model = DALLE(config, vae)
     config = model.config
     model.to(device)
@@ -329,7 +342,10 @@ def main(argv: list[str] | None = None) -> None:
 
     tokens_per_step = args.batch_size * config.total_seq_len
     start, start_step = time.time(), progress.step
-    bar = tqdm(total=None, disable=rank != 0, desc="dalle", initial=progress.step)
+    total = None  # a stream's length is unknown
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        total = args.epochs * (len(dataset) // world // micro_batch // args.ga_steps)
+    bar = tqdm(total=total, disable=rank != 0, desc="dalle", initial=progress.step)
     loss_value = math.nan
     while progress.epoch < args.epochs:
         for batch in epoch_batches(dataset, args, progress, micro_batch, rank, world):

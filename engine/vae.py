@@ -169,7 +169,8 @@ class DiscreteVAE(nn.Module):
         expected = (self.channels, self.image_size, self.image_size)
         if img.dim() != 4 or tuple(img.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (b, {', '.join(map(str, expected))}), got {tuple(img.shape)}")
-        return (img - self.norm_mean) / self.norm_std
+        # In the weights' dtype: a model cast to bf16/fp16 (e.g. by DeepSpeed) may keep float32 buffers.
+        return ((img - self.norm_mean) / self.norm_std).to(self.codebook.weight.dtype)
 
     def forward(
         self,

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -150,3 +151,24 @@ def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path):
         load_dalle(cut / "dalle.safetensors").model.to_logits[1].weight,
         load_dalle(whole / "dalle.safetensors").model.to_logits[1].weight,
     )
+
+
+def test_deepspeed_two_processes_zero3_then_generate(tmp_path):
+    """2 CPU processes (gloo), ZeRO-3 + bf16; the consolidated checkpoint feeds generate.py and a resume."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", "2", str(ROOT / "train.py"), "--deepspeed", "--zero_stage", "3", "--bf16",
+           "--num_samples", "32", "--batch_size", "8", "--vae_steps", "2", "--epochs", "1",
+           "--save_every_n_steps", "2", *TINY_MODEL]
+    env = {**os.environ, "PATH": f"{launcher.parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    ckpt = load_dalle(tmp_path / "dalle.safetensors")
+    assert ckpt.extra["progress"]["step"] == 4  # 32 pairs, 4 per rank per step
+    assert sorted(p.name for p in (tmp_path / "dalle-ds-cp").glob("step*"))[-1] == "step000000004"
+    subprocess.run([sys.executable, str(ROOT / "generate.py"), "--dalle_path", "dalle.safetensors", "--text",
+                    "a red square", "--num_images", "2", "--outputs_dir", "out"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    assert len(list((tmp_path / "out" / "a_red_square").glob("*.jpg"))) == 2
+
+    subprocess.run(cmd[:-len(TINY_MODEL)] + ["--epochs", "2", "--dalle_path", "dalle.safetensors", *TINY_MODEL],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert load_dalle(tmp_path / "dalle.safetensors").extra["progress"]["step"] == 8
