@@ -23,8 +23,8 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle")
 SIZES = ("small", "large")
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "center": (0.5, 0.5)}
-RADII = {"small": 0.12, "large": 0.2}  # half the shape's width, as a fraction of the image size
-BACKGROUNDS = ((245, 245, 245), (200, 200, 200), (40, 40, 40))
+RADII = {"small": 0.16, "large": 0.26}  # half the shape's width, as a fraction of the image size
+BACKGROUNDS = ((245, 245, 245),)  # one plain background keeps the VAE codebook small enough for CPU demos
 TEMPLATES = (
     "a {size} {colour} {shape} on the {position}",
     "{size} {colour} {shape}, {position}",

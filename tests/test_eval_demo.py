@@ -49,26 +49,9 @@ def test_checker_reads_every_clean_render(image_size):
     assert misreads(image_size, to_tensor) == {}
 
 
-# At 32 px, JPEG's default 4:2:0 chroma subsampling stores colour at 16x16, i.e. a small (8 px) shape as about 4x4
-# colour samples. Where the shape differs from the background mainly in colour (yellow on grey has the same luma;
-# blue and red on dark grey nearly so), the decoded shape is a soft blob and its outline is gone: only its shape is
-# misread, never its colour, size or position. These are the exact misreads measured with Pillow's libjpeg; the same
-# renders encoded without subsampling, and every render at 64 px, are all read correctly.
-JPEG_32_MISREADS = {
-    (ShapeSpec("blue", "square", "small", "center"), 2): "circle",
-    (ShapeSpec("blue", "triangle", "small", "bottom"), 2): "square",
-    (ShapeSpec("blue", "triangle", "small", "center"), 2): "circle",
-    (ShapeSpec("yellow", "square", "small", "center"), 0): "circle",
-    (ShapeSpec("yellow", "square", "small", "center"), 1): "circle",
-    (ShapeSpec("yellow", "triangle", "small", "bottom"), 1): "circle",
-    (ShapeSpec("yellow", "triangle", "small", "center"), 1): "circle",
-}
-
-
 def test_checker_survives_jpeg():
-    wrong = misreads(32, lambda img: to_tensor(jpeg(img)))
-    assert {key: d.shape for key, d in wrong.items()} == JPEG_32_MISREADS
-    assert all(d == Detected(spec.colour, d.shape, spec.size, spec.position) for (spec, _), d in wrong.items())
+    # Quality 75 with JPEG's default 4:2:0 chroma subsampling: colour is stored at half resolution, so edges blur.
+    assert misreads(32, lambda img: to_tensor(jpeg(img))) == {}
     assert misreads(32, lambda img: to_tensor(jpeg(img, subsampling=0))) == {}
     assert misreads(64, lambda img: to_tensor(jpeg(img))) == {}
 
@@ -102,7 +85,7 @@ def test_checker_finds_nothing_in_blank_images():
 def test_a_different_spec_does_not_match_the_render():
     values = {"colour": list(COLOURS), "shape": SHAPES, "size": SIZES, "position": list(POSITIONS)}
     for spec in SPECS:
-        detected = analyse(to_tensor(render(spec, 32, BACKGROUNDS[spec.size == "small"])))
+        detected = analyse(to_tensor(render(spec, 32, BACKGROUNDS[0])))
         assert all(matches(detected, spec).values())
         for attribute in ATTRIBUTES:
             for value in values[attribute]:

@@ -1,0 +1,150 @@
+"""Training throughput: tokens/s of whole optimizer steps (VAE tokenisation of the images, forward, backward, Adam),
+this engine against DALLE-pytorch 1.6.6 at identical configurations, in one run.
+
+    pip install --no-deps dalle-pytorch==1.6.6 rotary-embedding-torch axial_positional_embedding   # the peer
+    python bench/train.py [--steps 5] [--json bench/train.json]
+
+Both models use DALLE-pytorch's train_dalle.py defaults for what a configuration does not name (no rotary, no
+token shift, 10,000 text tokens) and its DiscreteVAE defaults (512 codes) at 128 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import DALLEConfig  # noqa: E402
+from engine.dalle import DALLE  # noqa: E402
+from engine.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    text_seq_len: int
+    vae_layers: int  # 128 px / 2**layers = the image grid side
+    attn_types: tuple[str, ...]
+    batch: int
+    dim: int = 256
+    depth: int = 4
+    heads: int = 8
+    dim_head: int = 32
+    image_size: int = 128
+    num_text_tokens: int = 10000
+
+    @property
+    def tokens(self) -> int:
+        return self.text_seq_len + (self.image_size // 2**self.vae_layers) ** 2
+
+
+CASES = (
+    Case("text 256 + 32x32, axial/conv, batch 2", 256, 2, ("axial_row", "axial_col", "axial_row", "conv_like"), 2),
+    Case("text 64 + 16x16, full, batch 8", 64, 3, ("full",), 8),
+)
+
+
+def import_dalle_pytorch():
+    """DALLE-pytorch with its unused heavy imports (pretrained VAEs, torchvision, transformers) stubbed out."""
+    def stub(name: str, **attrs) -> None:
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules.setdefault(name, module)
+
+    stub("pkg_resources", get_distribution=lambda _: types.SimpleNamespace(version="1.6.6"))
+    for name in ("torchvision", "torchvision.transforms", "transformers", "taming", "taming.models",
+                 "taming.models.vqgan", "dall_e", "omegaconf", "requests", "yaml"):
+        try:
+            __import__(name)
+        except ImportError:
+            stub(name, BertTokenizer=object, VQModel=object, GumbelVQ=object, OmegaConf=object, load_model=None,
+                 map_pixels=None, unmap_pixels=None)
+    import dalle_pytorch
+
+    return dalle_pytorch
+
+
+def build_ours(case: Case):
+    vae = DiscreteVAE(DiscreteVAEConfig(image_size=case.image_size, num_layers=case.vae_layers))
+    config = DALLEConfig(num_text_tokens=case.num_text_tokens, text_seq_len=case.text_seq_len,
+                         num_image_tokens=vae.num_tokens, image_fmap_size=vae.fmap_size, dim=case.dim,
+                         depth=case.depth, heads=case.heads, dim_head=case.dim_head, attn_types=case.attn_types,
+                         rotary_emb=False, shift_tokens=False)
+    return DALLE(config, vae)
+
+
+def build_peer(case: Case, dalle_pytorch):
+    vae = dalle_pytorch.DiscreteVAE(image_size=case.image_size, num_layers=case.vae_layers)
+    return dalle_pytorch.DALLE(dim=case.dim, vae=vae, num_text_tokens=case.num_text_tokens,
+                               text_seq_len=case.text_seq_len, depth=case.depth, heads=case.heads,
+                               dim_head=case.dim_head, attn_types=case.attn_types, rotary_emb=False,
+                               shift_tokens=False)
+
+
+def tokens_per_second(model: torch.nn.Module, case: Case, steps: int, warmup: int = 2) -> float:
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen)
+    images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = model(text, images, return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * case.batch * case.tokens / (time.perf_counter() - start)
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"device": f"CPU: {cpu}", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "commit": commit.stdout.strip(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model")
+    p.add_argument("--json", default=str(ROOT / "bench" / "train.json"))
+    args = p.parse_args()
+    try:
+        dalle_pytorch = import_dalle_pytorch()
+    except ImportError:
+        dalle_pytorch = None
+        print("DALLE-pytorch is not installed: measuring this engine only (see the docstring to add it)")
+
+    rows = []
+    for case in CASES:
+        torch.manual_seed(0)
+        ours = tokens_per_second(build_ours(case), case, args.steps)
+        peer = tokens_per_second(build_peer(case, dalle_pytorch), case, args.steps) if dalle_pytorch else None
+        rows.append({"case": case.name, "tokens_per_step": case.batch * case.tokens, "ours_tokens_per_s": ours,
+                     "dalle_pytorch_tokens_per_s": peer, "speedup": ours / peer if peer else None})
+
+    print(f"\n{'configuration':42s} {'ours tok/s':>11s} {'DALLE-pytorch':>14s} {'speedup':>8s}")
+    for r in rows:
+        peer = f"{r['dalle_pytorch_tokens_per_s']:14.0f}" if r["dalle_pytorch_tokens_per_s"] else f"{'-':>14s}"
+        ratio = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8s}"
+        print(f"{r['case']:42s} {r['ours_tokens_per_s']:11.0f} {peer} {ratio}")
+    result = {"benchmark": "train_throughput", "steps": args.steps, **environment(), "results": rows}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
