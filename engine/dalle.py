@@ -101,16 +101,21 @@ class DALLE(nn.Module):
         """
         c = self.config
         x, text, codes = self._hidden(text, image, null_cond_prob)
-        logits = self._logits(x, offset=0)
         if not return_loss:
-            return logits
+            return self._logits(x, offset=0)
 
         if codes is None or codes.shape[1] != c.image_seq_len:
             raise ValueError(f"return_loss needs the full image: {c.image_seq_len} codes or an image")
-        labels = torch.cat([text, codes + c.num_text_tokens_internal], dim=1)
-        T = c.text_seq_len
-        loss_text = F.cross_entropy(logits[:, :T].transpose(1, 2), labels[:, :T])
-        loss_img = F.cross_entropy(logits[:, T:].transpose(1, 2), labels[:, T:])
+        # The logits mask leaves text positions only text ids and image positions only image ids, and masked
+        # logits add exactly nothing to the softmax; so each part is projected onto its own vocabulary slice,
+        # which is the same loss at a fraction of the output projection's cost.
+        T, V = c.text_seq_len, c.num_text_tokens_internal
+        h = self.to_logits[0](x)
+        weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
+        text_logits = F.linear(h[:, :T], weight[:V], bias[:V])
+        image_logits = F.linear(h[:, T:], weight[V:], bias[V:])
+        loss_text = F.cross_entropy(text_logits.transpose(1, 2), text)
+        loss_img = F.cross_entropy(image_logits.transpose(1, 2), codes)
         return (loss_text + c.loss_img_weight * loss_img) / (c.loss_img_weight + 1)
 
     def _hidden(
