@@ -8,6 +8,7 @@ writes OUTPUTS_DIR/<prompt>/<i>.jpg and OUTPUTS_DIR/<prompt>/caption.txt for eve
 from __future__ import annotations
 
 import argparse
+import random
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from engine.checkpoint import CheckpointError, load_dalle
+from engine.data import load_image, random_resized_crop
 from engine.tokenizers import build_tokenizer
 
 
@@ -61,9 +63,10 @@ def save_jpg(image: torch.Tensor, path: Path) -> None:
         Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB").save(path, quality=95)
 
 
-def load_image(path: str, size: int, channels: int) -> torch.Tensor:
-    img = Image.open(path).convert("RGBA" if channels == 4 else "RGB").resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+def load_prime(path: str, size: int, channels: int) -> torch.Tensor:
+    """The priming image as (1, channels, size, size): its centre square, resized."""
+    img = load_image(path, transparent=channels == 4)
+    return random_resized_crop(img, size, (1.0, 1.0), rng=random.Random(0))[None]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prime = None
     if args.img:
-        prime = load_image(args.img, model.vae.image_size, model.vae.channels).to(args.device)
+        prime = load_prime(args.img, model.vae.image_size, model.vae.channels).to(args.device)
 
     for prompt in (p.strip() for p in args.text.split("|") if p.strip()):
         try:

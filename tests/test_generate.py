@@ -88,3 +88,14 @@ def test_generate_cli_writes_jpgs(tmp_path):
     too_long = subprocess.run(cmd[:5] + ["--text", "a red cube " * 10] + cmd[7:], cwd=tmp_path,
                               capture_output=True, text=True)
     assert too_long.returncode != 0 and "truncate" in too_long.stderr
+
+
+def test_generate_cli_primes_with_an_image(tmp_path):
+    captions = ["a red cube", "a blue ball"] * 20
+    tokenizer = YttmTokenizer.train(captions, vocab_size=30, model_path=tmp_path / "bpe.model")
+    save_dalle(tmp_path / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size), tokenizer)
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(tmp_path / "prime.jpg")  # any mode and aspect ratio
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--dalle_path", "dalle.safetensors", "--text", "a red cube",
+           "--num_images", "1", "--img", "prime.jpg", "--num_init_img_tokens", "8", "--outputs_dir", "out"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    assert (tmp_path / "out" / "a_red_cube" / "0.jpg").is_file()
