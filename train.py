@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         if resumed is not None and "progress" in resumed.extra:
             progress = Progress(**resumed.extra["progress"])
             engine.load_checkpoint(ds_dir, tag=f"step{progress.step:09d}")
+            if scheduler is not None and resumed.extra.get("scheduler"):
+                scheduler.load_state_dict(resumed.extra["scheduler"])
     elif resumed is not None and "progress" in resumed.extra:
         progress = restore_state(resumed.extra, resumed.aux, optimizer, scheduler, scaler)
     amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
@@ -327,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         if engine is not None:
             # DeepSpeed keeps the (possibly sharded) optimizer in its own folder; the consolidated file beside it
             # is what generate.py and a resume read. Every rank takes part in both.
-            meta, tensors = {"progress": dataclasses.asdict(progress)}, {}
+            meta = {"progress": dataclasses.asdict(progress), "scheduler": scheduler and scheduler.state_dict()}
+            tensors = {}
             engine.save_checkpoint(ds_dir, tag=f"step{progress.step:09d}")
             if args.zero_stage == 3:
                 state_dict = engine._zero3_consolidated_16bit_state_dict()
