@@ -15,9 +15,9 @@ from typing import Any
 ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 
 
-def help_field(text: str, **kw: Any) -> Any:
-    """A dataclass field with a help string, from which the command-line flag is generated."""
-    return field(metadata={"help": text}, **kw)
+def help_field(text: str, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A dataclass field with a help string (and extra flag names), from which the command-line flag is generated."""
+    return field(metadata={"help": text, "aliases": aliases}, **kw)
 
 
 @dataclass
@@ -42,7 +42,8 @@ class DALLEConfig:
     attn_dropout: float = help_field("dropout after the attention output projection", default=0.0)
     ff_dropout: float = help_field("dropout inside the feed-forward block", default=0.0)
     loss_img_weight: float = help_field("image loss weight: loss = (text + w*image) / (w + 1)", default=7.0)
-    stable: bool = help_field("CogView stability tricks: embedding gradient shrink and DivideMax", default=False)
+    stable: bool = help_field("CogView stability tricks: embedding gradient shrink and DivideMax",
+                              aliases=("--stable_softmax",), default=False)
     sandwich_norm: bool = help_field("extra LayerNorm on every branch output", default=False)
     shift_tokens: bool = help_field(
         "token shift (text: previous token; image: token above and to the left)", default=True
@@ -151,12 +152,10 @@ def _as_tuple(value: Any, kind: type) -> tuple:
 
 
 def _base_type(annotation: Any) -> Any:
-    """The scalar type of a field annotation: `tuple[int, ...] | None` -> (tuple, int)."""
+    """The flag type of a field annotation: `tuple[int, ...] | None` -> tuple, `int` -> int."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is tuple:
-        return tuple, typing.get_args(annotation)[0]
-    return annotation, None
+    return typing.get_origin(annotation) or annotation
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
@@ -166,16 +165,18 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[s
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        kind, item = _base_type(hints[f.name])
+        kind = _base_type(hints[f.name])
         default = f.default
         help_text = f.metadata.get("help", "")
+        flags = [f"--{f.name}", *f.metadata.get("aliases", ())]
         if kind is bool:
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
         elif kind is tuple:
             shown = None if default is None else ",".join(map(str, default))
-            group.add_argument(f"--{f.name}", type=str, default=shown, help=f"{help_text} (comma list)")
+            group.add_argument(*flags, dest=f.name, type=str, default=shown, help=f"{help_text} (comma list)")
         else:
-            group.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -232,6 +232,7 @@ def test_config_cli_round_trip():
     defaults = config_from_args(DALLEConfig, parser.parse_args([]))
     assert defaults == DALLEConfig()
     assert DALLEConfig.from_dict(dataclasses.asdict(config)) == config
+    assert parser.parse_args(["--stable_softmax"]).stable  # DALLE-pytorch's name for the flag
     with pytest.raises(ValueError, match="unknown DALLEConfig field"):
         DALLEConfig.from_dict({"dim": 8, "bogus": 1})
 
