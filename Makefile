@@ -23,7 +23,7 @@ DEMO_PROMPTS := a large red circle on the left|a small blue square at the top|th
 demo: install
 	$(PY) train.py --dalle_output_file_name demo/dalle --epochs 1 --num_samples 30000 --batch_size 32 --learning_rate 1e-3 \
 		--dim 128 --depth 4 --heads 4 --dim_head 32 --text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like \
-		--bpe_vocab_size 100 --sample_every_n_steps 200 --num_workers 0 --null_cond_prob 0.1
+		--bpe_vocab_size 100 --sample_every_n_steps 200 --num_workers 0 --no-shift_tokens
 	$(PY) generate.py --dalle_path demo/dalle.safetensors --text '$(DEMO_PROMPTS)' --num_images 8 --batch_size 8 \
 		--outputs_dir outputs --seed 0
 	$(PY) -m engine.eval_demo --dalle_path demo/dalle.safetensors --json demo/eval.json --save_dir demo/eval
