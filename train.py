@@ -116,10 +116,14 @@ class TokenizedShapes(Dataset):
         return self.tokenizer.tokenize([caption], self.text_len, self.truncate)[0], image
 
 
+def builtin_shapes(args: argparse.Namespace) -> ShapesDataset:
+    return ShapesDataset(args.num_samples, args.image_size, seed=args.seed, exclude=HELD_OUT)
+
+
 def sample_captions(args: argparse.Namespace, limit: int = 20000) -> list[str]:
     """Captions to train a BPE on: the first `limit` of the training data."""
     if args.image_text_folder is None:
-        shapes = ShapesDataset(args.num_samples, args.image_size, seed=args.seed, exclude=HELD_OUT)
+        shapes = builtin_shapes(args)
         return [shapes.caption(i) for i in range(min(limit, len(shapes)))]
     if args.wds:
         import webdataset as wds
@@ -138,13 +142,12 @@ def sample_captions(args: argparse.Namespace, limit: int = 20000) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
-def build_data(args, tokenizer: Tokenizer, config: DALLEConfig, image_size: int, rank: int, world: int):
+def build_data(args, tokenizer: Tokenizer, config: DALLEConfig, image_size: int):
     """The training data: a map-style dataset (resumable by sampler offset) or a WebDataset stream."""
     common = dict(tokenizer=tokenizer, text_len=config.text_seq_len, image_size=image_size,
                   truncate_captions=args.truncate_captions, resize_ratio=args.resize_ratio, seed=args.seed)
     if args.image_text_folder is None:
-        shapes = ShapesDataset(args.num_samples, args.image_size, seed=args.seed, exclude=HELD_OUT)
-        return TokenizedShapes(shapes, tokenizer, config.text_seq_len, args.truncate_captions)
+        return TokenizedShapes(builtin_shapes(args), tokenizer, config.text_seq_len, args.truncate_captions)
     if args.wds:
         keys = args.wds.split(",")
         if len(keys) != 2:
@@ -174,7 +177,7 @@ def epoch_batches(dataset, args, progress: Progress, micro_batch: int, rank: int
 
 def train_shapes_vae(args: argparse.Namespace, device: str) -> DiscreteVAE:
     """A small DiscreteVAE for the built-in shapes."""
-    shapes = ShapesDataset(args.num_samples, args.image_size, seed=args.seed, exclude=HELD_OUT)
+    shapes = builtin_shapes(args)
     vae = DiscreteVAE(DiscreteVAEConfig(image_size=args.image_size, num_layers=2, num_tokens=128, codebook_dim=64,
                                         hidden_dim=48, kl_div_loss_weight=1e-3)).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes "
                          f"({args.ga_steps} x {world})")
     micro_batch = args.batch_size // (args.ga_steps * world)
-    dataset = build_data(args, tokenizer, config, model.vae.image_size, rank, world)
+    dataset = build_data(args, tokenizer, config, model.vae.image_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
