@@ -23,11 +23,15 @@ from engine.config import DALLEConfig
 from engine.dalle import DALLE
 from engine.tokenizers import Tokenizer, tokenizer_from_bytes
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.vqgan import VQGanConfig, VQGanVAE
 
 FORMAT = "dalle-engine/1"
 _TOKENIZER_KEY = "__tokenizer__"
 _AUX_PREFIX = "__aux__."  # extra tensors, e.g. optimizer state for resuming; reserved keys start with "__"
-VAE_CLASSES: dict[str, tuple[type, type]] = {"DiscreteVAE": (DiscreteVAE, DiscreteVAEConfig)}
+VAE_CLASSES: dict[str, tuple[type, type]] = {
+    "DiscreteVAE": (DiscreteVAE, DiscreteVAEConfig),
+    "VQGanVAE": (VQGanVAE, VQGanConfig),
+}
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,134 @@
+"""Restricted loading of ``torch.save`` files (e.g. taming's Lightning ``.ckpt``) without running pickled code.
+
+`safe_load` admits tensors, storages, dtypes and plain containers, and turns Lightning / OmegaConf / NumPy
+bookkeeping objects (callback state, hyper-parameters, numpy scalars) into inert `PickleStub`s. Anything else,
+e.g. ``os.system`` or an arbitrary class, is refused by name before a single byte is unpickled.
+
+Two layers: a static scan of every global the pickle names (so refusals name the culprit and stubs can be made
+for the exact names found), then ``torch.load(weights_only=True)`` with only those stubs added, so torch's own
+restricted unpickler still enforces what may be called and built.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import functools
+import io
+import os
+import pickle
+import pickletools
+import typing
+import zipfile
+from typing import IO, Any
+
+import torch
+
+# Bookkeeping that Lightning checkpoints pickle next to the weights; replaced by inert stubs, never imported.
+STUB_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.")
+
+# Real objects admitted besides torch's own weights_only set: harmless types that OmegaConf metadata and older
+# Lightning state refer to (calling them cannot run code).
+_EXTRA_GLOBALS: tuple[Any, ...] = (dict, list, tuple, set, frozenset, int, float, str, bool, typing.Any)
+_EXTRA_NAMES = frozenset(f"{g.__module__}.{g.__qualname__}" for g in _EXTRA_GLOBALS)
+# What the static scan lets through to torch.load; torch's weights_only unpickler then checks these exactly.
+_TENSOR_GLOBALS = frozenset({
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+    "torch._tensor._rebuild_from_type_v2",
+    "torch.Tensor",
+    "torch.nn.parameter.Parameter",
+    "torch.Size",
+    "torch.device",
+    "torch.storage.UntypedStorage",
+    "torch.storage.TypedStorage",
+    "builtins.bytearray",
+    "builtins.complex",
+    "_codecs.encode",  # protocol-2 pickles store bytes as _codecs.encode(str, "latin1")
+})
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A checkpoint that names a global outside the allow-list (it could run code when unpickled)."""
+
+
+class PickleStub:
+    """Inert stand-in for a Lightning / OmegaConf / NumPy object: keeps its arguments and state, runs no code."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickleStub:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<stub {type(self).__module__}.{type(self).__qualname__}>"
+
+
+@functools.lru_cache(maxsize=None)
+def stub_class(module: str, name: str) -> type[PickleStub]:
+    """One stub class per pickled global; its module and name match the pickle so torch's allow-list finds it."""
+    return type(name, (PickleStub,), {"__module__": module, "__qualname__": name})
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """Load a ``torch.save`` file (zip or legacy format) onto the CPU, refusing anything but data (see module doc)."""
+    stubs, refused = [], []
+    for module, name in sorted(_pickle_globals(path)):
+        full = f"{module}.{name}"
+        if full.startswith(STUB_PREFIXES):
+            stubs.append(stub_class(module, name))
+        elif not (full in _TENSOR_GLOBALS or full in _EXTRA_NAMES or _is_dtype_or_storage(module, name)):
+            refused.append(full)
+    if refused:
+        raise UnsafePickleError(
+            f"refusing to unpickle {os.fspath(path)}: it references {', '.join(refused)}, which could run code "
+            "(only tensors, containers and Lightning/OmegaConf/NumPy bookkeeping are allowed)"
+        )
+    with torch.serialization.safe_globals([*stubs, *_EXTRA_GLOBALS]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafePickleError(f"refusing to unpickle {os.fspath(path)}: {e}") from e
+
+
+def _is_dtype_or_storage(module: str, name: str) -> bool:
+    # Legacy typed storages (torch.FloatStorage, ...) name the storage type; tensors name their dtype (torch.float32).
+    return module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
+
+
+def _pickle_globals(path: str | os.PathLike) -> set[tuple[str, str]]:
+    """(module, name) of every GLOBAL / INST opcode, mapped to Python 3 names as the unpickler will see them."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                records = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(records) != 1:
+                    raise pickle.UnpicklingError(f"{os.fspath(path)} is a zip file but not a torch.save archive")
+                return _scan(io.BytesIO(archive.read(records[0])), pickles=1)
+        with open(path, "rb") as f:
+            return _scan(f, pickles=4)  # legacy format: magic number, protocol, sys info, then the object
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise pickle.UnpicklingError(f"{os.fspath(path)} is not a readable torch.save file: {e}") from e
+
+
+def _scan(f: IO[bytes], pickles: int) -> set[tuple[str, str]]:
+    found = set()
+    for _ in range(pickles):
+        for op, arg, _pos in pickletools.genops(f):
+            if op.name in ("GLOBAL", "INST"):
+                module, name = arg.split(" ", 1)
+                # Protocol <= 2 pickles use Python 2 names (__builtin__.set); map them back as the unpickler does.
+                if (module, name) in _compat_pickle.NAME_MAPPING:
+                    module, name = _compat_pickle.NAME_MAPPING[module, name]
+                else:
+                    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+                found.add((module, name))
+            elif op.name == "STACK_GLOBAL":
+                raise ValueError("pickle protocol >= 4 is not supported (torch.save writes protocol 2)")
+    return found
