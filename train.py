@@ -36,8 +36,12 @@ from engine.shapes import HELD_OUT, ShapesDataset
 from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
 from engine.training import EpochSampler, Progress, RunLogger, keep_tagged_copy, pack_state, restore_state
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.vqgan import VQGanVAE
 
 DERIVED = ("num_text_tokens", "num_image_tokens", "image_fmap_size")  # taken from the tokenizer and the VAE
+# Where DALLE-pytorch keeps the ImageNet f16 1024 VQGAN it downloads; nothing is downloaded here.
+TAMING_DIR = Path("~/.cache/dalle")
+TAMING_FILES = ("vqgan.1024.model.ckpt", "vqgan.1024.config.yml")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--truncate_captions", action="store_true", help="truncate captions longer than text_seq_len")
     src.add_argument("--random_resize_crop_lower_ratio", dest="resize_ratio", type=float, default=0.75)
     src.add_argument("--vae_path", default=None, help="VAE checkpoint (from train_vae.py)")
+    src.add_argument("--taming", action="store_true", help="use a taming VQGAN (default: ImageNet f16 1024 codes)")
+    src.add_argument("--vqgan_model_path", default=None, help=f"taming .ckpt (default {TAMING_DIR}/{TAMING_FILES[0]})")
+    src.add_argument("--vqgan_config_path", default=None, help=f"its yaml (default {TAMING_DIR}/{TAMING_FILES[1]})")
     src.add_argument("--dalle_path", default=None, help="checkpoint to resume from (model flags are then ignored)")
     src.add_argument("--bpe_path", default=None, help="YouTokenToMe model (or tokenizer JSON with --hug)")
     src.add_argument("--hug", action="store_true")
@@ -194,6 +201,19 @@ def train_shapes_vae(args: argparse.Namespace, device: str) -> DiscreteVAE:
     return vae.eval()
 
 
+def taming_vqgan(args: argparse.Namespace) -> VQGanVAE:
+    model_path = Path(args.vqgan_model_path or TAMING_DIR / TAMING_FILES[0]).expanduser()
+    config_path = Path(args.vqgan_config_path or TAMING_DIR / TAMING_FILES[1]).expanduser()
+    missing = [str(p) for p in (model_path, config_path) if not p.is_file()]
+    if missing:
+        raise SystemExit(
+            f"--taming needs a VQGAN checkpoint and its yaml; not found: {', '.join(missing)}. Download taming's "
+            "ImageNet f16 1024 model (ckpts/last.ckpt and configs/model.yaml, linked from "
+            "https://github.com/CompVis/taming-transformers) or use your own, and pass them with --vqgan_model_path "
+            f"and --vqgan_config_path (or save them as {TAMING_DIR}/{TAMING_FILES[0]} and {TAMING_FILES[1]})")
+    return VQGanVAE.from_taming(model_path, config_path)
+
+
 def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first) -> Tokenizer:
     if args.bpe_path or args.chinese:
         return build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
@@ -272,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         vae_file = f"{name}-vae.safetensors"
         if args.vae_path:
             vae = load_vae(args.vae_path).model
+        elif args.taming or args.vqgan_model_path or args.vqgan_config_path:
+            vae = taming_vqgan(args)
         elif args.image_text_folder is None:
             def train_and_save():
                 vae = train_shapes_vae(args, device)
@@ -280,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
 
             vae = rank0_first(train_and_save, lambda: load_vae(vae_file).model)
         else:
-            raise SystemExit("pass --vae_path: a VAE checkpoint from train_vae.py")
+            raise SystemExit("pass --vae_path (a VAE checkpoint from train_vae.py) or --taming (a VQGAN)")
         tokenizer = build_tokenizer_for(args, name, rank0_first)
         config = config_from_args(DALLEConfig, args, num_text_tokens=tokenizer.vocab_size,
                                   num_image_tokens=vae.num_tokens, image_fmap_size=vae.fmap_size)

@@ -85,6 +85,27 @@ def test_webdataset_training(tmp_path, vae_path, monkeypatch):
     assert len(rows) == 3 and rows[-1]["samples_skipped"] == 3
 
 
+def test_taming_vqgan_training_in_bf16(tmp_path, folder, monkeypatch):
+    from test_unpickle import save_lightning_ckpt
+    from test_vqgan import tiny_vae, write_yaml
+
+    monkeypatch.chdir(tmp_path)
+    save_lightning_ckpt(tmp_path / "last.ckpt", tiny_vae(gumbel=False).state_dict())
+    train.main(["--image_text_folder", str(folder), "--taming", "--vqgan_model_path", str(tmp_path / "last.ckpt"),
+                "--vqgan_config_path", str(write_yaml(tmp_path / "model.yaml", gumbel=False)), "--bf16",
+                "--batch_size", "7", "--epochs", "1", "--output_dir", "logs", *TINY_MODEL])
+    ckpt = load_dalle(tmp_path / "dalle.safetensors")
+    assert type(ckpt.model.vae).__name__ == "VQGanVAE" and ckpt.model.config.image_fmap_size == 8
+    assert len(metrics(tmp_path / "logs")) == 2
+
+
+def test_taming_without_files_names_them(tmp_path, folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"vqgan\.1024\.model\.ckpt.*--vqgan_model_path"):
+        train.main(["--image_text_folder", str(folder), "--taming", *TINY_MODEL])
+
+
 def test_empty_dataset_is_a_clear_error(tmp_path, vae_path, monkeypatch):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
