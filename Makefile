@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
-DEMO_PROMPTS := a large red circle on the left|a small blue square at the top|the right has a large yellow triangle|large green circle, bottom
+DEMO_PROMPTS := a large red circle on the middle left|a small blue square at the top left|the bottom right has a large yellow triangle|large green circle, top center
 
 # Trains a VAE and then a small DALL-E on the built-in shapes data (a few minutes on 2 CPU cores), then samples.
 demo: install

@@ -4,7 +4,7 @@
 
 Every sampled image is read back by `analyse`, an analytic checker (pixel statistics, no learning), and compared
 with the prompt's colour, shape, size and position. The prompts come in two groups: combinations seen in training
-and the HELD_OUT (colour, shape) pairs, so the two accuracies show whether the model composes attributes it has only
+and the HELD_OUT (colour, position) pairs, so the two accuracies show whether the model composes attributes it has only
 seen apart.
 """
 
@@ -134,7 +134,7 @@ def matches(detected: Detected | None, spec: ShapeSpec) -> dict[str, bool]:
 def demo_prompts(seed: int = 0) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
     """12 trained prompts (each colour twice, each shape four times) and each HELD_OUT pair small and large.
 
-    Sizes and positions are drawn from `seed`; every held-out pair appears at two different positions.
+    Sizes and trained positions are drawn from `seed`; every held-out pair appears as two different shapes.
     """
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
@@ -142,13 +142,13 @@ def demo_prompts(seed: int = 0) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
     for i in range(12):
         colour = colours[i % len(colours)]
         # Offsetting the shape on the second pass gives each colour two different shapes.
-        shapes = [SHAPES[(i + i // len(colours) + k) % len(SHAPES)] for k in range(len(SHAPES))]
-        shape = next(s for s in shapes if (colour, s) not in HELD_OUT)
-        trained.append(ShapeSpec(colour, shape, str(rng.choice(SIZES)), str(rng.choice(list(POSITIONS)))))
+        shape = SHAPES[(i + i // len(colours)) % len(SHAPES)]
+        positions = [p for p in POSITIONS if (colour, p) not in HELD_OUT]
+        trained.append(ShapeSpec(colour, shape, str(rng.choice(SIZES)), str(rng.choice(positions))))
     held_out = []
-    for colour, shape in sorted(HELD_OUT):
-        positions = rng.choice(list(POSITIONS), size=len(SIZES), replace=False)
-        held_out += [ShapeSpec(colour, shape, size, str(p)) for size, p in zip(SIZES, positions)]
+    for colour, position in sorted(HELD_OUT):
+        shapes = rng.choice(SHAPES, size=len(SIZES), replace=False)
+        held_out += [ShapeSpec(colour, str(shape), size, position) for size, shape in zip(SIZES, shapes)]
     return trained, held_out
 
 
