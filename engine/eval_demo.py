@@ -243,11 +243,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def format_table(groups: dict[str, dict[str, Any]]) -> str:
-    header = f"{'group':9} {'prompt':40} {'n':>3} " + " ".join(f"{k:>8}" for k in SCORES)
+    header = f"{'group':9} {'prompt':46} {'n':>3} " + " ".join(f"{k:>8}" for k in SCORES)
     lines = [header, "-" * len(header)]
     for group, result in groups.items():
         for r in result["prompts"]:
-            lines.append(f"{group:9} {r['caption']:40} {r['n']:>3} "
+            lines.append(f"{group:9} {r['caption']:46} {r['n']:>3} "
                          + " ".join(f"{r[k]:>8.2f}" for k in SCORES))
     return "\n".join(lines)
 

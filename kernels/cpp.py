@@ -1,0 +1,105 @@
+"""C++ CPU kernels (``kernels._C``, built from ``csrc/`` by ``pip install --no-build-isolation -e .``).
+
+The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse) and
+``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv); this module loads it, gives both ops fake (meta)
+implementations so ``torch.compile`` can trace them, and wraps them in an autograd.Function. It never fails to import:
+``available()`` says whether the kernels can be used, ``load_error()`` why not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import masks
+
+__all__ = ["available", "load_error", "sparse_attention"]
+
+_NAMESPACE = "dalle_engine_cpu"
+
+
+def _load() -> str | None:
+    """Load the library and register the fake implementations; returns why it could not be loaded, or None."""
+    if hasattr(torch.ops, _NAMESPACE) and hasattr(getattr(torch.ops, _NAMESPACE), "sparse_attention_fwd"):
+        return None  # already registered (module reloaded)
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None or spec.origin is None:
+        return "kernels._C is not built (run `pip install --no-build-isolation -e .`)"
+    try:
+        # Loaded as a plain shared library (it has no Python module init): its static initialisers register the ops.
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as error:
+        return f"kernels._C failed to load: {error}"
+
+    @torch.library.register_fake(f"{_NAMESPACE}::sparse_attention_fwd")
+    def _fwd_fake(q, k, v, pattern, text_len, fmap_size, kernel_size, dilation, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
+
+    @torch.library.register_fake(f"{_NAMESPACE}::sparse_attention_bwd")
+    def _bwd_fake(q, k, v, out, lse, dout, pattern, text_len, fmap_size, kernel_size, dilation, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    return None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_LOAD_ERROR = _load()
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built and loaded."""
+    return _LOAD_ERROR is None
+
+
+def load_error() -> str | None:
+    """Why the C++ kernels are unavailable, or None."""
+    return _LOAD_ERROR
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, geometry):
+        out, lse = getattr(torch.ops, _NAMESPACE).sparse_attention_fwd(q, k, v, *geometry)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.geometry = geometry
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = getattr(torch.ops, _NAMESPACE).sparse_attention_bwd(q, k, v, out, lse, dout, *ctx.geometry)
+        return dq, dk, dv, None
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: str,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``kernels.reference.sparse_attention`` on the C++ CPU kernels, differentiable in q, k and v.
+
+    q, k, v: ``(batch, heads, seq, dim_head)`` CPU tensors of one dtype (float32, float64, bfloat16 or float16; any
+    strides). Computes in float32 (float64 for float64 inputs) and returns the input dtype. ``scale`` defaults to
+    ``dim_head ** -0.5``. Raises RuntimeError if the kernels are unavailable (see ``load_error()``).
+    """
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    masks.check_geometry(pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
+                         dilation=dilation, seq_len=q.shape[2] if q.dim() == 4 else None)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    geometry = (pattern, text_len, fmap_size, kernel_size, dilation, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _SparseAttention.apply(q, k, v, geometry)
+    return getattr(torch.ops, _NAMESPACE).sparse_attention_fwd(q, k, v, *geometry)[0]
