@@ -2,11 +2,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean gpu-check
 
 # torch 2.13.0 (CPU) is installed first only where no torch is present, so pip never pulls a CUDA build;
 # youtokentome needs Cython already installed and no build isolation.
-$(VENV)/.installed: setup.py
+# Rebuilt when setup.py or the C++ kernels change (pip install -e builds kernels._C in place).
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install Cython setuptools wheel
@@ -31,5 +32,20 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# On a GPU machine with torch and Triton preinstalled and no network: build kernels._C in place, run the kernel tests
+# (Triton's, which use its CPU interpreter, and the benchmark's tiny CUDA run, which checks the native Triton kernels
+# against SDPA), then benchmark on the GPU. Uses `python` from PATH, not the venv. --noconftest: tests/conftest.py
+# imports the model, whose dependencies may be missing there. The benchmark runs even if a test fails; the exit status
+# is the first failure's. Its table is printed last (JSON: bench/attn-gpu.json).
+gpu-check:
+	python setup.py build_ext --inplace
+	status=0; \
+	if python -c "import pytest" 2>/dev/null; then \
+		python -m pytest -q --noconftest tests/test_triton_attention.py tests/test_bench_attn.py \
+			-k "triton or cuda or gpu" || status=$$?; \
+	else echo "pytest is not installed: GPU tests not run"; status=1; fi; \
+	python bench/attn.py --device cuda --json bench/attn-gpu.json || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
+	exit $$status
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo outputs
+	rm -rf $(VENV) build *.egg-info demo outputs kernels/_C*.so
