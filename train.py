@@ -32,7 +32,7 @@ from engine.checkpoint import load_dalle, load_vae, save_dalle, save_vae
 from engine.config import DALLEConfig, add_config_args, config_from_args
 from engine.dalle import DALLE
 from engine.data import TextImageFolder, WebDatasetStream, collate, webdataset_source
-from engine.shapes import HELD_OUT, ShapesDataset
+from engine.shapes import BACKGROUNDS, HELD_OUT, ShapesDataset
 from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
 from engine.training import EpochSampler, Progress, RunLogger, keep_tagged_copy, pack_state, restore_state
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
@@ -185,8 +185,12 @@ def epoch_batches(dataset, args, progress: Progress, micro_batch: int, rank: int
 def train_shapes_vae(args: argparse.Namespace, device: str) -> DiscreteVAE:
     """A small DiscreteVAE for the built-in shapes."""
     shapes = builtin_shapes(args)
+    # Normalising the background to 0 makes it look like the convs' zero padding, so a shape near the border gets the
+    # same codes as elsewhere, only shifted (positions lie whole cells apart): what lets the DALL-E compose positions.
+    background = tuple(c / 255 for c in BACKGROUNDS[0])
     vae = DiscreteVAE(DiscreteVAEConfig(image_size=args.image_size, num_layers=2, num_tokens=128, codebook_dim=64,
-                                        hidden_dim=48, kl_div_loss_weight=1e-3)).to(device)
+                                        hidden_dim=48, kl_div_loss_weight=1e-3,
+                                        normalization=(background, (0.5, 0.5, 0.5)))).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
     loader = DataLoader(shapes, batch_size=32, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))

@@ -20,7 +20,8 @@ def test_train_on_builtin_data_then_generate(tmp_path):
     assert ckpt.model.config.attn_types == ("axial_row", "conv_like") and ckpt.extra["progress"]["step"] == 4
     assert ckpt.tokenizer.vocab_size == ckpt.model.config.num_text_tokens
     generate = [sys.executable, str(ROOT / "generate.py"), "--dalle_path", "run/dalle.safetensors",
-                "--text", "a large red circle on the middle left", "--num_images", "2", "--outputs_dir", "out"]
+                "--text", "a large red circle on the middle left", "--num_images", "2", "--outputs_dir", "out",
+                "--truncate_captions"]
     subprocess.run(generate, check=True, cwd=tmp_path, capture_output=True)
     assert Image.open(tmp_path / "out" / "a_large_red_circle_on_the_middle_left" / "1.jpg").size == (32, 32)
 
