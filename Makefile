@@ -41,7 +41,7 @@ gpu-check:
 	python setup.py build_ext --inplace
 	status=0; \
 	if python -c "import pytest" 2>/dev/null; then \
-		python -m pytest -q --noconftest tests/test_triton_attention.py tests/test_bench_attn.py \
+		python -m pytest -q --noconftest tests/test_triton_attention.py tests/test_bench_attn.py tests/test_dispatch.py \
 			-k "triton or cuda or gpu" || status=$$?; \
 	else echo "pytest is not installed: GPU tests not run"; status=1; fi; \
 	python bench/attn.py --device cuda --json bench/attn-gpu.json || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \

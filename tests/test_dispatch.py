@@ -62,6 +62,26 @@ def test_model_training_step_uses_the_kernels(calls):
     assert calls == {"cpp": 2, "reference": 0, "sdpa": 1}
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_kernels.available()),
+                    reason="needs CUDA and Triton")
+def test_model_training_step_on_cuda_uses_triton(calls, monkeypatch):
+    counts = {"triton": 0}
+    triton_fn = kernels.triton_kernels.sparse_attention
+
+    def counting(*args, **kwargs):
+        counts["triton"] += 1
+        return triton_fn(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.triton_kernels, "sparse_attention", counting)
+    model = DALLE(tiny_config(attn_types=("full", "axial_row", "axial_col"), depth=3)).cuda()
+    text = torch.randint(1, model.config.num_text_tokens, (2, model.config.text_seq_len), device="cuda")
+    codes = torch.randint(0, model.config.num_image_tokens, (2, model.config.image_seq_len), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(text, codes, return_loss=True)
+    loss.backward()
+    assert counts["triton"] == 2 and calls == {"cpp": 0, "reference": 0, "sdpa": 1}
+
+
 def test_environment_forces_the_reference(calls, monkeypatch):
     monkeypatch.setenv("DALLE_ENGINE_ATTENTION", "reference")
     q, k, v = qkv()
