@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_reference_attention import Config, geometry, make_inputs, run
 
 from kernels import PATTERNS, cpp, dense_mask
 
 pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")
-
-# (batch, heads, seq, dim_head, text_len, fmap_size, kernel_size, dilation)
-Config = tuple[int, int, int, int, int, int, int, int]
 
 CONFIGS: list[Config] = [
     (2, 3, 97, 32, 33, 8, 5, 1),       # batch and heads > 1; caption 33 + full 8x8 grid
@@ -38,19 +36,6 @@ LOW_PRECISION_CONFIGS: list[Config] = [(2, 4, 68, 32, 5, 8, 5, 1), (1, 2, 300, 6
 BUDGET_FACTORS = {"out": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "lse": 2.0}
 
 
-def geometry(config: Config) -> dict[str, int]:
-    text_len, fmap_size, kernel_size, dilation = config[4:]
-    return dict(text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size, dilation=dilation)
-
-
-def make_inputs(config: Config, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    """q, k, v and an upstream gradient, drawn in float64 and rounded to ``dtype``."""
-    batch, heads, seq, dim_head = config[:4]
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, seq, dim_head, generator=gen, dtype=torch.float64).to(dtype)
-            for _ in range(4)]
-
-
 def dense_scores(q: torch.Tensor, k: torch.Tensor, config: Config, pattern: str, scale: float | None) -> torch.Tensor:
     mask = dense_mask(pattern, config[2], **geometry(config))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -64,13 +49,6 @@ def dense(config: Config, pattern: str, scale: float | None = None):
 
 def ours(config: Config, pattern: str, scale: float | None = None):
     return lambda q, k, v: cpp.sparse_attention(q, k, v, pattern=pattern, scale=scale, **geometry(config))
-
-
-def run(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
-    """Output and (dq, dk, dv) for the given upstream gradient."""
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = attention(q, k, v)
-    return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
 
 
 def with_samples(config: Config, count: int = 2 ** 15) -> Config:
