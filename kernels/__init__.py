@@ -1,6 +1,7 @@
 """Attention kernels for DALL-E-style text+image sequences.
 
-``sparse_attention`` is the public entry point: it checks its arguments once and dispatches to an implementation:
+``sparse_attention`` (training, prefill) and ``decode_attention`` (one query against a KV cache, for sampling) are
+the public entry points: each checks its arguments once and dispatches to an implementation:
 
 - ``triton``: block-sparse Triton kernels, for CUDA tensors (``kernels/triton``);
 - ``cpp``: the C++ CPU kernels (``csrc/``, ``kernels.cpp``), for CPU tensors when the extension is built;
@@ -23,8 +24,8 @@ from . import cpp, masks, reference
 from . import triton as triton_kernels
 from .masks import PATTERNS, block_layout, dense_mask
 
-__all__ = ["BACKENDS", "PATTERNS", "block_layout", "choose_backend", "dense_mask", "masks", "reference",
-           "sparse_attention"]
+__all__ = ["BACKENDS", "PATTERNS", "block_layout", "choose_backend", "decode_attention", "dense_mask", "masks",
+           "reference", "sparse_attention"]
 
 BACKENDS = ("auto", "reference", "sdpa", "cpp", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,6 +52,17 @@ def choose_backend(q: torch.Tensor, pattern: str, backend: str | None = None) ->
             warnings.warn(f"C++ attention kernels unavailable ({cpp.load_error()}); using the slower reference",
                           stacklevel=3)
     return "reference"
+
+
+def choose_decode_backend(q: torch.Tensor, backend: str | None = None) -> str:
+    """The implementation ``decode_attention`` runs for ``q`` (``backend``: a forced choice; ``sdpa`` means auto,
+    as decoding has no dense fast path of its own)."""
+    backend = backend or os.environ.get("DALLE_ENGINE_ATTENTION", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend not in ("auto", "sdpa"):
+        return backend
+    return choose_backend(q, "axial_row")  # decoding reads a sparse key set for every pattern, full included
 
 
 def sparse_attention(
@@ -103,3 +115,53 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int | torch.Tensor,
+    *,
+    pattern: str,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence, at position ``pos``, over the keys of a static KV cache that its
+    pattern allows: the caption keys plus the pattern's image keys, never the whole prefix (fast backends).
+
+    Args:
+        q: ``(batch, heads, dim_head)``.
+        k_cache, v_cache: ``(batch, heads, max_seq, dim_head)``, holding positions ``0..pos`` (the query's own key
+            included); ``max_seq`` at most ``text_len + fmap_size ** 2``.
+        pos: the query's sequence position, an int or a 0-dim integer tensor (no host sync on CUDA).
+        pattern, text_len, fmap_size, kernel_size, dilation, scale: as for ``sparse_attention``.
+        backend: as for ``sparse_attention`` (``sdpa`` means auto here).
+
+    Returns:
+        ``(batch, heads, dim_head)`` in q's dtype.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q must be (batch, heads, dim_head) and k_cache, v_cache one (batch, heads, max_seq, "
+                         f"dim_head) shape, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape != k_cache.shape[:2] + k_cache.shape[3:]:
+        raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q and the caches must share one float dtype, got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"q and the caches must be on one device, got {q.device}, {k_cache.device}, "
+                         f"{v_cache.device}")
+    masks.check_geometry(pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
+                         dilation=dilation, seq_len=k_cache.shape[2])
+    if isinstance(pos, int) and not 0 <= pos < k_cache.shape[2]:
+        raise ValueError(f"pos must lie in [0, {k_cache.shape[2]}), got {pos}")
+    chosen = choose_decode_backend(q, backend)
+    implementation = {"reference": reference, "cpp": cpp, "triton": triton_kernels}[chosen]
+    return implementation.decode_attention(q, k_cache, v_cache, pos, pattern=pattern, text_len=text_len,
+                                           fmap_size=fmap_size, kernel_size=kernel_size, dilation=dilation,
+                                           scale=scale)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PATTERNS", "allowed", "block_layout", "check_geometry", "dense_mask"]
+__all__ = ["PATTERNS", "allowed", "block_layout", "check_geometry", "dense_mask", "image_key_window"]
 
 Index = int | torch.Tensor  # a position, or an integer tensor of positions
 Mask = bool | torch.Tensor
@@ -151,3 +151,33 @@ def block_layout(
     pad = num_blocks * block_size - seq_len
     mask = F.pad(mask, (0, pad, 0, pad))  # pads with False: padding never needs a visit
     return mask.view(num_blocks, block_size, num_blocks, block_size).any(dim=3).any(dim=1)
+
+
+def image_key_window(
+    pattern: str, t: int, *, fmap_size: int, kernel_size: int = 5, dilation: int = 1
+) -> tuple[int, int, int, int, int, int]:
+    """The image keys of image query ``t`` (row-major index) as a lattice window, for kernels that enumerate keys.
+
+    Returns ``(row_lo, row_hi, row_step, col_lo, col_hi, col_step)``: the keys are the in-grid cells
+    ``(row, col)`` with ``row`` in ``row_lo, row_lo + row_step, ..., row_hi`` and ``col`` likewise, that are not
+    after the query in raster order (on ``row_hi``, the query's own row, only ``col <= t % fmap_size``). Bounds
+    are already clipped to the grid and lie on the window's lattice. Equals ``allowed``'s image rule for ``t``.
+    """
+    r, c = divmod(t, fmap_size)
+    last = fmap_size - 1
+    if pattern == "full":
+        return 0, r, 1, 0, last, 1
+    if pattern == "axial_row":
+        return r, r, 1, 0, c, 1
+    if pattern == "axial_col":
+        return 0, r, 1, c, c, 1
+    if pattern not in ("conv_like", "conv_like_centered"):
+        raise ValueError(f"unknown attention pattern {pattern!r}; valid patterns: {', '.join(PATTERNS)}")
+    d = dilation
+    up = (kernel_size - 1 if pattern == "conv_like" else kernel_size // 2) * d  # reach above and to the left
+    right = 0 if pattern == "conv_like" else (kernel_size // 2) * d
+    # Clip to the grid, staying on the query's lattice (cells an exact multiple of d away).
+    row_lo = r - min(up, r) // d * d
+    col_lo = c - min(up, c) // d * d
+    col_hi = c + min(right, last - c) // d * d
+    return row_lo, r, d, col_lo, col_hi, d

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ["sparse_attention"]
+from . import masks
+
+__all__ = ["decode_attention", "sparse_attention"]
 
 
 def sparse_attention(
@@ -137,3 +139,34 @@ def _window_attention(
     window_scores = torch.einsum("bhnd,bhnwd->bhnw", q, window_k) * scale
     text_probs, window_probs = _joint_softmax(text_scores, window_scores, valid)
     return text_probs @ text_v + torch.einsum("bhnw,bhnwd->bhnd", window_probs, window_v)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int | torch.Tensor,
+    *,
+    pattern: str,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of the one query at sequence position ``pos`` over the cached keys its pattern allows.
+
+    q: ``(batch, heads, dim_head)``; k_cache, v_cache: ``(batch, heads, max_seq, dim_head)`` holding positions
+    ``0..pos`` (the query's own key included; later slots are ignored). ``pos`` is an int or a 0-dim integer tensor
+    (a tensor keeps shapes static for CUDA graphs). Returns ``(batch, heads, dim_head)`` in q's dtype. This reference
+    masks the whole cache, so its cost does not depend on the pattern; the fast kernels read only the allowed keys.
+    """
+    dtype = q.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys = torch.arange(k_cache.shape[2], device=q.device)
+    mask = masks.allowed(pattern, pos, keys, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
+                         dilation=dilation)
+    scores = torch.einsum("bhd,bhsd->bhs", q.to(compute), k_cache.to(compute)) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhs,bhsd->bhd", probs, v_cache.to(compute)).to(dtype)
