@@ -7,13 +7,15 @@ loss weights image tokens `loss_img_weight` times as much as text tokens.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DALLEConfig
-from engine.sampling import gumbel_sample, top_k
-from engine.transformer import Transformer
+from engine.sampling import sample_tokens
+from engine.transformer import KVCache, Transformer
 
 
 class DALLE(nn.Module):
@@ -64,8 +66,9 @@ class DALLE(nn.Module):
         return self.image_emb(codes)
 
     def _text_with_pads(self, text: torch.Tensor) -> torch.Tensor:
-        """Replace padding (0) at caption position i by the unique pad id num_text_tokens + i (out of place)."""
-        pad_ids = torch.arange(self.config.text_seq_len, device=text.device) + self.config.num_text_tokens
+        """Replace padding (0) at caption position i by the unique pad id num_text_tokens + i (out of place); text
+        may be a caption prefix."""
+        pad_ids = torch.arange(text.shape[1], device=text.device) + self.config.num_text_tokens
         return torch.where(text == 0, pad_ids, text)
 
     def _check_text(self, text: torch.Tensor) -> None:
@@ -129,29 +132,54 @@ class DALLE(nn.Module):
             keep = torch.rand(text.shape[0], 1, device=text.device) >= p
             text = text * keep
         text = self._text_with_pads(text)
-        bos = torch.zeros_like(text[:, :1])
-        tokens = self._embed_text(torch.cat([bos, text], dim=1))
-        if not c.rotary_emb:
-            tokens = tokens + self.text_pos_emb.weight
-
         codes = None
         if image is not None:
             codes = self.tokenize_images(image) if image.ndim == 4 else image
             self._check_codes(codes, text.shape[0])
-            n_img = codes.shape[1]
-            img = self._embed_image(codes)
-            if not c.rotary_emb:
-                pos = (self.image_pos_emb_row[:, None] + self.image_pos_emb_col[None, :]).flatten(0, 1)
-                img = img + pos[:n_img]
-            tokens = torch.cat([tokens, img], dim=1)
-        tokens = tokens[:, : c.total_seq_len]  # the last image token is only ever a target
-
+        tokens = self._embed_prefix(text, codes)
         if c.stable:
             tokens = tokens * 0.1 + tokens.detach() * 0.9  # shrink embedding gradients (CogView)
-        x = self.transformer(tokens)
-        if c.stable:
+        return self._transform(tokens), text, codes
+
+    def _embed_prefix(self, text: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings of bos + the pad-substituted caption + image codes (the last image token is only ever a target,
+        so at most total_seq_len positions)."""
+        c = self.config
+        bos = text.new_zeros(text.shape[0], 1)
+        tokens = self._embed_text(torch.cat([bos, text], dim=1))
+        if not c.rotary_emb:
+            tokens = tokens + self.text_pos_emb.weight[: tokens.shape[1]]
+        if codes is not None and codes.shape[1]:
+            img = self._embed_image(codes)
+            if not c.rotary_emb:
+                img = img + self._image_pos_emb()[: codes.shape[1]]
+            tokens = torch.cat([tokens, img], dim=1)
+        return tokens[:, : c.total_seq_len]
+
+    def _image_pos_emb(self) -> torch.Tensor:
+        """Axial image positions (image_seq_len, dim): a row table plus a column table."""
+        return (self.image_pos_emb_row[:, None] + self.image_pos_emb_col[None, :]).flatten(0, 1)
+
+    def _embed_at(self, token: torch.Tensor, pos: torch.Tensor, image: bool) -> torch.Tensor:
+        """Embedding (batch, 1, dim) of one token per row at sequence position ``pos`` (0-dim tensor): an image code
+        at an image position, or an internal text id at a caption position."""
+        c = self.config
+        if image:
+            x = self._embed_image(token)
+            if not c.rotary_emb:
+                x = x + self._image_pos_emb()[pos - c.text_len]
+        else:
+            x = self._embed_text(token)
+            if not c.rotary_emb:
+                x = x + self.text_pos_emb.weight[pos]
+        return x[:, None]
+
+    def _transform(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                   pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.transformer(tokens, cache=cache, pos=pos)
+        if self.config.stable:
             x = x / x.amax(dim=-1, keepdim=True).detach()  # DivideMax
-        return x, text, codes
+        return x
 
     def _logits(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         """Masked logits of hidden states x at sequence positions offset, offset + 1, ..."""
@@ -169,10 +197,10 @@ class DALLE(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= c.num_image_tokens):
             raise ValueError(f"image codes must lie in [0, {c.num_image_tokens})")
 
-    # --- sampling --------------------------------------------------------------------------------------------------
+    # --- sampling ---------------------------------------------------------------------------------------------------
 
     def next_token_logits(self, text: torch.Tensor, codes: torch.Tensor, cond_scale: float = 1.0) -> torch.Tensor:
-        """Logits of the next image token, with classifier-free guidance when cond_scale != 1.
+        """Logits of the next image token by a full forward pass, with classifier-free guidance when cond_scale != 1.
 
         The null branch gets its own all-padding caption in the same batch; the caller's text is never modified.
         """
@@ -180,51 +208,185 @@ class DALLE(nn.Module):
             text, codes = torch.cat([text, torch.zeros_like(text)]), torch.cat([codes, codes])
         x = self._hidden(text, codes, null_cond_prob=0.0)[0][:, -1:]
         logits = self._logits(x, offset=self.config.text_len + codes.shape[1] - 1)[:, 0]
-        if cond_scale == 1.0:
-            return logits
-        cond, null = logits.chunk(2)
-        return null + (cond - null) * cond_scale
+        return _guide(logits, cond_scale)[0]
+
+    def _vocab_logits(self, x: torch.Tensor, image: bool) -> torch.Tensor:
+        """Logits over the image vocabulary (or the internal text vocabulary) only: the logits mask allows nothing
+        else at a position, so the rest of the output projection is skipped."""
+        V = self.config.num_text_tokens_internal
+        h = self.to_logits[0](x)
+        weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
+        return F.linear(h, weight[V:], bias[V:]) if image else F.linear(h, weight[:V], bias[:V])
+
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, image: bool = True) -> torch.Tensor:
+        """Feed one image code per row at image position ``pos`` (a 0-dim long tensor, so the step has static shapes
+        and no host synchronisation: the function to compile or capture in a CUDA graph) and return the next code's
+        logits over the image vocabulary. ``image=False``: an internal text id at a caption position before the
+        last, returning the next caption token's logits over the internal text vocabulary."""
+        x = self._transform(self._embed_at(token, pos, image), cache, pos)
+        return self._vocab_logits(x[:, 0], image=image)
+
+    def prefill(self, text: torch.Tensor, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run bos + ``text`` (pad-substituted internal ids, a whole caption or a prefix) + image ``codes`` through the
+        model in one pass, filling ``cache``; returns the next token's logits (see ``decode_step``)."""
+        tokens = self._embed_prefix(text, codes)
+        x = self._transform(tokens, cache)
+        return self._vocab_logits(x[:, -1], image=tokens.shape[1] >= self.config.text_len)
+
+    def _cache_for(self, batch: int, device: torch.device) -> KVCache:
+        return KVCache(self.config, batch, device=device, dtype=next(self.parameters()).dtype)
 
     @torch.no_grad()
     def generate_images(
         self,
         text: torch.Tensor,
         *,
-        filter_thres: float = 0.5,
+        filter_thres: float | None = 0.5,
+        top_k: int | None = None,
+        top_p: float | None = None,
         temperature: float = 1.0,
         cond_scale: float = 1.0,
         img: torch.Tensor | None = None,
         num_init_img_tokens: int | None = None,
         seed: int | None = None,
-    ) -> torch.Tensor:
-        """Sample images (batch, channels, size, size) in [0, 1] for tokenised captions `text`.
+        use_cache: bool = True,
+        step_fn=None,
+        return_scores: bool = False,
+    ):
+        """Sample images (batch, channels, size, size) in [0, 1] for tokenised captions ``text``.
 
-        Reference method: one full forward pass per image token. `filter_thres` is DALLE-pytorch's top-k as a
-        fraction of the vocabulary; `img` primes generation with its first `num_init_img_tokens` codes.
+        Sampling: ``filter_thres`` is DALLE-pytorch's top-k as a fraction of the whole vocabulary (None: off),
+        ``top_k`` an absolute count of image tokens, ``top_p`` nucleus sampling, then ``temperature``; ``cond_scale``
+        != 1 is classifier-free guidance (conditional and null-caption rows in one batch). ``img`` primes generation
+        with its first ``num_init_img_tokens`` codes (default 0.4375 of the grid). ``seed``: same seed and settings,
+        same images.
+
+        ``use_cache`` decodes with the static KV cache, one token per step (``prefill`` + ``decode_step``, or
+        ``step_fn``, e.g. a compiled ``decode_step``); without it every token costs a full forward pass (the
+        reference). With ``return_scores``, also returns each image's log-likelihood under the model given its
+        caption (conditional, unfiltered, temperature 1; sampled tokens only), for reranking.
         """
         c = self.config
         if self.vae is None:
             raise ValueError("generate_images needs a model with a VAE to decode images")
+        codes, scores = self.sample_image_codes(
+            text, filter_thres=filter_thres, top_k=top_k, top_p=top_p, temperature=temperature,
+            cond_scale=cond_scale, prime=self._prime_codes(img, num_init_img_tokens, c), seed=seed,
+            use_cache=use_cache, step_fn=step_fn)
+        images = self.vae.decode(codes)
+        return (images, scores) if return_scores else images
+
+    def _prime_codes(self, img: torch.Tensor | None, num_init_img_tokens: int | None, c: DALLEConfig):
+        if img is None:
+            return None
+        n_init = int(0.4375 * c.image_seq_len) if num_init_img_tokens is None else num_init_img_tokens
+        if not 0 <= n_init < c.image_seq_len:
+            raise ValueError(f"num_init_img_tokens must lie in [0, {c.image_seq_len}), got {n_init}")
+        return self.tokenize_images(img)[:, :n_init]
+
+    @torch.no_grad()
+    def sample_image_codes(
+        self,
+        text: torch.Tensor,
+        *,
+        filter_thres: float | None = 0.5,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        cond_scale: float = 1.0,
+        prime: torch.Tensor | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        step_fn=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image codes (batch, image_seq_len) and their log-likelihood scores (batch,); see ``generate_images``.
+        ``prime``: the first codes of every image, (batch, n)."""
+        c = self.config
         text = text[:, : c.text_seq_len]
         self._check_text(text)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=text.device).manual_seed(seed)
-
-        codes = text.new_empty(text.shape[0], 0)
-        if img is not None:
-            n_init = int(0.4375 * c.image_seq_len) if num_init_img_tokens is None else num_init_img_tokens
-            if not 0 <= n_init < c.image_seq_len:
-                raise ValueError(f"num_init_img_tokens must lie in [0, {c.image_seq_len}), got {n_init}")
-            codes = self.tokenize_images(img)[:, :n_init]
+        batch = text.shape[0]
+        codes = text.new_zeros(batch, c.image_seq_len)
+        start = 0
+        if prime is not None:
+            self._check_codes(prime, batch)
+            start = prime.shape[1]
+            codes[:, :start] = prime
+        generator = None if seed is None else torch.Generator(device=text.device).manual_seed(seed)
+        sample = functools.partial(sample_tokens, temperature=temperature, filter_thres=filter_thres,
+                                   vocab_size=c.total_tokens, top_k=top_k, top_p=top_p, generator=generator)
+        guided = cond_scale != 1.0
+        rows = torch.cat([text, torch.zeros_like(text)]) if guided else text  # null-caption rows ride along
+        scores = text.new_zeros(batch, dtype=torch.float32)
 
         was_training = self.training
         self.eval()
         try:
-            while codes.shape[1] < c.image_seq_len:
-                logits = self.next_token_logits(text, codes, cond_scale)
-                sample = gumbel_sample(top_k(logits, filter_thres), temperature, generator)
-                codes = torch.cat([codes, (sample - c.num_text_tokens_internal)[:, None]], dim=1)
+            if use_cache:
+                cache = self._cache_for(rows.shape[0], text.device)
+                step = step_fn or self.decode_step
+                positions = torch.arange(c.total_seq_len, device=text.device)  # indexed, never copied from the host
+                prime_rows = codes[:, :start].repeat(rows.shape[0] // batch, 1)
+                logits = self.prefill(self._text_with_pads(rows), prime_rows, cache)
+            for i in range(start, c.image_seq_len):
+                if not use_cache:
+                    context = codes[:, :i].repeat(rows.shape[0] // batch, 1)
+                    logits = self._vocab_logits(self._hidden(rows, context, 0.0)[0][:, -1], image=True)
+                logits, cond = _guide(logits, cond_scale)
+                token = sample(logits)
+                scores += cond.float().log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
+                codes[:, i] = token
+                if use_cache and i + 1 < c.image_seq_len:
+                    logits = step(token.repeat(rows.shape[0] // batch), positions[c.text_len + i], cache)
         finally:
             self.train(was_training)
-        return self.vae.decode(codes)
+        return codes, scores
+
+    @torch.no_grad()
+    def generate_texts(
+        self,
+        text: torch.Tensor | None = None,
+        *,
+        batch_size: int = 1,
+        filter_thres: float | None = 0.5,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Sample captions (batch, text_seq_len) of token ids in [0, num_text_tokens), 0 for padding, completing the
+        optional prefixes ``text`` (batch, n <= text_seq_len) or, without them, ``batch_size`` captions from bos."""
+        c = self.config
+        device = next(self.parameters()).device
+        if text is None:
+            text = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        if text.dtype != torch.long or text.ndim != 2 or text.shape[1] > c.text_seq_len:
+            raise ValueError(f"text prefixes must be a (batch, <= {c.text_seq_len}) long tensor, "
+                             f"got {tuple(text.shape)} {text.dtype}")
+        if text.numel() and (text.min() < 0 or text.max() >= c.num_text_tokens):
+            raise ValueError(f"text token ids must lie in [0, {c.num_text_tokens})")
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        ids = self._text_with_pads(F.pad(text, (0, c.text_seq_len - text.shape[1])))
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self._cache_for(text.shape[0], device)
+            positions = torch.arange(c.text_len, device=device)
+            logits = self.prefill(ids[:, : text.shape[1]], None, cache)
+            for i in range(text.shape[1], c.text_seq_len):
+                token = sample_tokens(logits, temperature=temperature, filter_thres=filter_thres,
+                                      vocab_size=c.total_tokens, top_k=top_k, top_p=top_p, generator=generator)
+                ids[:, i] = token
+                if i + 1 < c.text_seq_len:
+                    logits = self.decode_step(token, positions[i + 1], cache, image=False)
+        finally:
+            self.train(was_training)
+        return ids.masked_fill(ids >= c.num_text_tokens, 0)  # any pad id means padding
+
+
+def _guide(logits: torch.Tensor, cond_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guided logits, conditional logits) from a batch whose second half holds the null-caption rows when
+    ``cond_scale`` != 1: null + (cond - null) * cond_scale."""
+    if cond_scale == 1.0:
+        return logits, logits
+    cond, null = logits.chunk(2)
+    return null + (cond - null) * cond_scale, cond

@@ -1,9 +1,12 @@
 """The decoder-only transformer: PreNorm + LayerScale branches, GEGLU feed-forward, pattern attention,
-token shift, weight sharing and reversible layers."""
+token shift, weight sharing and reversible layers; plus cached decoding (``KVCache``): a prefill pass over a prefix,
+then one position per step, giving the same hidden states as a full forward pass."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,29 @@ def shift_tokens(x: torch.Tensor, text_len: int, fmap_size: int) -> torch.Tensor
     return torch.cat([text, img[:, :n_img]], dim=1)
 
 
+def shift_step(h: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor, text_len: int, fmap_size: int) -> torch.Tensor:
+    """``shift_tokens`` for the one position ``pos`` (0-dim tensor) of ``h`` (batch, 1, dim).
+
+    ``ring`` (batch, fmap_size, dim) holds the branch's normed inputs of the last ``fmap_size`` positions, position p
+    in slot p % fmap_size: slot (pos - 1) is the previous token (the left neighbour in the grid) and slot pos, before
+    it is overwritten here, the token one grid row above. Selections are masks, not branches, so the step has static
+    shapes and no host synchronisation.
+    """
+    slot = (pos % fmap_size).view(1)
+    prev = ring.index_select(1, ((pos - 1) % fmap_size).view(1))
+    above = ring.index_select(1, slot)
+    ring.index_copy_(1, slot, h)
+    feature = torch.arange(h.shape[-1], device=h.device)
+    half, quarter = -(-h.shape[-1] // 2), -(-h.shape[-1] // 4)  # chunk(2) / chunk(4) sizes, as in shift_tokens
+    is_text, t = pos < text_len, pos - text_len
+    top_quarter = feature < quarter
+    shifted = torch.where(is_text, feature < half, feature < 2 * quarter)
+    source = torch.where(is_text | ~top_quarter, prev, above)
+    # Zeros where the source lies before the sequence, above the grid's top row or left of its first column.
+    exists = torch.where(is_text, pos > 0, torch.where(top_quarter, t >= fmap_size, t % fmap_size != 0))
+    return torch.where(shifted, source * exists, h)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float, mult: int = 4):
         super().__init__()
@@ -66,11 +92,21 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, config.dim)
         self.dropout = nn.Dropout(config.attn_dropout)  # on the output, as in DALLE-pytorch
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
         if rotary is not None:  # DALLE-pytorch rotates v as well; trained checkpoints depend on it
             q, k, v = (apply_rotary(rotary, t) for t in (q, k, v))
-        out = kernels.sparse_attention(q, k, v, pattern=self.pattern, **self.geometry)
+        if cache is not None and cache.pos is not None:  # decoding one position
+            cache.k.index_copy_(2, cache.pos.view(1), k)
+            cache.v.index_copy_(2, cache.pos.view(1), v)
+            out = kernels.decode_attention(q[:, :, 0], cache.k, cache.v, cache.pos, pattern=self.pattern,
+                                           **self.geometry)[:, :, None]
+        else:
+            if cache is not None:  # prefill: the prefix starts at position 0
+                cache.k[:, :, : k.shape[2]] = k
+                cache.v[:, :, : v.shape[2]] = v
+            out = kernels.sparse_attention(q, k, v, pattern=self.pattern, **self.geometry)
         return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
 
 
@@ -85,11 +121,20 @@ class Branch(nn.Module):
         self.norm_out = nn.LayerNorm(config.dim) if config.sandwich_norm else nn.Identity()
         self.shift = (config.text_len, config.image_fmap_size) if config.shift_tokens else None
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, ring: torch.Tensor | None = None,
+                **fn_kwargs) -> torch.Tensor:
+        """``pos``/``ring``: decoding state for the token shift (see ``KVCache``); ``fn_kwargs`` go to ``fn``."""
         h = self.norm(x)
         if self.shift is not None:
-            h = shift_tokens(h, *self.shift)
-        return self.norm_out(self.fn(h, **kwargs)) * self.scale
+            if pos is not None:
+                h = shift_step(h, pos, ring, *self.shift)
+            else:
+                if ring is not None:  # prefill: keep the last fmap_size positions, position p in slot p % size
+                    size, n = ring.shape[1], h.shape[1]
+                    first = max(n - size, 0)
+                    ring.index_copy_(1, torch.arange(first, n, device=h.device) % size, h[:, first:])
+                h = shift_tokens(h, *self.shift)
+        return self.norm_out(self.fn(h, **fn_kwargs)) * self.scale
 
 
 class Layer(nn.Module):
@@ -118,30 +163,85 @@ class Transformer(nn.Module):
         else:
             self.rotary = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rotary = None if self.rotary is None else self.rotary[: x.shape[1]]
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of ``x`` (batch, n, dim).
+
+        Without ``cache``: the n positions from 0. With ``cache`` and no ``pos``: the same (a prefill), also writing
+        the cache. With both: x is the one position ``pos`` (a 0-dim long tensor), attending to the cache.
+        """
+        if self.rotary is None:
+            rotary = None
+        else:
+            rotary = self.rotary[: x.shape[1]] if pos is None else self.rotary[pos][None]
+        calls = list(self._branch_kwargs(rotary, cache, pos))
         if not self.reversible:
-            for layer in self.layers:
-                x = x + layer.attn(x, rotary=rotary)
-                x = x + layer.ff(x)
+            for layer, (attn_kwargs, ff_kwargs) in zip(self.layers, calls):
+                x = x + layer.attn(x, **attn_kwargs)
+                x = x + layer.ff(x, **ff_kwargs)
             return x
         x = torch.cat([x, x], dim=-1)
         if torch.is_grad_enabled() and x.requires_grad:
             x = _ReversibleFunction.apply(x, self.layers, rotary)
         else:
-            x = run_coupled(x, self.layers, rotary)
+            x = run_coupled(x, self.layers, calls)
         return torch.stack(x.chunk(2, dim=-1)).mean(dim=0)
+
+    def _branch_kwargs(self, rotary: torch.Tensor | None, cache: KVCache | None,
+                       pos: torch.Tensor | None) -> Iterator[tuple[dict, dict]]:
+        """Per layer, the keyword arguments of its attention and feed-forward branches."""
+        for i in range(len(self.layers)):
+            if cache is None:
+                yield {"rotary": rotary}, {}
+                continue
+            ring_attn, ring_ff = (None, None) if cache.rings is None else cache.rings[i]
+            kv = LayerCache(cache.k[i], cache.v[i], pos)
+            yield {"rotary": rotary, "cache": kv, "pos": pos, "ring": ring_attn}, {"pos": pos, "ring": ring_ff}
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of a ``KVCache``: keys and values (batch, heads, seq, dim_head) and the decoded position
+    (None during a prefill)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor | None
+
+
+class KVCache(nn.Module):
+    """Static decoding state for ``batch`` sequences, allocated once for the whole sequence (buffers, so that a
+    compiled or CUDA-graph decode step mutates it in place).
+
+    ``k``, ``v``: (depth, batch, heads, total_seq_len, dim_head), every layer's rotated keys and values. Sparse
+    layers only ever read their pattern's keys from it (``kernels.decode_attention``). ``rings`` (token shift only):
+    (depth, 2, batch, fmap_size, dim), each branch's normed inputs of the last ``fmap_size`` positions, which is all
+    the shift reads (the previous token and the one a grid row above).
+    """
+
+    def __init__(self, config: DALLEConfig, batch: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        shape = (config.depth, batch, config.heads, config.total_seq_len, config.dim_head)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        ring_shape = (config.depth, 2, batch, config.image_fmap_size, config.dim)
+        rings = torch.zeros(ring_shape, device=device, dtype=dtype) if config.shift_tokens else None
+        self.register_buffer("rings", rings, persistent=False)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
 
 
 # --- reversible layers --------------------------------------------------------------------------------------------
 
 
-def run_coupled(x: torch.Tensor, layers: nn.ModuleList, rotary: torch.Tensor | None) -> torch.Tensor:
-    """RevNet coupling y1 = x1 + f(x2), y2 = x2 + g(y1) over all layers, with ordinary autograd."""
+def run_coupled(x: torch.Tensor, layers: nn.ModuleList, calls: list[tuple[dict, dict]]) -> torch.Tensor:
+    """RevNet coupling y1 = x1 + f(x2), y2 = x2 + g(y1) over all layers, with ordinary autograd; ``calls`` holds each
+    layer's branch keyword arguments."""
     x1, x2 = x.chunk(2, dim=-1)
-    for layer in layers:
-        x1 = x1 + layer.attn(x2, rotary=rotary)
-        x2 = x2 + layer.ff(x1)
+    for layer, (attn_kwargs, ff_kwargs) in zip(layers, calls):
+        x1 = x1 + layer.attn(x2, **attn_kwargs)
+        x2 = x2 + layer.ff(x1, **ff_kwargs)
     return torch.cat([x1, x2], dim=-1)
 
 

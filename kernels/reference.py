@@ -169,4 +169,5 @@ def decode_attention(
                          dilation=dilation)
     scores = torch.einsum("bhd,bhsd->bhs", q.to(compute), k_cache.to(compute)) * scale
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhs,bhsd->bhd", probs, v_cache.to(compute)).to(dtype)
+    values = v_cache.to(compute).masked_fill(~mask[:, None], 0)  # unread slots may hold anything, even NaN
+    return torch.einsum("bhs,bhsd->bhd", probs, values).to(dtype)

@@ -11,7 +11,7 @@ import kernels
 from engine.config import DALLEConfig, add_config_args, config_from_args
 from engine.dalle import DALLE
 from engine.rotary import rotary_table
-from engine.sampling import gumbel_sample, top_k
+from engine.sampling import gumbel_sample, keep_top_fraction
 from engine.transformer import Attention, layer_scale_init, run_coupled, shift_tokens
 
 OPTIONS = {
@@ -172,7 +172,8 @@ def test_reversible_gradients_match_plain_autograd():
 
     def plain(inp):
         rotary = model.transformer.rotary[: inp.shape[1]]
-        y = run_coupled(torch.cat([inp, inp], dim=-1), model.transformer.layers, rotary)
+        calls = [({"rotary": rotary}, {})] * len(model.transformer.layers)
+        y = run_coupled(torch.cat([inp, inp], dim=-1), model.transformer.layers, calls)
         return torch.stack(y.chunk(2, dim=-1)).mean(0)
 
     for a, b in zip(grads(model.transformer), grads(plain)):
@@ -239,9 +240,9 @@ def test_config_cli_round_trip():
 
 def test_top_k_keeps_a_vocabulary_fraction():
     logits = torch.arange(20.0)[None]
-    kept = top_k(logits, 0.75)  # k = int(0.25 * 20) = 5
+    kept = keep_top_fraction(logits, 0.75)  # k = int(0.25 * 20) = 5
     assert torch.isfinite(kept).sum() == 5 and kept[0, 15:].tolist() == [15.0, 16.0, 17.0, 18.0, 19.0]
-    assert torch.isfinite(top_k(logits, 1.0)).sum() == 1  # k is at least 1
+    assert torch.isfinite(keep_top_fraction(logits, 1.0)).sum() == 1  # k is at least 1
 
 
 def test_gumbel_sample_follows_softmax():
