@@ -18,10 +18,7 @@ Prints a GitHub table last and writes JSON (``--json``) with the device, version
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
+from bench.common import Timer, environment, synchronize  # noqa: E402
 from kernels import masks  # noqa: E402
 
 SPARSE_PATTERNS = ("axial_row", "axial_col", "conv_like")
@@ -209,28 +207,6 @@ def error_text(error: BaseException) -> str:
 # Timing
 
 
-class Timer:
-    """Milliseconds of one call: CUDA events around it after flushing L2 (as ``triton.testing.do_bench``), or
-    ``perf_counter`` on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if self.cuda else None
-
-    def __call__(self, run: Callable[[], object]) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            run()
-            return (time.perf_counter() - start) * 1e3
-        self.flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
-
 def forward_run(fn, q, k, v) -> Callable[[], object]:
     def run():
         with torch.no_grad():
@@ -272,11 +248,6 @@ def peak_mib(run: Callable[[], object], state_bytes: int, device: torch.device) 
     run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base + state_bytes) / 2**20
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,28 +387,6 @@ def table(rows: list[Row]) -> str:
                 cells[1] = "fwd only"
         lines.append("| " + " | ".join([r.pattern, geometry, r.method, r.backend, *cells]) + " |")
     return "\n".join(lines)
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        cpuinfo = Path("/proc/cpuinfo")
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")] if cpuinfo.exists() else []
-        name = f"CPU: {models[0] if models else platform.processor()} ({len(models) or '?'} logical cores)"
-    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(), "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 import types
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import environment  # noqa: E402
 from engine.config import DALLEConfig  # noqa: E402
 from engine.dalle import DALLE  # noqa: E402
 from engine.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
@@ -108,15 +107,6 @@ def tokens_per_second(model: torch.nn.Module, case: Case, steps: int, warmup: in
     return steps * case.batch * case.tokens / (time.perf_counter() - start)
 
 
-def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"device": f"CPU: {cpu}", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "commit": commit.stdout.strip(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model")
@@ -141,7 +131,7 @@ def main() -> None:
         peer = f"{r['dalle_pytorch_tokens_per_s']:14.0f}" if r["dalle_pytorch_tokens_per_s"] else f"{'-':>14s}"
         ratio = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8s}"
         print(f"{r['case']:42s} {r['ours_tokens_per_s']:11.0f} {peer} {ratio}")
-    result = {"benchmark": "train_throughput", "steps": args.steps, **environment(), "results": rows}
+    result = {"benchmark": "train_throughput", "steps": args.steps, **environment(torch.device("cpu")), "results": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 

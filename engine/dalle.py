@@ -218,6 +218,11 @@ class DALLE(nn.Module):
         weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
         return F.linear(h, weight[V:], bias[V:]) if image else F.linear(h, weight[:V], bias[:V])
 
+    def full_pass_logits(self, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The next image code's logits over the image vocabulary by one full forward pass over caption + ``codes``:
+        the uncached sampler's step."""
+        return self._vocab_logits(self._hidden(text, codes, null_cond_prob=0.0)[0][:, -1], image=True)
+
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, image: bool = True) -> torch.Tensor:
         """Feed one image code per row at image position ``pos`` (a 0-dim long tensor, so the step has static shapes
         and no host synchronisation: the function to compile or capture in a CUDA graph) and return the next code's
@@ -233,7 +238,8 @@ class DALLE(nn.Module):
         x = self._transform(tokens, cache)
         return self._vocab_logits(x[:, -1], image=tokens.shape[1] >= self.config.text_len)
 
-    def _cache_for(self, batch: int, device: torch.device) -> KVCache:
+    def new_cache(self, batch: int, device: torch.device | str) -> KVCache:
+        """An empty static KV cache for ``batch`` sequences, in the model's parameter dtype."""
         return KVCache(self.config, batch, device=device, dtype=next(self.parameters()).dtype)
 
     @torch.no_grad()
@@ -322,7 +328,7 @@ class DALLE(nn.Module):
         self.eval()
         try:
             if use_cache:
-                cache = self._cache_for(rows.shape[0], text.device)
+                cache = self.new_cache(rows.shape[0], text.device)
                 step = step_fn or self.decode_step
                 positions = torch.arange(c.total_seq_len, device=text.device)  # indexed, never copied from the host
                 prime_rows = codes[:, :start].repeat(rows.shape[0] // batch, 1)
@@ -330,7 +336,7 @@ class DALLE(nn.Module):
             for i in range(start, c.image_seq_len):
                 if not use_cache:
                     context = codes[:, :i].repeat(rows.shape[0] // batch, 1)
-                    logits = self._vocab_logits(self._hidden(rows, context, 0.0)[0][:, -1], image=True)
+                    logits = self.full_pass_logits(rows, context)
                 logits, cond = _guide(logits, cond_scale)
                 token = sample(logits)
                 scores += cond.float().log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
@@ -369,7 +375,7 @@ class DALLE(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cache = self._cache_for(text.shape[0], device)
+            cache = self.new_cache(text.shape[0], device)
             positions = torch.arange(c.text_len, device=device)
             logits = self.prefill(ids[:, : text.shape[1]], None, cache)
             for i in range(text.shape[1], c.text_seq_len):

@@ -45,27 +45,43 @@ def shift_tokens(x: torch.Tensor, text_len: int, fmap_size: int) -> torch.Tensor
     return torch.cat([text, img[:, :n_img]], dim=1)
 
 
-def shift_step(h: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor, text_len: int, fmap_size: int) -> torch.Tensor:
-    """``shift_tokens`` for the one position ``pos`` (0-dim tensor) of ``h`` (batch, 1, dim).
+def shift_weights(text_len: int, fmap_size: int, dim: int, seq_len: int) -> torch.Tensor:
+    """``shift_tokens`` as per-position feature weights (seq_len, 3, dim) on (own, previous, above) features: token p
+    after the shift is ``h[p] * w[p, 0] + h[p - 1] * w[p, 1] + h[p - fmap_size] * w[p, 2]``."""
+    p = torch.arange(seq_len)[:, None]
+    feature = torch.arange(dim)[None]
+    half, quarter = -(-dim // 2), -(-dim // 4)  # chunk(2) / chunk(4) sizes, as in shift_tokens
+    is_text, t = p < text_len, p - text_len
+    shifted = torch.where(is_text, feature < half, feature < 2 * quarter)
+    from_above = shifted & ~is_text & (feature < quarter)
+    from_prev = shifted & ~from_above
+    # Zeros where the source lies before the sequence, above the grid's top row or left of its first column.
+    prev_exists = torch.where(is_text, p > 0, t % fmap_size != 0)
+    return torch.stack([~shifted, from_prev & prev_exists, from_above & (t >= fmap_size)], dim=1).float()
 
-    ``ring`` (batch, fmap_size, dim) holds the branch's normed inputs of the last ``fmap_size`` positions, position p
-    in slot p % fmap_size: slot (pos - 1) is the previous token (the left neighbour in the grid) and slot pos, before
-    it is overwritten here, the token one grid row above. Selections are masks, not branches, so the step has static
-    shapes and no host synchronisation.
-    """
-    slot = (pos % fmap_size).view(1)
-    prev = ring.index_select(1, ((pos - 1) % fmap_size).view(1))
+
+class ShiftState(NamedTuple):
+    """A branch's token-shift decoding state: ``ring`` (batch, fmap_size, dim) holds its normed inputs of the last
+    ``fmap_size`` positions, position p in slot p % fmap_size; ``pos`` (0-dim tensor, None during a prefill) and
+    ``weights`` (3, dim), that position's row of ``shift_weights``."""
+
+    ring: torch.Tensor
+    pos: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
+    """``shift_tokens`` for the one position ``state.pos`` of ``h`` (batch, 1, dim), reading the previous token and
+    the one a grid row above from the ring (slot pos, before it is overwritten here, holds pos - fmap_size). No
+    branches on the position: static shapes, no host synchronisation."""
+    ring, pos, w = state
+    size = ring.shape[1]
+    slot = (pos % size).view(1)
+    prev = ring.index_select(1, ((pos - 1) % size).view(1))
     above = ring.index_select(1, slot)
     ring.index_copy_(1, slot, h)
-    feature = torch.arange(h.shape[-1], device=h.device)
-    half, quarter = -(-h.shape[-1] // 2), -(-h.shape[-1] // 4)  # chunk(2) / chunk(4) sizes, as in shift_tokens
-    is_text, t = pos < text_len, pos - text_len
-    top_quarter = feature < quarter
-    shifted = torch.where(is_text, feature < half, feature < 2 * quarter)
-    source = torch.where(is_text | ~top_quarter, prev, above)
-    # Zeros where the source lies before the sequence, above the grid's top row or left of its first column.
-    exists = torch.where(is_text, pos > 0, torch.where(top_quarter, t >= fmap_size, t % fmap_size != 0))
-    return torch.where(shifted, source * exists, h)
+    w = w.to(h.dtype)
+    return h * w[0] + prev * w[1] + above * w[2]
 
 
 class FeedForward(nn.Module):
@@ -94,9 +110,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if rotary is not None:  # DALLE-pytorch rotates v as well; trained checkpoints depend on it
-            q, k, v = (apply_rotary(rotary, t) for t in (q, k, v))
+            qkv = apply_rotary(rotary, qkv)
+        q, k, v = qkv.unbind(0)
         if cache is not None and cache.pos is not None:  # decoding one position
             cache.k.index_copy_(2, cache.pos.view(1), k)
             cache.v.index_copy_(2, cache.pos.view(1), v)
@@ -121,18 +138,17 @@ class Branch(nn.Module):
         self.norm_out = nn.LayerNorm(config.dim) if config.sandwich_norm else nn.Identity()
         self.shift = (config.text_len, config.image_fmap_size) if config.shift_tokens else None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, ring: torch.Tensor | None = None,
-                **fn_kwargs) -> torch.Tensor:
-        """``pos``/``ring``: decoding state for the token shift (see ``KVCache``); ``fn_kwargs`` go to ``fn``."""
+    def forward(self, x: torch.Tensor, shift_state: ShiftState | None = None, **fn_kwargs) -> torch.Tensor:
+        """``shift_state``: the token shift's decoding state (see ``KVCache``); ``fn_kwargs`` go to ``fn``."""
         h = self.norm(x)
         if self.shift is not None:
-            if pos is not None:
-                h = shift_step(h, pos, ring, *self.shift)
+            if shift_state is not None and shift_state.pos is not None:
+                h = shift_step(h, shift_state)
             else:
-                if ring is not None:  # prefill: keep the last fmap_size positions, position p in slot p % size
-                    size, n = ring.shape[1], h.shape[1]
-                    first = max(n - size, 0)
-                    ring.index_copy_(1, torch.arange(first, n, device=h.device) % size, h[:, first:])
+                if shift_state is not None:  # prefill: keep the last fmap_size positions, position p in slot p % size
+                    ring, n = shift_state.ring, h.shape[1]
+                    first = max(n - ring.shape[1], 0)
+                    ring.index_copy_(1, torch.arange(first, n, device=h.device) % ring.shape[1], h[:, first:])
                 h = shift_tokens(h, *self.shift)
         return self.norm_out(self.fn(h, **fn_kwargs)) * self.scale
 
@@ -162,6 +178,10 @@ class Transformer(nn.Module):
             self.register_buffer("rotary", rotary_table(config.text_len, config.image_fmap_size, config.dim_head))
         else:
             self.rotary = None
+        shift = None
+        if config.shift_tokens:
+            shift = shift_weights(config.text_len, config.image_fmap_size, config.dim, config.total_seq_len)
+        self.register_buffer("shift_weights", shift, persistent=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of ``x`` (batch, n, dim).
@@ -193,9 +213,14 @@ class Transformer(nn.Module):
             if cache is None:
                 yield {"rotary": rotary}, {}
                 continue
-            ring_attn, ring_ff = (None, None) if cache.rings is None else cache.rings[i]
             kv = LayerCache(cache.k[i], cache.v[i], pos)
-            yield {"rotary": rotary, "cache": kv, "pos": pos, "ring": ring_attn}, {"pos": pos, "ring": ring_ff}
+            if cache.rings is None:
+                yield {"rotary": rotary, "cache": kv}, {}
+                continue
+            weights = None if pos is None else self.shift_weights[pos]
+            ring_attn, ring_ff = cache.rings[i]
+            yield ({"rotary": rotary, "cache": kv, "shift_state": ShiftState(ring_attn, pos, weights)},
+                   {"shift_state": ShiftState(ring_ff, pos, weights)})
 
 
 class LayerCache(NamedTuple):

@@ -15,7 +15,7 @@ from test_checkpoint import tiny_dalle
 
 import kernels
 from engine.dalle import DALLE
-from engine.transformer import shift_step, shift_tokens
+from engine.transformer import ShiftState, shift_step, shift_tokens, shift_weights
 
 ALL_PATTERNS = ("full", "axial_row", "axial_col", "conv_like")
 
@@ -45,7 +45,7 @@ def cached_logits(model: DALLE, text: torch.Tensor, codes: torch.Tensor, prime: 
     """Image-vocabulary logits at every position from the last caption token on: a prefill of the caption (and
     ``prime`` image codes), then one decode step per remaining code."""
     c = model.config
-    cache = model._cache_for(text.shape[0], text.device)
+    cache = model.new_cache(text.shape[0], text.device)
     positions = torch.arange(c.total_seq_len)
     outs = [model.prefill(model._text_with_pads(text), codes[:, :prime], cache)]
     for i in range(prime, c.image_seq_len - 1):
@@ -98,7 +98,7 @@ def test_text_decoding_matches_full_forward():
     text, _ = random_batch(model.config)
     ids = model._text_with_pads(text)
     with torch.no_grad():
-        cache = model._cache_for(text.shape[0], text.device)
+        cache = model.new_cache(text.shape[0], text.device)
         outs = [model.prefill(ids[:, :2], None, cache)]
         for i in range(2, c.text_seq_len - 1):
             outs.append(model.decode_step(ids[:, i], torch.tensor(i + 1), cache, image=False))
@@ -111,7 +111,8 @@ def test_shift_step_equals_shift_tokens(dim):
     text_len, fmap = 4, 3
     h = torch.randn(2, text_len + fmap * fmap, dim, dtype=torch.float64)
     ring = torch.zeros(2, fmap, dim, dtype=torch.float64)
-    steps = [shift_step(h[:, p: p + 1], torch.tensor(p), ring, text_len, fmap) for p in range(h.shape[1])]
+    weights = shift_weights(text_len, fmap, dim, h.shape[1])
+    steps = [shift_step(h[:, p: p + 1], ShiftState(ring, torch.tensor(p), weights[p])) for p in range(h.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), shift_tokens(h, text_len, fmap), rtol=0, atol=0)
 
 
@@ -121,7 +122,7 @@ def test_decode_step_reads_only_the_pattern_keys():
     c = model.config
     text, codes = random_batch(model.config)
     with torch.no_grad():
-        cache = model._cache_for(text.shape[0], text.device)
+        cache = model.new_cache(text.shape[0], text.device)
         model.prefill(model._text_with_pads(text), codes[:, :9], cache)
         cache.k[:, :, :, c.text_len + 9:] = float("nan")  # the future
         cache.k[:, :, :, c.text_len: c.text_len + 8] = float("nan")  # earlier rows: axial_row never reads them

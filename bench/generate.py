@@ -1,0 +1,261 @@
+"""Sampling throughput: images/s and ms per decode step of the cached sampler (static KV cache, pattern-aware decode
+attention) against the naive sampler (one full forward pass per token), in one run, on random weights.
+
+    python bench/generate.py                   # CPU: the small configuration at batch 1, 4 and 16, the large at 1
+    python bench/generate.py --device cuda     # GPU: bf16, batch 1 to 256, eager and compiled decode steps
+    python bench/generate.py --configs small --patterns full --batches 1 --positions 2   # smoke test
+
+Configurations (``CONFIGS``): "small" is dim 256, depth 4, 8 heads x 32, caption 64 + 16x16 image tokens; "large" is
+dim 1024, depth 24, 16 heads x 64, caption 256 + 32x32. Each runs with full attention in every layer ("full") and
+with DALLE-pytorch's sparse mix (axial_row, axial_col, axial_row, conv_like; "sparse").
+
+ms/step is the median decode-step time at a few positions spread over the image (a cached step's cost barely
+depends on the position; a naive step's grows with it, so the spread matters). Images/s is measured by sampling
+whole images where that takes under ``--max_run_s`` (column "measured"), otherwise estimated as
+batch / (prefill + image tokens x ms/step) ("est."). On a GPU the table also gives the memory-bandwidth floor of a
+cached step (every weight the step uses plus the keys and values its layers' patterns read, over the device's
+bandwidth) and the fraction of it reached. Prints a table last and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import Timer, environment, synchronize  # noqa: E402
+from engine.config import DALLEConfig  # noqa: E402
+from engine.dalle import DALLE  # noqa: E402
+from kernels import masks  # noqa: E402
+
+CONFIGS = {
+    "small": dict(num_text_tokens=10000, text_seq_len=64, num_image_tokens=512, image_fmap_size=16, dim=256, depth=4,
+                  heads=8, dim_head=32),
+    "large": dict(num_text_tokens=10000, text_seq_len=256, num_image_tokens=8192, image_fmap_size=32, dim=1024,
+                  depth=24, heads=16, dim_head=64),
+}
+PATTERN_SETS = {"full": ("full",), "sparse": ("axial_row", "axial_col", "axial_row", "conv_like")}
+# Peak memory bandwidth (bytes/s) by device name fragment, most specific first: the bandwidth floor's denominator.
+BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
+             ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("A10G", 0.6e12))
+
+
+@dataclass
+class Row:
+    config: str
+    patterns: str
+    batch: int
+    method: str  # cached, cached+compiled, naive
+    ms_per_step: float
+    prefill_ms: float
+    images_per_s: float
+    images_per_s_kind: str  # measured or est.
+    speedup_vs_naive: float | None = None
+    floor_ms: float | None = None
+    floor_fraction: float | None = None
+
+
+def build(name: str, patterns: str, device: torch.device, dtype: torch.dtype) -> DALLE:
+    torch.manual_seed(0)
+    config = DALLEConfig(**CONFIGS[name], attn_types=PATTERN_SETS[patterns])
+    return DALLE(config).to(device=device, dtype=dtype).eval()
+
+
+def prompt(model: DALLE, batch: int, device: torch.device) -> torch.Tensor:
+    c = model.config
+    return torch.randint(1, c.num_text_tokens, (batch, c.text_seq_len), device=device)
+
+
+def sample_positions(model: DALLE, count: int) -> list[int]:
+    """Image-token indices spread over the grid, from the first token to the last."""
+    n = model.config.image_seq_len - 1
+    return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+@torch.no_grad()
+def time_cached(model: DALLE, text: torch.Tensor, positions: list[int], step, timer: Timer, iters: int
+                ) -> tuple[float, float]:
+    """(prefill ms, median decode-step ms): the cache is prefilled up to each position, then steps are timed."""
+    c = model.config
+    codes = torch.randint(0, c.num_image_tokens, (text.shape[0], c.image_seq_len), device=text.device)
+    ids = model._text_with_pads(text)
+    all_positions = torch.arange(c.total_seq_len, device=text.device)
+    cache = model.new_cache(text.shape[0], text.device)
+    prefill_ms = statistics.median(timer(lambda: model.prefill(ids, codes[:, :0], cache)) for _ in range(iters))
+    times = []
+    for i in positions:
+        model.prefill(ids, codes[:, :i], cache)
+        token, pos = codes[:, i], all_positions[c.text_len + i]
+        step(token, pos, cache)  # warm-up (and, compiled, capture)
+        times += [timer(lambda: step(token, pos, cache)) for _ in range(iters)]
+    return prefill_ms, statistics.median(times)
+
+
+@torch.no_grad()
+def time_naive(model: DALLE, text: torch.Tensor, positions: list[int], timer: Timer, iters: int) -> float:
+    """Mean over positions of the median time of one full forward pass over the prefix (``full_pass_logits``)."""
+    c = model.config
+    codes = torch.randint(0, c.num_image_tokens, (text.shape[0], c.image_seq_len), device=text.device)
+    per_position = []
+    for i in positions:
+        model.full_pass_logits(text, codes[:, : i + 1])  # warm-up
+        per_position.append(statistics.median(timer(lambda: model.full_pass_logits(text, codes[:, : i + 1]))
+                                              for _ in range(iters)))
+    return statistics.fmean(per_position)
+
+
+@torch.no_grad()
+def measured_images_per_s(model: DALLE, text: torch.Tensor, device: torch.device, step=None, use_cache=True
+                          ) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    model.sample_image_codes(text, filter_thres=0.9, seed=0, use_cache=use_cache, step_fn=step)
+    synchronize(device)
+    return text.shape[0] / (time.perf_counter() - start)
+
+
+def floor_ms(model: DALLE, batch: int, dtype: torch.dtype, bandwidth: float) -> float:
+    """Memory-bandwidth floor of a cached image step, averaged over the image: the weights a step reads (all but the
+    text half of the output projection and the embedding tables, of which it reads a row) once, plus each layer's
+    pattern keys and values for every sequence."""
+    c = model.config
+    size = torch.tensor([], dtype=dtype).element_size()
+    weights = sum(p.numel() for p in model.transformer.parameters()) + (c.dim + 1) * c.num_image_tokens
+    geometry = dict(fmap_size=c.image_fmap_size, kernel_size=c.conv_kernel_size, dilation=c.conv_dilation)
+    keys = 0
+    for attn_type in c.layer_attn_types:
+        pattern = "conv_like_centered" if attn_type == "conv_like" and c.conv_centered else attn_type
+        for t in range(c.image_seq_len - 1):
+            row_lo, row_hi, row_step, col_lo, col_hi, col_step = masks.image_key_window(pattern, t, **geometry)
+            cells = sum(1 for r in range(row_lo, row_hi + 1, row_step) for col in range(col_lo, col_hi + 1, col_step)
+                        if r * c.image_fmap_size + col <= t)
+            keys += c.text_len + cells
+    kv_bytes = 2 * keys / (c.image_seq_len - 1) * c.heads * c.dim_head * size * batch
+    return (weights * size + kv_bytes) / bandwidth * 1e3
+
+
+def device_bandwidth(device: torch.device, override_gbs: float | None) -> float | None:
+    if override_gbs:
+        return override_gbs * 1e9
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for fragment, bw in BANDWIDTH if fragment in name), None)
+
+
+def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtype: torch.dtype, timer: Timer
+          ) -> list[Row]:
+    model = build(name, patterns, device, dtype)
+    c = model.config
+    text = prompt(model, batch, device)
+    positions = sample_positions(model, args.positions)
+    steps = {"cached": model.decode_step}
+    if args.compile:
+        steps["cached+compiled"] = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+    bandwidth = device_bandwidth(device, args.bandwidth_gbs)
+    rows = []
+    naive_step = time_naive(model, text, positions, timer, args.iters)
+    naive_est = batch / (c.image_seq_len * naive_step / 1e3)
+    for method, step in steps.items():
+        prefill, step_ms = time_cached(model, text, positions, step, timer, args.iters)
+        total_s = (prefill + c.image_seq_len * step_ms) / 1e3
+        if total_s <= args.max_run_s:
+            rate, kind = measured_images_per_s(model, text, device, step), "measured"
+        else:
+            rate, kind = batch / total_s, "est."
+        floor = None if bandwidth is None else floor_ms(model, batch, dtype, bandwidth)
+        rows.append(Row(name, patterns, batch, method, step_ms, prefill, rate, kind, rate / naive_est, floor,
+                        None if floor is None else floor / step_ms))
+    naive_kind = "est."
+    if c.image_seq_len * naive_step / 1e3 <= args.max_run_s:
+        naive_est, naive_kind = measured_images_per_s(model, text, device, use_cache=False), "measured"
+        for row in rows:
+            row.speedup_vs_naive = row.images_per_s / naive_est
+    rows.append(Row(name, patterns, batch, "naive", naive_step, 0.0, naive_est, naive_kind))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = ("config", "patterns", "batch", "method", "ms/step", "prefill ms", "images/s", "", "x naive",
+            "floor ms/step", "of floor")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        cells = [r.config, r.patterns, str(r.batch), r.method, f"{r.ms_per_step:.2f}", f"{r.prefill_ms:.1f}",
+                 f"{r.images_per_s:.3g}", r.images_per_s_kind,
+                 "-" if r.speedup_vs_naive is None else f"{r.speedup_vs_naive:.1f}x",
+                 "n/a" if r.floor_ms is None else f"{r.floor_ms:.3f}",
+                 "n/a" if r.floor_fraction is None else f"{100 * r.floor_fraction:.0f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--configs", default="small,large", help="comma-separated: " + ", ".join(CONFIGS))
+    p.add_argument("--patterns", default="full,sparse", help="comma-separated: " + ", ".join(PATTERN_SETS))
+    p.add_argument("--batches", help="comma-separated batch sizes (default CPU: 1,4,16 small and 1 large; "
+                                     "CUDA: 1,16,64,256)")
+    p.add_argument("--positions", type=int, default=3, help="image positions at which steps are timed")
+    p.add_argument("--iters", type=int, help="timed steps per position (default 5 on CPU, 20 on CUDA)")
+    p.add_argument("--max_run_s", type=float, default=20.0,
+                   help="sample whole images when the estimate is under this many seconds")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the decode step under torch.compile(mode='reduce-overhead') (default: on CUDA)")
+    p.add_argument("--bandwidth_gbs", type=float, help="device memory bandwidth for the floor (default: by GPU name)")
+    p.add_argument("--json", default=str(ROOT / "bench" / "generate.json"))
+    args = p.parse_args(argv)
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            p.error(f"unknown config {name!r}; valid: {', '.join(CONFIGS)}")
+    for name in args.patterns.split(","):
+        if name not in PATTERN_SETS:
+            p.error(f"unknown pattern set {name!r}; valid: {', '.join(PATTERN_SETS)}")
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.iters = args.iters or (20 if cuda else 5)
+    args.compile = cuda if args.compile is None else args.compile
+    return args
+
+
+def batches_for(name: str, args) -> list[int]:
+    if args.batches:
+        return [int(b) for b in args.batches.split(",")]
+    if args.device.startswith("cuda"):
+        return [1, 16, 64, 256]
+    return [1, 4, 16] if name == "small" else [1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    timer = Timer(device)
+    rows: list[Row] = []
+    for name in args.configs.split(","):
+        for patterns in args.patterns.split(","):
+            for batch in batches_for(name, args):
+                rows += bench(name, patterns, batch, args, device, dtype, timer)
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    result = {"benchmark": "generate", **environment(device), "dtype": args.dtype,
+              "configs": {name: CONFIGS[name] for name in args.configs.split(",")}, "pattern_sets": PATTERN_SETS,
+              "timing": {"iters": args.iters, "positions": args.positions, "statistic": "median"},
+              "rows": [asdict(r) for r in rows]}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{result['device_name']}, torch {result['torch']}, {args.dtype}, commit {result['commit']}\n")
+    print(table(rows))
+    print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
