@@ -32,18 +32,21 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-# On a GPU machine with torch and Triton preinstalled and no network: build kernels._C in place, run the kernel tests
-# (Triton's, which use its CPU interpreter, and the benchmark's tiny CUDA run, which checks the native Triton kernels
-# against SDPA), then benchmark on the GPU. Uses `python` from PATH, not the venv. --noconftest: tests/conftest.py
-# imports the model, whose dependencies may be missing there. The benchmark runs even if a test fails; the exit status
-# is the first failure's. Its table is printed last (JSON: bench/attn-gpu.json).
+# On a GPU machine with torch and Triton preinstalled and no network: build kernels._C in place, run the GPU tests
+# (Triton's kernels, in its CPU interpreter and natively; the attention benchmark's tiny CUDA run; the CUDA-graph
+# compiled decode step against the full forward pass), then benchmark sampling and attention on the GPU. Uses `python`
+# from PATH, not the venv. --noconftest: tests/conftest.py imports the model, whose dependencies may be missing there
+# (test_decode.py needs them). The benchmarks run even if a test fails; the exit status is the first failure's. The
+# attention table is printed last (JSON: bench/generate-gpu.json, bench/attn-gpu.json).
 gpu-check:
 	python setup.py build_ext --inplace
 	status=0; \
 	if python -c "import pytest" 2>/dev/null; then \
-		python -m pytest -q --noconftest tests/test_triton_attention.py tests/test_bench_attn.py tests/test_dispatch.py \
-			-k "triton or cuda or gpu" || status=$$?; \
+		python -m pytest -q --noconftest tests/test_triton_attention.py tests/test_triton_decode.py \
+			tests/test_bench_attn.py tests/test_dispatch.py -k "triton or cuda or gpu" || status=$$?; \
+		python -m pytest -q tests/test_decode.py -k cuda || status=$$?; \
 	else echo "pytest is not installed: GPU tests not run"; status=1; fi; \
+	python bench/generate.py --device cuda --json bench/generate-gpu.json || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	python bench/attn.py --device cuda --json bench/attn-gpu.json || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	exit $$status
 

@@ -9,12 +9,13 @@ Configurations (``CONFIGS``): "small" is dim 256, depth 4, 8 heads x 32, caption
 dim 1024, depth 24, 16 heads x 64, caption 256 + 32x32. Each runs with full attention in every layer ("full") and
 with DALLE-pytorch's sparse mix (axial_row, axial_col, axial_row, conv_like; "sparse").
 
-ms/step is the median decode-step time at a few positions spread over the image (a cached step's cost barely
-depends on the position; a naive step's grows with it, so the spread matters). Images/s is measured by sampling
-whole images where that takes under ``--max_run_s`` (column "measured"), otherwise estimated as
-batch / (prefill + image tokens x ms/step) ("est."). On a GPU the table also gives the memory-bandwidth floor of a
-cached step (every weight the step uses plus the keys and values its layers' patterns read, over the device's
-bandwidth) and the fraction of it reached. Prints a table last and writes JSON (``--json``).
+Every cached step timed is first checked against the full forward pass (its logits). ms/step is the median
+decode-step time at a few positions spread over the image (a cached step's cost barely depends on the position; a
+naive step's grows with it, so the spread matters). Images/s is measured by sampling whole images where that takes
+under ``--max_run_s`` (column "measured"), otherwise estimated as batch / (prefill + image tokens x ms/step)
+("est."). On a GPU the table also gives the memory-bandwidth floor of a cached step (every weight the step uses plus
+the keys and values its layers' patterns read, over the device's bandwidth) and the fraction of it reached. Prints a
+table last and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ CONFIGS = {
     "large": dict(num_text_tokens=10000, text_seq_len=256, num_image_tokens=8192, image_fmap_size=32, dim=1024,
                   depth=24, heads=16, dim_head=64),
 }
+# "Way off" bounds on max|cached - full| / max|full| of the logits: a cache bug gives O(1).
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 PATTERN_SETS = {"full": ("full",), "sparse": ("axial_row", "axial_col", "axial_row", "conv_like")}
 # Peak memory bandwidth (bytes/s) by device name fragment, most specific first: the bandwidth floor's denominator.
 BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
@@ -60,6 +63,7 @@ class Row:
     images_per_s: float
     images_per_s_kind: str  # measured or est.
     speedup_vs_naive: float | None = None
+    max_rel_diff: float | None = None  # cached step logits vs the full forward pass
     floor_ms: float | None = None
     floor_fraction: float | None = None
 
@@ -83,21 +87,26 @@ def sample_positions(model: DALLE, count: int) -> list[int]:
 
 @torch.no_grad()
 def time_cached(model: DALLE, text: torch.Tensor, positions: list[int], step, timer: Timer, iters: int
-                ) -> tuple[float, float]:
-    """(prefill ms, median decode-step ms): the cache is prefilled up to each position, then steps are timed."""
+                ) -> tuple[float, float, float]:
+    """(prefill ms, median decode-step ms, max relative logit difference to the full forward pass): the cache is
+    prefilled up to each position, its step is checked against the full pass, then timed."""
     c = model.config
     codes = torch.randint(0, c.num_image_tokens, (text.shape[0], c.image_seq_len), device=text.device)
     ids = model._text_with_pads(text)
     all_positions = torch.arange(c.total_seq_len, device=text.device)
     cache = model.new_cache(text.shape[0], text.device)
     prefill_ms = statistics.median(timer(lambda: model.prefill(ids, codes[:, :0], cache)) for _ in range(iters))
-    times = []
+    times, worst = [], 0.0
     for i in positions:
         model.prefill(ids, codes[:, :i], cache)
         token, pos = codes[:, i], all_positions[c.text_len + i]
-        step(token, pos, cache)  # warm-up (and, compiled, capture)
+        got = step(token, pos, cache).float()  # also the warm-up (and, compiled, the capture)
+        want = model.full_pass_logits(text, codes[:, : i + 1]).float()
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
         times += [timer(lambda: step(token, pos, cache)) for _ in range(iters)]
-    return prefill_ms, statistics.median(times)
+    if not worst <= TOLERANCE[next(model.parameters()).dtype]:  # also catches NaN
+        raise SystemExit(f"cached decoding is way off the full forward pass: max relative logit difference {worst:.3g}")
+    return prefill_ms, statistics.median(times), worst
 
 
 @torch.no_grad()
@@ -166,14 +175,14 @@ def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtyp
     naive_step = time_naive(model, text, positions, timer, args.iters)
     naive_est = batch / (c.image_seq_len * naive_step / 1e3)
     for method, step in steps.items():
-        prefill, step_ms = time_cached(model, text, positions, step, timer, args.iters)
+        prefill, step_ms, diff = time_cached(model, text, positions, step, timer, args.iters)
         total_s = (prefill + c.image_seq_len * step_ms) / 1e3
         if total_s <= args.max_run_s:
             rate, kind = measured_images_per_s(model, text, device, step), "measured"
         else:
             rate, kind = batch / total_s, "est."
         floor = None if bandwidth is None else floor_ms(model, batch, dtype, bandwidth)
-        rows.append(Row(name, patterns, batch, method, step_ms, prefill, rate, kind, rate / naive_est, floor,
+        rows.append(Row(name, patterns, batch, method, step_ms, prefill, rate, kind, rate / naive_est, diff, floor,
                         None if floor is None else floor / step_ms))
     naive_kind = "est."
     if c.image_seq_len * naive_step / 1e3 <= args.max_run_s:

@@ -202,3 +202,30 @@ def test_decode_attention_backend_follows_dispatch():
     assert kernels.choose_decode_backend(q, "reference") == "reference"
     with pytest.raises(ValueError, match="unknown attention backend"):
         kernels.choose_decode_backend(q, "bogus")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_compiled_decode_step_samples_like_the_full_forward(dtype):
+    """On a GPU: the Triton decode kernels inside a CUDA-graph-compiled decode step give the full forward pass's
+    logits (within the dtype's forward error) and, in float32, the naive sampler's codes."""
+    model = DALLE(decode_config(depth=4)).cuda().to(dtype).eval()
+    text, codes = (x.cuda() for x in random_batch(model.config, batch=4))
+    step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+    c = model.config
+    with torch.no_grad():
+        cache = model.new_cache(text.shape[0], text.device)
+        positions = torch.arange(c.total_seq_len, device=text.device)
+        outs = [model.prefill(model._text_with_pads(text), codes[:, :0], cache)]
+        for i in range(c.image_seq_len - 1):
+            outs.append(step(codes[:, i], positions[c.text_len + i], cache).clone())
+        ours = torch.stack(outs, dim=1).double()
+        plain = full_logits(model, text, codes).double()
+        exact = full_logits(model.double(), text, codes)
+    floor = 4 * torch.finfo(torch.float32).eps * exact.abs().max().item()
+    assert (ours - exact).abs().max() <= 2 * (plain - exact).abs().max() + floor
+    if dtype == torch.float32:
+        model.float()
+        cached, _ = model.sample_image_codes(text, seed=0, step_fn=step)
+        naive, _ = model.sample_image_codes(text, seed=0, use_cache=False)
+        assert torch.equal(cached, naive)

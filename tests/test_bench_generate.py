@@ -1,0 +1,34 @@
+"""``bench/generate.py`` end to end on the small configuration at batch 1, with estimates only (no whole images)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_generate_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "generate.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--configs", "small", "--patterns", "full,sparse",
+           "--batches", "1", "--positions", "2", "--iters", "1", "--max_run_s", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("device", "device_name", "torch", "commit", "date", "dtype", "configs", "rows"):
+        assert key in result
+    assert result["device"] == "cpu" and result["dtype"] == "fp32"
+    rows = result["rows"]
+    assert [(r["patterns"], r["method"]) for r in rows] == [(p, m) for p in ("full", "sparse")
+                                                           for m in ("cached", "naive")]
+    for row in rows:
+        assert row["config"] == "small" and row["batch"] == 1
+        assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["images_per_s_kind"] == "est."
+        assert row["floor_ms"] is None  # no bandwidth figure for a CPU
+        if row["method"] == "cached":
+            assert row["max_rel_diff"] < 1e-3 and row["speedup_vs_naive"] > 0
+    assert "| small | sparse | 1 | cached |" in proc.stdout[proc.stdout.index("| config |"):]
