@@ -1,116 +1,336 @@
 """Sample images from a trained DALL-E checkpoint.
 
-    python generate.py --dalle_path dalle.safetensors --text 'a red cube|a blue ball' --num_images 8
+    python generate.py --dalle_path dalle.safetensors --text 'a red cube|a blue ball' --num_images 8 --seed 0
 
-writes OUTPUTS_DIR/<prompt>/<i>.jpg and OUTPUTS_DIR/<prompt>/caption.txt for every prompt.
+For every prompt, writes OUTPUTS_DIR/<prompt>/ holding <i>.jpg, grid.jpg (all the images), caption.txt and
+settings.json (every setting, each image's log-likelihood score, the speed). Everything is checked before anything is
+generated, and each folder is written under a temporary name and renamed into place, so it appears complete or not at
+all. With --rerank, 0.jpg is the image the model finds most likely given its caption.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import random
 import re
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import unicodedata
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from engine.checkpoint import CheckpointError, load_dalle
+from engine.checkpoint import load_dalle
 from engine.data import load_image, random_resized_crop
 from engine.tokenizers import build_tokenizer
 
+MAX_NAME_BYTES = 100
+
+
+def _number(kind: type, ok, expected: str):
+    """An argparse type: a `kind` number for which `ok` holds, else an error saying what was expected."""
+    def parse(value: str):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return x
+    return parse
+
+
+def top_k_arg(value: str) -> float | int:
+    """In [0, 1): DALLE-pytorch's threshold (a float); a whole number >= 1: a count of image tokens (an int).
+    1 and 1.0 coincide: the count 1 is greedy, and so is the threshold 1, which keeps one token."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if 0 <= x < 1:
+        return x
+    if x >= 1 and x.is_integer():  # inf.is_integer() is False
+        return int(x)
+    raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count >= 1, got {value!r}")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    positive_int = _number(int, lambda n: n >= 1, "an integer >= 1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dalle_path", required=True, help="checkpoint written by train.py")
     p.add_argument("--text", required=True, help="prompts separated by |")
-    p.add_argument("--num_images", type=int, default=128, help="images per prompt")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--top_k", type=float, default=0.9, help="top-k threshold, as a fraction of the vocabulary")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cond_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--outputs_dir", default="./outputs")
-    p.add_argument("--seed", type=int, default=None, help="makes the samples reproducible")
+    p.add_argument("--num_images", type=positive_int, default=128, help="images per prompt")
+    p.add_argument("--batch_size", type=positive_int, default=4)
+    p.add_argument("--top_k", type=top_k_arg, default=0.9,
+                   help="in [0, 1): DALLE-pytorch's threshold, keep the top (1 - top_k) fraction of the whole "
+                        "vocabulary; a whole number >= 1: keep that many tokens (1: greedy)")
+    p.add_argument("--top_p", type=_number(float, lambda x: 0 < x <= 1, "a number in (0, 1]"), default=None,
+                   help="nucleus sampling: keep the most likely tokens that reach this probability mass")
+    p.add_argument("--temperature", type=_number(float, lambda x: 0 < x < math.inf, "a number > 0"), default=1.0)
+    p.add_argument("--cond_scale", type=_number(float, math.isfinite, "a finite number"), default=1.0,
+                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="makes the samples reproducible (default: a random seed, recorded in settings.json)")
     p.add_argument("--img", default=None, help="image whose first rows prime the generation")
-    p.add_argument("--num_init_img_tokens", type=int, default=None, help="image tokens taken from --img")
+    p.add_argument("--num_init_img_tokens", type=_number(int, lambda n: n >= 0, "an integer >= 0"), default=None,
+                   help="image tokens taken from --img (default: 0.4375 of them)")
     p.add_argument("--truncate_captions", action="store_true", help="truncate prompts longer than the model's text")
+    p.add_argument("--gentxt", action="store_true",
+                   help="let the model complete each prompt into a caption first (an empty prompt: from scratch)")
+    p.add_argument("--rerank", action="store_true",
+                   help="write the images best first, by the model's likelihood of each given its caption")
+    p.add_argument("--no_cache", action="store_true",
+                   help="a full forward pass per token instead of the KV cache (the slow reference, for checking)")
+    p.add_argument("--compile", action="store_true", help="CUDA only: torch.compile the decode step (CUDA graphs)")
+    p.add_argument("--outputs_dir", default="./outputs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     tok = p.add_argument_group("tokenizer (default: the one stored in the checkpoint)")
     tok.add_argument("--bpe_path", default=None)
     tok.add_argument("--hug", action="store_true")
     tok.add_argument("--chinese", action="store_true")
     args = p.parse_args(argv)
-    for name in ("num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but CUDA is not available")
+    # Undecodable bytes in the command line arrive as lone surrogates, which no file can hold: make them U+FFFD.
+    args.text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if args.num_init_img_tokens is not None and args.img is None:
+        p.error("--num_init_img_tokens needs --img")
     return args
 
 
-def prompt_dir_name(prompt: str) -> str:
-    """A folder name for a prompt: spaces become underscores, path separators are dropped, at most 100 chars."""
-    name = re.sub(r"[/\\\0]", "", prompt.strip().replace(" ", "_"))[:100]
+def fail(message: str) -> NoReturn:
+    raise SystemExit(f"error: {message}")
+
+
+def _show(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+_UNSAFE = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')  # separators, what Windows rejects, control characters
+_WINDOWS_DEVICES = re.compile(r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?", re.IGNORECASE)
+
+
+def prompt_dir_name(prompt: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """A folder name for a prompt that is safe on common filesystems: unsafe characters dropped, whitespace runs as
+    one _, no leading dot (hidden, `.`, `..`) or trailing dot (Windows drops it), not a Windows device name, at most
+    max_bytes of UTF-8 cut at a character boundary, never empty."""
+    name = "_".join(_UNSAFE.sub("", unicodedata.normalize("NFC", prompt)).split())
+    name = name.encode()[:max_bytes].decode(errors="ignore").strip(".")
+    if _WINDOWS_DEVICES.fullmatch(name):
+        name = "_" + name
     return name or "_"
 
 
+def unique_name(name: str, used: set[str], max_bytes: int = MAX_NAME_BYTES) -> str:
+    """name, else name_2, name_3, ...: the first not yet in `used` (compared case-insensitively, as macOS and Windows
+    compare file names), which it joins."""
+    candidate, n = name, 1
+    while candidate.casefold() in used:
+        n += 1
+        suffix = f"_{n}"
+        candidate = name.encode()[: max_bytes - len(suffix)].decode(errors="ignore") + suffix
+    used.add(candidate.casefold())
+    return candidate
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def save_jpg(image: torch.Tensor, path: Path) -> None:
-    """Save a (channels, h, w) image in [0, 1]; JPEG has no alpha, so a fourth channel is dropped."""
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """Save a (channels, h, w) uint8 image; JPEG has no alpha, so a fourth channel is dropped."""
+    pixels = image.permute(1, 2, 0).numpy()
     if pixels.shape[2] == 1:
         Image.fromarray(pixels[..., 0], "L").save(path, quality=95)
     else:
         Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB").save(path, quality=95)
 
 
+def make_grid(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
+    """(n, c, h, w) images tiled row by row into one (c, H, W) image, ceil(sqrt(n)) columns, `padding` black pixels
+    around and between them (torchvision's make_grid layout)."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = images.new_zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding)
+    for i, image in enumerate(images):
+        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        grid[:, y: y + h, x: x + w] = image
+    return grid
+
+
 def load_prime(path: str, size: int, channels: int) -> torch.Tensor:
     """The priming image as (1, channels, size, size): its centre square, resized."""
-    img = load_image(path, transparent=channels == 4)
+    if channels not in (3, 4):
+        fail(f"--img needs a VAE for RGB or RGBA images; this one has {channels} channels")
+    try:
+        img = load_image(path, transparent=channels == 4)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"--img {path}: not a readable image ({e})")
     return random_resized_crop(img, size, (1.0, 1.0), rng=random.Random(0))[None]
+
+
+def load_model(args: argparse.Namespace):
+    try:
+        ckpt = load_dalle(args.dalle_path, device=args.device)
+    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError is a ValueError
+        fail(f"cannot load --dalle_path {args.dalle_path}: {e}")
+    model = ckpt.model.eval()
+    if model.vae is None:
+        fail(f"{args.dalle_path} holds no VAE, so its image codes cannot be decoded into images")
+    tokenizer = ckpt.tokenizer
+    if args.bpe_path or args.hug or args.chinese:
+        try:
+            tokenizer = build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
+        except (OSError, ImportError, ValueError) as e:
+            fail(f"cannot build the tokenizer: {e}")
+    if tokenizer is None:
+        fail("the checkpoint stores no tokenizer: pass --bpe_path (and --hug or --chinese)")
+    if tokenizer.vocab_size > model.config.num_text_tokens:
+        fail(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.num_text_tokens}: "
+             "it is not the tokenizer the model was trained with")
+    return model, tokenizer
+
+
+def encode_prompts(prompts: list[str], tokenizer, length: int, args: argparse.Namespace) -> list[torch.Tensor]:
+    """Each prompt as a (1, length) caption padded with 0, or with --gentxt as an unpadded (1, n) prefix."""
+    encoded = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt) if prompt else []
+        if len(ids) > length and not args.truncate_captions:
+            fail(f"prompt {_show(prompt)} has {len(ids)} tokens, more than the model's caption length {length}; "
+                 "shorten it or pass --truncate_captions")
+        if prompt and not ids:
+            fail(f"prompt {_show(prompt)} has no tokens with this tokenizer")
+        ids = torch.tensor(ids[:length], dtype=torch.long)
+        encoded.append((ids if args.gentxt else F.pad(ids, (0, length - len(ids))))[None].to(args.device))
+    return encoded
+
+
+def sample_images(model, text: torch.Tensor, prime: torch.Tensor | None, options: dict, args: argparse.Namespace,
+                  seed: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """args.num_images images (n, c, h, w) as uint8 for the caption `text` (1, text_seq_len), and their scores (n,).
+    Each batch is seeded with seed + the index of its first image, so a run is reproducible."""
+    images, scores = [], []
+    with tqdm(total=args.num_images, desc=desc, unit="img") as bar:
+        for start in range(0, args.num_images, args.batch_size):
+            n = min(args.batch_size, args.num_images - start)
+            batch, batch_scores = model.generate_images(
+                text.expand(n, -1), img=None if prime is None else prime.expand(n, -1, -1, -1), seed=seed + start,
+                return_scores=True, **options)
+            images.append(to_uint8(batch))
+            scores.append(batch_scores.float().cpu())
+            bar.update(n)
+    return torch.cat(images), torch.cat(scores)
+
+
+def write_prompt_dir(outputs_dir: Path, name: str, images: torch.Tensor, caption: str, settings: dict) -> Path:
+    """Write the folder under a hidden temporary name, then rename it to `name`: it appears complete or not at all.
+    A folder of that name from an earlier run is moved aside only once the new one is complete."""
+    # Prompt folders never start with a dot. Not mkdtemp: its folders are private (0700) and would stay so.
+    tmp = outputs_dir / f".tmp-{secrets.token_hex(8)}"
+    tmp.mkdir()
+    try:
+        for i, image in enumerate(images):
+            save_jpg(image, tmp / f"{i}.jpg")
+        save_jpg(make_grid(images), tmp / "grid.jpg")
+        (tmp / "caption.txt").write_text(caption + "\n", encoding="utf-8")
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except BaseException:  # Ctrl-C included
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dest = outputs_dir / name
+    if dest.exists() or dest.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=".old-", dir=outputs_dir))
+        os.rename(dest, old / name)
+        os.rename(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dest)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        ckpt = load_dalle(args.dalle_path, device=args.device)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    model = ckpt.model.eval()
-    tokenizer = ckpt.tokenizer
-    if args.bpe_path or args.hug or args.chinese:
-        tokenizer = build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
-    if tokenizer is None:
-        raise SystemExit("the checkpoint stores no tokenizer: pass --bpe_path (and --hug or --chinese)")
+    prompts = [p.strip() for p in args.text.split("|")]
+    if not args.gentxt and not all(prompts):
+        fail("--text holds an empty prompt (prompts are separated by |; with --gentxt an empty prompt means a caption "
+             "sampled from scratch)")
+    outputs_dir = Path(args.outputs_dir)
+    if outputs_dir.exists() and not outputs_dir.is_dir():
+        fail(f"--outputs_dir {outputs_dir} is not a folder")
 
-    prime = None
-    if args.img:
+    # Everything is checked before anything is generated or written.
+    model, tokenizer = load_model(args)
+    c = model.config
+    texts = encode_prompts(prompts, tokenizer, c.text_seq_len, args)
+    prime, num_init = None, None
+    if args.img is not None:
+        num_init = int(0.4375 * c.image_seq_len) if args.num_init_img_tokens is None else args.num_init_img_tokens
+        if num_init >= c.image_seq_len:
+            fail(f"--num_init_img_tokens must be less than the model's {c.image_seq_len} image tokens, got {num_init}")
         prime = load_prime(args.img, model.vae.image_size, model.vae.channels).to(args.device)
 
-    for prompt in (p.strip() for p in args.text.split("|") if p.strip()):
-        try:
-            text = tokenizer.tokenize([prompt], model.config.text_seq_len, truncate_text=args.truncate_captions)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        text = text.to(args.device)
-        out_dir = Path(args.outputs_dir) / prompt_dir_name(prompt)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        index = 0
-        with tqdm(total=args.num_images, desc=prompt[:40], unit="img") as bar:
-            for batch_start in range(0, args.num_images, args.batch_size):
-                n = min(args.batch_size, args.num_images - batch_start)
-                seed = None if args.seed is None else args.seed + batch_start
-                images = model.generate_images(
-                    text.expand(n, -1), filter_thres=args.top_k, temperature=args.temperature,
-                    cond_scale=args.cond_scale, seed=seed,
-                    img=None if prime is None else prime.expand(n, -1, -1, -1),
-                    num_init_img_tokens=args.num_init_img_tokens,
-                )
-                for image in images:
-                    save_jpg(image, out_dir / f"{index}.jpg")
-                    index += 1
-                bar.update(n)
-        (out_dir / "caption.txt").write_text(prompt + "\n")
-        print(f"wrote {index} images to {out_dir}")
+    step_fn = None
+    if args.compile:
+        if torch.device(args.device).type != "cuda":
+            print(f"note: --compile is for CUDA; ignored on {args.device}", file=sys.stderr)
+        elif args.no_cache:
+            print("note: --compile compiles the cached decode step; ignored with --no_cache", file=sys.stderr)
+        else:
+            step_fn = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # recorded, so any run can be repeated
+    # A float --top_k is DALLE-pytorch's threshold, an int a count (see top_k_arg).
+    filter_thres, top_k = (args.top_k, None) if isinstance(args.top_k, float) else (None, args.top_k)
+    text_options = dict(filter_thres=filter_thres, top_k=top_k, top_p=args.top_p, temperature=args.temperature)
+    image_options = dict(text_options, cond_scale=args.cond_scale, num_init_img_tokens=num_init,
+                         use_cache=not args.no_cache, step_fn=step_fn)
+
+    try:
+        outputs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --outputs_dir {outputs_dir}: {e}")
+    used: set[str] = set()
+    for prompt, text in zip(prompts, texts):
+        started = time.perf_counter()
+        caption = prompt
+        if args.gentxt:
+            text = model.generate_texts(text, **text_options, seed=seed)
+            caption = tokenizer.decode(text[0]).strip()
+        images, scores = sample_images(model, text, prime, image_options, args, seed, desc=caption[:40])
+        elapsed = time.perf_counter() - started
+        if args.rerank:
+            order = scores.argsort(descending=True, stable=True)
+            images, scores = images[order], scores[order]
+        settings = dict(
+            prompt=prompt, caption=caption, caption_tokens=int((text != 0).sum()), caption_length=c.text_seq_len,
+            checkpoint=str(Path(args.dalle_path).resolve()), tokenizer=type(tokenizer).__name__,
+            device=str(args.device), seed=seed, num_images=args.num_images, batch_size=args.batch_size,
+            filter_thres=filter_thres, top_k=top_k, top_p=args.top_p, temperature=args.temperature,
+            cond_scale=args.cond_scale, img=None if prime is None else str(Path(args.img).resolve()),
+            num_init_img_tokens=num_init, truncate_captions=args.truncate_captions, gentxt=args.gentxt,
+            rerank=args.rerank,
+            use_cache=not args.no_cache, compile=step_fn is not None,
+            images=[f"{i}.jpg" for i in range(len(images))], scores=scores.tolist(),  # log p(image | caption)
+            elapsed_s=round(elapsed, 3), images_per_s=round(len(images) / elapsed, 3),
+        )
+        dest = write_prompt_dir(outputs_dir, unique_name(prompt_dir_name(caption), used), images, caption, settings)
+        print(f"wrote {len(images)} images, grid.jpg and settings.json to {dest}")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,8 @@ from conftest import random_batch
 from PIL import Image
 from test_checkpoint import tiny_dalle
 
-from engine.checkpoint import save_dalle
+import generate
+from engine.checkpoint import load_dalle, save_dalle
 from engine.tokenizers import YttmTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,36 +69,234 @@ def test_classifier_free_guidance_uses_a_separate_null_caption(model):
     assert torch.equal(text, before)
 
 
-def test_generate_cli_writes_jpgs(tmp_path):
+# --- generate.py ------------------------------------------------------------------------------------------------
+# The tiny model: captions of 5 tokens, 16 image tokens on a 4x4 grid, 16x16 RGB images.
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
     captions = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
-    tokenizer = YttmTokenizer.train(captions * 20, vocab_size=60, model_path=tmp_path / "bpe.model")
-    model = tiny_dalle(num_text_tokens=tokenizer.vocab_size)
-    ckpt = tmp_path / "dalle.safetensors"
-    save_dalle(ckpt, model, tokenizer)
-    (tmp_path / "bpe.model").unlink()  # the checkpoint alone must be enough
+    tokenizer = YttmTokenizer.train(captions * 20, vocab_size=60, model_path=folder / "bpe.model")
+    torch.manual_seed(0)
+    save_dalle(folder / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size), tokenizer)
+    (folder / "bpe.model").unlink()  # the checkpoint alone must be enough
+    return folder / "dalle.safetensors"
+
+
+def gen(ckpt, out, *flags, text="a red cube", num_images=2, seed="0"):
+    argv = ["--dalle_path", str(ckpt), "--text", text, "--num_images", str(num_images), "--outputs_dir", str(out),
+            "--device", "cpu", *(["--seed", seed] if seed is not None else []), *flags]
+    generate.main(argv)
+
+
+def jpgs(folder: Path) -> list[bytes]:
+    return [(folder / f"{i}.jpg").read_bytes() for i in range(len(list(folder.glob("[0-9]*.jpg"))))]
+
+
+def settings(folder: Path) -> dict:
+    return json.loads((folder / "settings.json").read_text())
+
+
+def test_writes_images_grid_caption_and_settings(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--dalle_path", str(ckpt), "--text", "a red cube|a blue ball",
-           "--num_images", "3", "--batch_size", "2", "--outputs_dir", str(out), "--seed", "0"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
-    for prompt in ("a_red_cube", "a_blue_ball"):
-        files = sorted(p.name for p in (out / prompt).iterdir())
-        assert files == ["0.jpg", "1.jpg", "2.jpg", "caption.txt"]
-        assert Image.open(out / prompt / "0.jpg").size == (16, 16)
-    first = (out / "a_red_cube" / "0.jpg").read_bytes()
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
-    assert (out / "a_red_cube" / "0.jpg").read_bytes() == first  # --seed makes runs reproducible
+    gen(ckpt, out, "--batch_size", "2", text="a red cube| a blue ball ", num_images=3)
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_blue_ball", "a_red_cube"]  # no temporary folder left
+    for name, prompt in (("a_red_cube", "a red cube"), ("a_blue_ball", "a blue ball")):
+        folder = out / name
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "0.jpg", "1.jpg", "2.jpg", "caption.txt", "grid.jpg", "settings.json"]
+        assert Image.open(folder / "0.jpg").size == (16, 16) and Image.open(folder / "0.jpg").mode == "RGB"
+        assert Image.open(folder / "grid.jpg").size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 2x2, 2-pixel gaps
+        assert (folder / "caption.txt").read_text() == prompt + "\n"
+        s = settings(folder)
+        assert s["prompt"] == s["caption"] == prompt
+        assert s["caption_tokens"] == len(load_dalle(ckpt).tokenizer.encode(prompt)) and s["caption_length"] == 5
+        assert s["checkpoint"] == str(ckpt.resolve()) and s["device"] == "cpu" and s["seed"] == 0
+        assert {k: s[k] for k in ("num_images", "batch_size", "filter_thres", "top_k", "top_p", "temperature",
+                                  "cond_scale", "img", "use_cache", "rerank")} == dict(
+            num_images=3, batch_size=2, filter_thres=0.9, top_k=None, top_p=None, temperature=1.0, cond_scale=1.0,
+            img=None, use_cache=True, rerank=False)
+        assert s["images"] == ["0.jpg", "1.jpg", "2.jpg"]
+        assert len(s["scores"]) == 3 and all(-math.inf < x < 0 for x in s["scores"])  # log-likelihoods
+        assert s["elapsed_s"] >= 0 and s["images_per_s"] > 0
+        assert str(folder) in printed
 
-    too_long = subprocess.run(cmd[:5] + ["--text", "a red cube " * 10] + cmd[7:], cwd=tmp_path,
-                              capture_output=True, text=True)
-    assert too_long.returncode != 0 and "truncate" in too_long.stderr
+
+def test_same_seed_same_bytes_other_seed_other_images(ckpt, tmp_path):
+    gen(ckpt, tmp_path / "a", "--batch_size", "2", num_images=3)
+    first = jpgs(tmp_path / "a" / "a_red_cube")
+    assert len(set(first)) == 3  # three different images
+    gen(ckpt, tmp_path / "a", "--batch_size", "2", num_images=3)  # replaces the earlier folder
+    assert jpgs(tmp_path / "a" / "a_red_cube") == first
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["a_red_cube"]
+    gen(ckpt, tmp_path / "b", "--batch_size", "2", num_images=3, seed="1")
+    assert jpgs(tmp_path / "b" / "a_red_cube") != first
+    # Without --seed, one is drawn and recorded, so the run can be repeated.
+    gen(ckpt, tmp_path / "c", seed=None)
+    drawn = settings(tmp_path / "c" / "a_red_cube")["seed"]
+    gen(ckpt, tmp_path / "d", seed=str(drawn))
+    assert jpgs(tmp_path / "d" / "a_red_cube") == jpgs(tmp_path / "c" / "a_red_cube")
 
 
-def test_generate_cli_primes_with_an_image(tmp_path):
-    captions = ["a red cube", "a blue ball"] * 20
-    tokenizer = YttmTokenizer.train(captions, vocab_size=30, model_path=tmp_path / "bpe.model")
-    save_dalle(tmp_path / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size), tokenizer)
-    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(tmp_path / "prime.jpg")  # any mode and aspect ratio
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--dalle_path", "dalle.safetensors", "--text", "a red cube",
-           "--num_images", "1", "--img", "prime.jpg", "--num_init_img_tokens", "8", "--outputs_dir", "out"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+@pytest.mark.parametrize("mode, size", [("CMYK", (40, 30)), ("LA", (12, 50))])  # any mode and aspect ratio
+def test_priming_with_an_image(ckpt, tmp_path, mode, size):
+    prime = tmp_path / ("prime.jpg" if mode == "CMYK" else "prime.png")
+    Image.new(mode, size, (0, 255, 255, 0) if mode == "CMYK" else (80, 128)).save(prime)
+    gen(ckpt, tmp_path / "out", "--img", str(prime), "--num_init_img_tokens", "8", num_images=1)
+    s = settings(tmp_path / "out" / "a_red_cube")
+    assert s["img"] == str(prime.resolve()) and s["num_init_img_tokens"] == 8
+    gen(ckpt, tmp_path / "default", "--img", str(prime), num_images=1)
+    assert settings(tmp_path / "default" / "a_red_cube")["num_init_img_tokens"] == 7  # int(0.4375 * 16)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--cond_scale", "3"], dict(cond_scale=3.0)),
+    (["--top_p", "0.5", "--temperature", "0.7"], dict(top_p=0.5, temperature=0.7)),
+    (["--top_k", "5"], dict(top_k=5, filter_thres=None)),  # a count of image tokens
+    (["--top_k", "0.9"], dict(top_k=None, filter_thres=0.9)),  # DALLE-pytorch's fraction threshold
+    (["--compile"], dict(compile=False)),  # CUDA only: ignored, with a note
+])
+def test_sampling_options(ckpt, tmp_path, capsys, flags, expected):
+    gen(ckpt, tmp_path, *flags, num_images=1)
+    s = settings(tmp_path / "a_red_cube")
+    assert {k: s[k] for k in expected} == expected
+    if "--compile" in flags:
+        assert "ignored" in capsys.readouterr().err
+
+
+def test_top_k_one_is_greedy_either_way(ckpt, tmp_path):
+    gen(ckpt, tmp_path / "count", "--top_k", "1")
+    gen(ckpt, tmp_path / "fraction", "--top_k", "1.0", seed="1")  # greedy: the seed does not matter
+    assert jpgs(tmp_path / "count" / "a_red_cube") == jpgs(tmp_path / "fraction" / "a_red_cube")
+
+
+def test_rerank_writes_the_most_likely_first(ckpt, tmp_path):
+    gen(ckpt, tmp_path / "plain", num_images=3)
+    gen(ckpt, tmp_path / "ranked", "--rerank", num_images=3)
+    plain, ranked = settings(tmp_path / "plain" / "a_red_cube"), settings(tmp_path / "ranked" / "a_red_cube")
+    assert ranked["scores"] == sorted(plain["scores"], reverse=True) and ranked["scores"][0] == max(plain["scores"])
+    order = sorted(range(3), key=lambda i: -plain["scores"][i])
+    images = jpgs(tmp_path / "plain" / "a_red_cube")
+    assert jpgs(tmp_path / "ranked" / "a_red_cube") == [images[i] for i in order]
+
+
+def test_gentxt_completes_a_prefix_or_samples_from_scratch(ckpt, tmp_path):
+    gen(ckpt, tmp_path, "--gentxt", text="a red|", num_images=1)
+    folders = sorted(tmp_path.iterdir(), key=lambda p: settings(p)["prompt"])
+    assert [settings(p)["prompt"] for p in folders] == ["", "a red"]
+    for folder in folders:
+        s = settings(folder)
+        assert s["gentxt"] and (folder / "caption.txt").read_text() == s["caption"] + "\n"
+        assert folder.name in (generate.prompt_dir_name(s["caption"]), generate.prompt_dir_name(s["caption"]) + "_2")
+        assert s["caption"].startswith(s["prompt"]) and s["caption_tokens"] <= 5
+        assert (folder / "0.jpg").is_file()
+
+
+def test_no_cache_gives_the_cached_images(ckpt, tmp_path):
+    gen(ckpt, tmp_path / "cached", "--cond_scale", "3")
+    gen(ckpt, tmp_path / "full", "--cond_scale", "3", "--no_cache")
+    assert settings(tmp_path / "full" / "a_red_cube")["use_cache"] is False
+    assert jpgs(tmp_path / "full" / "a_red_cube") == jpgs(tmp_path / "cached" / "a_red_cube")
+
+
+@pytest.mark.parametrize("prompt, name", [
+    ("../etc/passwd", "etcpasswd"), ("a/b", "ab"), ("con:*?", "_con"), ("nul.txt", "_nul.txt"),
+    ("  a \t b\n", "a_b"), ("ein Bär 🐻", "ein_Bär_🐻"), ("a\x00b\x1fc\x85", "abc"),
+    (".", "_"), ("..", "_"), ("???", "_"), ("", "_"),
+    ("é" * 80, "é" * 50), ("a" * 99 + "é", "a" * 99),  # at most 100 bytes, cut at a character boundary
+])
+def test_prompt_dir_name_is_safe(prompt, name):
+    assert generate.prompt_dir_name(prompt) == name
+
+
+def test_colliding_prompts_get_their_own_folders(ckpt, tmp_path):
+    # "x\udcff": an undecodable byte in the command line, as Python hands it over.
+    gen(ckpt, tmp_path, "--truncate_captions", text="a/b|ab|A/B|../etc/passwd|con:*?|ünï 🐻|x\udcff", num_images=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ab", "ab_2", "AB_3", "etcpasswd", "_con", "ünï_🐻", "x\ufffd"])
+    assert (tmp_path / "AB_3" / "caption.txt").read_text() == "A/B\n"
+    assert generate.unique_name("x" * 100, {"x" * 100}) == "x" * 98 + "_2"
+
+
+def test_interrupt_leaves_no_partial_folder(ckpt, tmp_path, monkeypatch):
+    gen(ckpt, tmp_path, text="a red cube|a blue ball")
+    before = jpgs(tmp_path / "a_blue_ball")
+    save_jpg, calls = generate.save_jpg, []
+
+    def interrupted(image, path):
+        calls.append(path)
+        if len(calls) == 4:  # the first image of the second prompt (after 0.jpg, 1.jpg and grid.jpg)
+            raise KeyboardInterrupt
+        save_jpg(image, path)
+
+    monkeypatch.setattr(generate, "save_jpg", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gen(ckpt, tmp_path, text="a red cube|a blue ball", seed="1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_blue_ball", "a_red_cube"]
+    assert settings(tmp_path / "a_red_cube")["seed"] == 1  # complete, so in place
+    assert jpgs(tmp_path / "a_blue_ball") == before and settings(tmp_path / "a_blue_ball")["seed"] == 0
+
+
+@pytest.fixture
+def bad_files(ckpt, tmp_path):
+    (tmp_path / "text.txt").write_text("not an image, not a checkpoint")
+    Image.new("RGB", (16, 16)).save(tmp_path / "prime.png")
+    buf = tmp_path / "prime.jpg"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf)
+    (tmp_path / "corrupt.jpg").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])
+    (tmp_path / "corrupt.safetensors").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    return tmp_path
+
+
+TOO_LONG = "a red cube " * 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--text", ""], "empty prompt"),
+    (["--text", "a||b"], "empty prompt"),
+    (["--text", f"a red cube|{TOO_LONG}"], "--truncate_captions"),  # a later prompt: still nothing written
+    (["--img", "missing.png"], "--img"),
+    (["--img", "text.txt"], "--img"),
+    (["--img", "corrupt.jpg"], "--img"),
+    (["--img", "prime.png", "--num_init_img_tokens", "16"], "--num_init_img_tokens"),
+    (["--num_init_img_tokens", "3"], "--num_init_img_tokens needs --img"),
+    (["--num_init_img_tokens", "-1"], "--num_init_img_tokens"),
+    (["--dalle_path", "missing.safetensors"], "--dalle_path"),
+    (["--dalle_path", "text.txt"], "--dalle_path"),
+    (["--dalle_path", "corrupt.safetensors"], "--dalle_path"),
+    (["--bpe_path", "missing.model"], "tokenizer"),
+    (["--outputs_dir", "text.txt"], "--outputs_dir"),
+    (["--top_k", "2.5"], "--top_k"),
+    (["--top_k", "-1"], "--top_k"),
+    (["--top_p", "0"], "--top_p"),
+    (["--top_p", "1.5"], "--top_p"),
+    (["--temperature", "0"], "--temperature"),
+    (["--cond_scale", "nan"], "--cond_scale"),
+    (["--num_images", "0"], "--num_images"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--device", "nonsense"], "--device"),
+])
+def test_bad_input_exits_with_a_message_and_writes_nothing(ckpt, bad_files, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(bad_files)
+    with pytest.raises(SystemExit) as exit:
+        gen(ckpt, bad_files / "out", *flags)
+    code = exit.value.code
+    if isinstance(code, str):  # our own errors; argparse's exit with 2 after printing usage and the error
+        assert code.startswith("error: ") and "\n" not in code and message in code
+    else:
+        assert code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert not (bad_files / "out").exists()
+
+
+def test_command_line(ckpt, tmp_path):
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--dalle_path", str(ckpt), "--num_images", "1",
+           "--outputs_dir", "out", "--device", "cpu"]
+    ok = subprocess.run(cmd + ["--text", "a red cube"], cwd=tmp_path, capture_output=True, text=True)
+    assert ok.returncode == 0 and "out/a_red_cube" in ok.stdout
     assert (tmp_path / "out" / "a_red_cube" / "0.jpg").is_file()
+    bad = subprocess.run(cmd + ["--text", TOO_LONG], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert "--truncate_captions" in bad.stderr and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_red_cube"]
