@@ -1,7 +1,8 @@
-"""Triton block-sparse attention for the DALL-E patterns (forward and backward).
+"""Triton attention for the DALL-E patterns: block-sparse training attention (forward and backward,
+``attention.py``) and KV-cache decode attention (``decode.py``).
 
-Importing this package never imports Triton: the kernels (``attention.py``) load on the first call, so
-``import kernels`` works on machines without Triton. Set ``TRITON_INTERPRET=1`` before that first call to run
+Importing this package never imports Triton: each kernel module loads on its first call, so ``import kernels``
+works on machines without Triton. Set ``TRITON_INTERPRET=1`` before that first call to run
 the kernels on CPU tensors with Triton's interpreter.
 """
 
@@ -11,7 +12,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["available", "sparse_attention"]
+__all__ = ["available", "decode_attention", "sparse_attention"]
 
 
 def available() -> bool:
@@ -40,3 +41,30 @@ def sparse_attention(
 
     return triton_sparse_attention(q, k, v, pattern=pattern, text_len=text_len, fmap_size=fmap_size,
                                    kernel_size=kernel_size, dilation=dilation, scale=scale)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int | torch.Tensor,
+    *,
+    pattern: str,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence at position ``pos`` against its pattern's keys in a KV cache, by the Triton kernels.
+
+    Same arguments, semantics and result as ``kernels.reference.decode_attention``; fp16, bf16 or fp32 with
+    ``dim_head <= 128``, on a CUDA device (or CPU under ``TRITON_INTERPRET=1``). A 0-dim device tensor ``pos`` keeps
+    the call free of host syncs and CUDA-graph replayable. ``num_splits``: FlashDecoding key splits (default: a
+    heuristic). Not differentiable.
+    """
+    from .decode import decode_attention as triton_decode_attention
+
+    return triton_decode_attention(q, k_cache, v_cache, pos, pattern=pattern, text_len=text_len, fmap_size=fmap_size,
+                                   kernel_size=kernel_size, dilation=dilation, scale=scale, num_splits=num_splits)
