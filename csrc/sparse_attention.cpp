@@ -21,6 +21,7 @@
 // All arithmetic is float32 (float64 for float64 inputs); bfloat16/float16 inputs are converted up front.
 
 #include "sparse_attention.h"
+#include "vector_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -101,37 +102,6 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // ---------------------------------------------------------------------------------------------------------------
 // Row arithmetic, written as plain loops the compiler vectorises.
 
-// The row helpers are inlined into each build of the row kernels below (their AVX2 clone included).
-#if defined(__GNUC__)
-#define DALLE_ENGINE_INLINE inline __attribute__((always_inline))
-#else
-#define DALLE_ENGINE_INLINE inline
-#endif
-
-// e^x to about 1 ulp for x <= 88, exactly 0 below -87 (where e^x is under FLT_MIN) and for -inf. Written without
-// branches or calls so the loops around it vectorise (libm's expf does not).
-// e^x = 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2; e^r by its Taylor series to degree 7, whose
-// truncation error (0.35^8 / 8! ~ 5e-9) is below float rounding.
-DALLE_ENGINE_INLINE float exp_fast(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;         // few mantissa bits: n * kLn2Hi is exact
-  constexpr float kLn2Lo = 1.42860682028622680e-6f;    // ln 2 - kLn2Hi
-  constexpr float kRound = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
-  const float clamped = std::min(std::max(x, -100.0f), 88.0f);
-  const float n = (clamped * kLog2e + kRound) - kRound;
-  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = 1.0f + (r + r * r * p);  // the 1 added last: about 1 ulp at worst (0.98 measured over [-87, 0])
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
-inline double exp_fast(double x) { return std::exp(x); }
 
 template <typename T>
 DALLE_ENGINE_INLINE T row_max(const T* x, int64_t n) {
@@ -210,13 +180,6 @@ DALLE_ENGINE_INLINE void softmax_backward_row(T* p, T* ds, int64_t visible, int6
   softmax_grad(p_local, ds_local, nl, delta);
 }
 
-// float rows also get an AVX2 build picked at load time (GCC/Clang function multi-versioning): the row arithmetic,
-// exp above all, is a large part of the time next to the GEMMs, and the baseline x86-64 build only uses SSE2.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define DALLE_ENGINE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DALLE_ENGINE_VECTOR_CLONES
-#endif
 
 DALLE_ENGINE_VECTOR_CLONES std::pair<float, float> softmax_forward_row(float* text, int64_t visible,
                                                                        int64_t text_end, float* local,

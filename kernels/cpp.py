@@ -1,9 +1,10 @@
 """C++ CPU kernels (``kernels._C``, built from ``csrc/`` by ``pip install --no-build-isolation -e .``).
 
-The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse) and
-``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv); this module loads it, gives both ops fake (meta)
-implementations so ``torch.compile`` can trace them, and wraps them in an autograd.Function. It never fails to import:
-``available()`` says whether the kernels can be used, ``load_error()`` why not.
+The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse),
+``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv) and ``decode_attention`` (q, k_cache, v_cache, pos
+-> out, one query per sequence against a KV cache); this module loads it, gives the ops fake (meta) implementations so
+``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
+import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from . import masks
 
-__all__ = ["available", "load_error", "sparse_attention"]
+__all__ = ["available", "decode_attention", "load_error", "sparse_attention"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -39,6 +40,10 @@ def _load() -> str | None:
     @torch.library.register_fake(f"{_NAMESPACE}::sparse_attention_bwd")
     def _bwd_fake(q, k, v, out, lse, dout, pattern, text_len, fmap_size, kernel_size, dilation, scale):
         return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    @torch.library.register_fake(f"{_NAMESPACE}::decode_attention")
+    def _decode_fake(q, k_cache, v_cache, pos, pattern, text_len, fmap_size, kernel_size, dilation, scale):
+        return q.new_empty(q.shape)
 
     return None
 
@@ -103,3 +108,31 @@ def sparse_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SparseAttention.apply(q, k, v, geometry)
     return getattr(torch.ops, _NAMESPACE).sparse_attention_fwd(q, k, v, *geometry)[0]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int | torch.Tensor,
+    *,
+    pattern: str,
+    text_len: int,
+    fmap_size: int,
+    kernel_size: int = 5,
+    dilation: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``kernels.reference.decode_attention`` on the C++ CPU kernel, which reads only the keys the pattern allows.
+
+    q: ``(batch, heads, dim_head)``; k_cache, v_cache: ``(batch, heads, max_seq, dim_head)`` CPU tensors of q's dtype
+    (float32, float64, bfloat16 or float16; any strides) holding positions ``0..pos``. ``pos``: an int or a 0-dim
+    integer tensor. Computes in float32 (float64 for float64 inputs) and returns ``(batch, heads, dim_head)`` in q's
+    dtype. ``scale`` defaults to ``dim_head ** -0.5``. Not differentiable. The op checks the arguments (RuntimeError);
+    raises RuntimeError if the kernels are unavailable (see ``load_error()``).
+    """
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return getattr(torch.ops, _NAMESPACE).decode_attention(q, k_cache, v_cache, int(pos), pattern, text_len,
+                                                           fmap_size, kernel_size, dilation, scale)

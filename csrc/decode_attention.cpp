@@ -1,0 +1,226 @@
+// CPU KV-cache decode attention: one query per (batch, head) at sequence position pos.
+//
+// A decode step runs once per layer per generated token, so the kernel reads only the keys the pattern allows, in
+// spans of the cache: the visible text keys as one contiguous run, then the image keys of the pattern's window row by
+// row (a row is a run of positions on the window's column lattice). Per (batch, head) it makes three passes over those
+// keys: scores q.k * scale (and their max), e^(s - max) (and their sum), then sum(e * v) / sum. Keys and values are
+// read in place, through the cache's strides and in their storage dtype (converted on load), so no pass ever touches
+// the rest of the cache. The work is split over batch * heads; each task owns one small scratch buffer.
+
+#include "decode_attention.h"
+#include "vector_math.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace dalle_engine {
+namespace {
+
+enum class Pattern { kFull, kAxialRow, kAxialCol, kConvLike, kConvLikeCentered };
+
+Pattern parse_pattern(std::string_view name) {
+  if (name == "full") return Pattern::kFull;
+  if (name == "axial_row") return Pattern::kAxialRow;
+  if (name == "axial_col") return Pattern::kAxialCol;
+  if (name == "conv_like") return Pattern::kConvLike;
+  if (name == "conv_like_centered") return Pattern::kConvLikeCentered;
+  TORCH_CHECK(false, "unknown attention pattern '", name,
+              "'; valid patterns: full, axial_row, axial_col, conv_like, conv_like_centered");
+}
+
+// Rows row_lo, row_lo + row_step, ..., row_hi and columns col_lo, ..., col_hi (col_step apart) of the grid.
+struct Window {
+  int64_t row_lo, row_hi, row_step, col_lo, col_hi, col_step;
+};
+
+// The image keys of image query t as a lattice window, clipped to the grid; on row_hi, the query's own row, only
+// columns <= t % fmap_size are causal. Keep in sync with kernels.masks.image_key_window, which the tests check against
+// the mask predicates.
+Window image_key_window(Pattern pattern, int64_t t, int64_t fmap_size, int64_t kernel_size, int64_t dilation) {
+  const int64_t r = t / fmap_size, c = t % fmap_size, last = fmap_size - 1;
+  switch (pattern) {
+    case Pattern::kFull:
+      return {0, r, 1, 0, last, 1};
+    case Pattern::kAxialRow:
+      return {r, r, 1, 0, c, 1};
+    case Pattern::kAxialCol:
+      return {0, r, 1, c, c, 1};
+    case Pattern::kConvLike:
+    case Pattern::kConvLikeCentered:
+      break;
+  }
+  const int64_t d = dilation;
+  const bool corner = pattern == Pattern::kConvLike;  // the query is the window's bottom-right corner
+  const int64_t up = (corner ? kernel_size - 1 : kernel_size / 2) * d;  // reach above and to the left
+  const int64_t right = corner ? 0 : (kernel_size / 2) * d;
+  // Clip to the grid, staying on the query's lattice (cells an exact multiple of d away).
+  return {r - std::min(up, r) / d * d, r, d, c - std::min(up, c) / d * d, c + std::min(right, last - c) / d * d, d};
+}
+
+// The keys query pos may see, as spans of cache positions.
+struct KeySet {
+  int64_t text_keys;  // keys [0, text_keys)
+  bool image;         // plus the window's image keys (image queries only)
+  int64_t text_len, fmap_size, query_col;
+  Window window;
+
+  // Calls fn(first position, position stride, count) for each span, in a fixed order.
+  template <typename Fn>
+  void for_each_span(const Fn& fn) const {
+    fn(int64_t{0}, int64_t{1}, text_keys);
+    if (!image) return;
+    const Window& w = window;
+    for (int64_t row = w.row_lo; row <= w.row_hi; row += w.row_step) {
+      const int64_t col_hi = row == w.row_hi ? std::min(w.col_hi, query_col) : w.col_hi;
+      fn(text_len + row * fmap_size + w.col_lo, w.col_step, (col_hi - w.col_lo) / w.col_step + 1);
+    }
+  }
+
+  int64_t count() const {
+    int64_t total = 0;
+    for_each_span([&](int64_t, int64_t, int64_t n) { total += n; });
+    return total;
+  }
+};
+
+KeySet key_set(Pattern pattern, int64_t pos, int64_t text_len, int64_t fmap_size, int64_t kernel_size,
+               int64_t dilation) {
+  if (pos < text_len) return {pos + 1, false, text_len, fmap_size, 0, {}};
+  const int64_t t = pos - text_len;
+  return {text_len, true, text_len, fmap_size, t % fmap_size,
+          image_key_window(pattern, t, fmap_size, kernel_size, dilation)};
+}
+
+// Row arithmetic in the compute type acc_t on rows stored as scalar_t: plain loops the compiler vectorises, inlined
+// into each build of attend (its AVX2 clone included).
+template <typename acc_t, typename scalar_t>
+DALLE_ENGINE_INLINE acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * static_cast<acc_t>(b[j]);
+  return sum;
+}
+
+template <typename acc_t, typename scalar_t>
+DALLE_ENGINE_INLINE void axpy(acc_t* y, acc_t alpha, const scalar_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * static_cast<acc_t>(x[j]);
+}
+
+// One (batch, head). k and v point at the head's position 0, k_step and v_step are their position strides (elements);
+// scratch holds 2 * dim + keys.count() elements.
+template <typename scalar_t, typename acc_t>
+DALLE_ENGINE_VECTOR_CLONES void attend(const KeySet& keys, const scalar_t* q, const scalar_t* k, int64_t k_step,
+                                       const scalar_t* v, int64_t v_step, scalar_t* out, int64_t dim, acc_t scale,
+                                       acc_t* scratch) {
+  acc_t* query = scratch;
+  acc_t* acc = scratch + dim;
+  acc_t* probs = scratch + 2 * dim;
+  for (int64_t j = 0; j < dim; ++j) query[j] = static_cast<acc_t>(q[j]);
+
+  int64_t n = 0;
+  acc_t top = -std::numeric_limits<acc_t>::infinity();
+  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) {
+    const scalar_t* row = k + first * k_step;
+    for (int64_t i = 0; i < count; ++i, row += stride * k_step) {
+      const acc_t s = dot(query, row, dim) * scale;
+      probs[n++] = s;
+      top = std::max(top, s);
+    }
+  });
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t e = exp_fast(probs[i] - top);
+    probs[i] = e;
+    sum += e;
+  }
+
+  std::fill(acc, acc + dim, acc_t(0));
+  n = 0;
+  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) {
+    const scalar_t* row = v + first * v_step;
+    for (int64_t i = 0; i < count; ++i, row += stride * v_step) axpy(acc, probs[n++], row, dim);
+  });
+  const acc_t inv_sum = acc_t(1) / sum;
+  for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>(acc[j] * inv_sum);
+}
+
+// Multiply-adds a parallel task should hold at least, so that small steps do not pay for waking threads.
+constexpr int64_t kMinTaskWork = int64_t{1} << 15;
+
+template <typename scalar_t>
+void run(const KeySet& keys, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+         double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t heads = q.size(1), dim = q.size(2), count = q.size(0) * heads;
+  const int64_t num_keys = keys.count();
+  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
+  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (2 * num_keys * dim));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(2 * dim + num_keys);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / heads, h = i % heads;
+      attend<scalar_t, acc_t>(keys, q_data + b * qs[0] + h * qs[1], k_data + b * ks[0] + h * ks[1], ks[2],
+                              v_data + b * vs[0] + h * vs[1], vs[2], out_data + i * dim, dim,
+                              static_cast<acc_t>(scale), scratch.data());
+    }
+  });
+}
+
+// The tensor itself when its last dim is contiguous (what the row loops need), else a contiguous copy.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
+                            std::string_view pattern, int64_t text_len, int64_t fmap_size, int64_t kernel_size,
+                            int64_t dilation, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "q must be (batch, heads, dim_head) and k_cache, v_cache one (batch, heads, max_seq, dim_head) shape, "
+              "got ", q.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(q.size(0) == k_cache.size(0) && q.size(1) == k_cache.size(1) && q.size(2) == k_cache.size(3),
+              "q ", q.sizes(), " does not match the cache ", k_cache.sizes());
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and the caches must share one dtype, got ", q.scalar_type(), ", ", k_cache.scalar_type(), ", ",
+              v_cache.scalar_type());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "q and the caches must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "dalle_engine_cpu kernels need CPU tensors, got ", q.device(), ", ", k_cache.device(), ", ",
+              v_cache.device());
+  TORCH_CHECK(text_len >= 1 && fmap_size >= 1 && kernel_size >= 1 && dilation >= 1,
+              "text_len, fmap_size, kernel_size and dilation must be >= 1, got ", text_len, ", ", fmap_size, ", ",
+              kernel_size, ", ", dilation);
+  const int64_t max_seq = k_cache.size(2), max_len = text_len + fmap_size * fmap_size;
+  TORCH_CHECK(max_seq >= 1 && max_seq <= max_len, "max_seq must be in 1..", max_len, " (text_len ", text_len,
+              " + fmap_size ", fmap_size, "**2), got ", max_seq);
+  TORCH_CHECK(pos >= 0 && pos < max_seq, "pos must lie in [0, ", max_seq, "), got ", pos);
+  TORCH_CHECK(q.size(2) >= 1, "dim_head must be >= 1");
+  const KeySet keys = key_set(parse_pattern(pattern), pos, text_len, fmap_size, kernel_size, dilation);
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor qr = rows_contiguous(q), kr = rows_contiguous(k_cache), vr = rows_contiguous(v_cache);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "decode_attention",
+                                  [&] { run<scalar_t>(keys, qr, kr, vr, out, scale); });
+  return out;
+}
+
+}  // namespace dalle_engine
