@@ -14,7 +14,7 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       "sparse_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, str pattern, "
       "int text_len, int fmap_size, int kernel_size, int dilation, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
-      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int pos, str pattern, int text_len, int fmap_size, "
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, str pattern, int text_len, int fmap_size, "
       "int kernel_size, int dilation, float scale) -> Tensor");
 }
 

@@ -188,9 +188,14 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
-                            std::string_view pattern, int64_t text_len, int64_t fmap_size, int64_t kernel_size,
-                            int64_t dilation, double scale) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& pos_tensor, std::string_view pattern, int64_t text_len, int64_t fmap_size,
+                            int64_t kernel_size, int64_t dilation, double scale) {
+  TORCH_CHECK(pos_tensor.numel() == 1 && pos_tensor.device().is_cpu() &&
+                  at::isIntegralType(pos_tensor.scalar_type(), /*includeBool=*/false),
+              "pos must be a CPU integer tensor of one element, got ", pos_tensor.scalar_type(), " of shape ",
+              pos_tensor.sizes());
+  const int64_t pos = pos_tensor.item<int64_t>();
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "q must be (batch, heads, dim_head) and k_cache, v_cache one (batch, heads, max_seq, dim_head) shape, "
               "got ", q.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());

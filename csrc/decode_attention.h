@@ -13,8 +13,9 @@ namespace dalle_engine {
 // 0..pos (later slots are never read). CPU tensors of one dtype: float32, float64, bfloat16 or float16. Computes in
 // float32 (float64 for float64 inputs) and returns (batch, heads, dim_head) in q's dtype. Reads only the allowed keys,
 // so its cost does not depend on the prefix length beyond them.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
-                            std::string_view pattern, int64_t text_len, int64_t fmap_size, int64_t kernel_size,
-                            int64_t dilation, double scale);
+// pos is a one-element CPU integer tensor, so that a compiled decode step passes it without a graph break.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& pos, std::string_view pattern, int64_t text_len, int64_t fmap_size,
+                            int64_t kernel_size, int64_t dilation, double scale);
 
 }  // namespace dalle_engine

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DALLEConfig
+from engine.linear import Linear, linear
 from engine.sampling import sample_tokens
 from engine.transformer import KVCache, Transformer
 
@@ -31,7 +32,7 @@ class DALLE(nn.Module):
             vae.requires_grad_(False).eval()  # the VAE is frozen while DALL-E trains
         self.vae = vae
 
-        self.to_logits = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.total_tokens))
+        self.to_logits = nn.Sequential(nn.LayerNorm(c.dim), Linear(c.dim, c.total_tokens))
         if not c.share_input_output_emb:
             self.text_emb = nn.Embedding(c.num_text_tokens_internal, c.dim)
             self.image_emb = nn.Embedding(c.num_image_tokens, c.dim)
@@ -167,11 +168,11 @@ class DALLE(nn.Module):
         if image:
             x = self._embed_image(token)
             if not c.rotary_emb:
-                x = x + self._image_pos_emb()[pos - c.text_len]
+                x = x + self._image_pos_emb().index_select(0, (pos - c.text_len).view(1))
         else:
             x = self._embed_text(token)
             if not c.rotary_emb:
-                x = x + self.text_pos_emb.weight[pos]
+                x = x + self.text_pos_emb.weight.index_select(0, pos.view(1))
         return x[:, None]
 
     def _transform(self, tokens: torch.Tensor, cache: KVCache | None = None,
@@ -216,7 +217,7 @@ class DALLE(nn.Module):
         V = self.config.num_text_tokens_internal
         h = self.to_logits[0](x)
         weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
-        return F.linear(h, weight[V:], bias[V:]) if image else F.linear(h, weight[:V], bias[:V])
+        return linear(h, weight[V:], bias[V:]) if image else linear(h, weight[:V], bias[:V])
 
     def full_pass_logits(self, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """The next image code's logits over the image vocabulary by one full forward pass over caption + ``codes``:

@@ -30,13 +30,14 @@ def rotary_table(text_len: int, fmap_size: int, dim_head: int) -> torch.Tensor:
     return torch.cat([p.repeat_interleave(2, dim=-1) for p in parts], dim=-1).float()
 
 
-def apply_rotary(angles: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Rotate the first angles.shape[-1] features of x (..., seq, dim_head) pairwise; the rest pass through."""
-    rot = angles.shape[-1]
+def apply_rotary(rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rot features of x (..., seq, dim_head) pairwise by ``rotary = (cos, sin)`` of the angles
+    (seq, rot) (computed once per forward pass, not per layer); the rest pass through."""
+    cos, sin = rotary
+    rot = cos.shape[-1]
     if rot == 0:
         return x
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    angles = angles.to(x.dtype)
     pairs = x_rot.unflatten(-1, (-1, 2))
     rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return torch.cat([x_rot * angles.cos() + rotated_half * angles.sin(), x_pass], dim=-1)
+    return torch.cat([x_rot * cos.to(x.dtype) + rotated_half * sin.to(x.dtype), x_pass], dim=-1)

@@ -15,6 +15,7 @@ from torch import nn
 
 import kernels
 from engine.config import DALLEConfig
+from engine.linear import Linear
 from engine.rotary import apply_rotary, rotary_table
 
 
@@ -87,9 +88,9 @@ def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
 class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float, mult: int = 4):
         super().__init__()
-        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.proj_in = Linear(dim, dim * mult * 2)
         self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(dim * mult, dim)
+        self.proj_out = Linear(dim * mult, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj_in(x).chunk(2, dim=-1)  # GEGLU: first half times GELU(second half)
@@ -104,13 +105,13 @@ class Attention(nn.Module):
         self.geometry = dict(text_len=config.text_len, fmap_size=config.image_fmap_size,
                              kernel_size=config.conv_kernel_size, dilation=config.conv_dilation)
         inner = config.heads * config.dim_head
-        self.to_qkv = nn.Linear(config.dim, inner * 3, bias=False)
-        self.to_out = nn.Linear(inner, config.dim)
+        self.to_qkv = Linear(config.dim, inner * 3, bias=False)
+        self.to_out = Linear(inner, config.dim)
         self.dropout = nn.Dropout(config.attn_dropout)  # on the output, as in DALLE-pytorch
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (3, b, h, n, d)
         if rotary is not None:  # DALLE-pytorch rotates v as well; trained checkpoints depend on it
             qkv = apply_rotary(rotary, qkv)
         q, k, v = qkv.unbind(0)
@@ -124,7 +125,7 @@ class Attention(nn.Module):
                 cache.k[:, :, : k.shape[2]] = k
                 cache.v[:, :, : v.shape[2]] = v
             out = kernels.sparse_attention(q, k, v, pattern=self.pattern, **self.geometry)
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+        return self.dropout(self.to_out(out.transpose(1, 2).flatten(2)))
 
 
 class Branch(nn.Module):
@@ -189,10 +190,10 @@ class Transformer(nn.Module):
         Without ``cache``: the n positions from 0. With ``cache`` and no ``pos``: the same (a prefill), also writing
         the cache. With both: x is the one position ``pos`` (a 0-dim long tensor), attending to the cache.
         """
-        if self.rotary is None:
-            rotary = None
-        else:
-            rotary = self.rotary[: x.shape[1]] if pos is None else self.rotary[pos][None]
+        rotary = None
+        if self.rotary is not None:
+            angles = self.rotary[: x.shape[1]] if pos is None else self.rotary.index_select(0, pos.view(1))
+            rotary = (angles.cos(), angles.sin())
         calls = list(self._branch_kwargs(rotary, cache, pos))
         if not self.reversible:
             for layer, (attn_kwargs, ff_kwargs) in zip(self.layers, calls):
@@ -206,7 +207,7 @@ class Transformer(nn.Module):
             x = run_coupled(x, self.layers, calls)
         return torch.stack(x.chunk(2, dim=-1)).mean(dim=0)
 
-    def _branch_kwargs(self, rotary: torch.Tensor | None, cache: KVCache | None,
+    def _branch_kwargs(self, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
                        pos: torch.Tensor | None) -> Iterator[tuple[dict, dict]]:
         """Per layer, the keyword arguments of its attention and feed-forward branches."""
         for i in range(len(self.layers)):
@@ -217,7 +218,7 @@ class Transformer(nn.Module):
             if cache.rings is None:
                 yield {"rotary": rotary, "cache": kv}, {}
                 continue
-            weights = None if pos is None else self.shift_weights[pos]
+            weights = None if pos is None else self.shift_weights.index_select(0, pos.view(1))[0]
             ring_attn, ring_ff = cache.rings[i]
             yield ({"rotary": rotary, "cache": kv, "shift_state": ShiftState(ring_attn, pos, weights)},
                    {"shift_state": ShiftState(ring_ff, pos, weights)})

@@ -134,5 +134,6 @@ def decode_attention(
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return getattr(torch.ops, _NAMESPACE).decode_attention(q, k_cache, v_cache, int(pos), pattern, text_len,
+    pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)  # a tensor: no graph break when compiled
+    return getattr(torch.ops, _NAMESPACE).decode_attention(q, k_cache, v_cache, pos, pattern, text_len,
                                                            fmap_size, kernel_size, dilation, scale)

@@ -182,7 +182,7 @@ def test_public_api_dispatches_to_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_op_passes_opcheck() -> None:
     """Schema, fake (meta) implementation and dispatcher checks."""
     q, k, v = make_inputs(SMALL, 1, torch.float32)
-    args = (q[0], k, v, 11, "conv_like_centered", *kwargs(SMALL).values(), 0.25)
+    args = (q[0], k, v, torch.tensor(11), "conv_like_centered", *kwargs(SMALL).values(), 0.25)
     torch.library.opcheck(torch.ops.dalle_engine_cpu.decode_attention.default, args)
 
 

@@ -171,7 +171,8 @@ def test_reversible_gradients_match_plain_autograd():
         return [inp.grad] + [p.grad.clone() for p in model.transformer.parameters()]
 
     def plain(inp):
-        rotary = model.transformer.rotary[: inp.shape[1]]
+        angles = model.transformer.rotary[: inp.shape[1]]
+        rotary = (angles.cos(), angles.sin())
         calls = [({"rotary": rotary}, {})] * len(model.transformer.layers)
         y = run_coupled(torch.cat([inp, inp], dim=-1), model.transformer.layers, calls)
         return torch.stack(y.chunk(2, dim=-1)).mean(0)
