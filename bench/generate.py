@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.configs.split(","):
         for patterns in args.patterns.split(","):
             for batch in batches_for(name, args):
-                rows += bench(name, patterns, batch, args, device, dtype, timer)
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                case = bench(name, patterns, batch, args, device, dtype, timer)
+                print("\n".join(table(case).splitlines()[2:]), flush=True)
+                rows += case
     result = {"benchmark": "generate", **environment(device), "dtype": args.dtype,
               "configs": {name: CONFIGS[name] for name in args.configs.split(",")}, "pattern_sets": PATTERN_SETS,
               "timing": {"iters": args.iters, "positions": args.positions, "statistic": "median"},
