@@ -15,9 +15,13 @@ import torch
 __all__ = ["available", "decode_attention", "sparse_attention"]
 
 
+# Checked once without importing Triton: a constant is also what torch.compile can trace through.
+_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
-    """Whether Triton can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton can be imported."""
+    return _AVAILABLE
 
 
 def sparse_attention(
