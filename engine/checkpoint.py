@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
+from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
 from engine.tokenizers import Tokenizer, tokenizer_from_bytes
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.vqgan import VQGanConfig, VQGanVAE
@@ -31,6 +32,7 @@ _AUX_PREFIX = "__aux__."  # extra tensors, e.g. optimizer state for resuming; re
 VAE_CLASSES: dict[str, tuple[type, type]] = {
     "DiscreteVAE": (DiscreteVAE, DiscreteVAEConfig),
     "VQGanVAE": (VQGanVAE, VQGanConfig),
+    "OpenAIDiscreteVAE": (OpenAIDiscreteVAE, OpenAIDVAEConfig),
 }
 
 

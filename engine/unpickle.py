@@ -1,12 +1,17 @@
 """Restricted loading of ``torch.save`` files (e.g. taming's Lightning ``.ckpt``) without running pickled code.
 
 `safe_load` admits tensors, storages, dtypes and plain containers, and turns Lightning / OmegaConf / NumPy
-bookkeeping objects (callback state, hyper-parameters, numpy scalars) into inert `PickleStub`s. Anything else,
-e.g. ``os.system`` or an arbitrary class, is refused by name before a single byte is unpickled.
+bookkeeping objects (callback state, hyper-parameters, numpy scalars) and the modules of OpenAI's pickled dVAE
+(``dall_e`` classes and the torch.nn layers inside them) into inert `PickleStub`s that only keep their pickled
+state. Anything else, e.g. ``os.system`` or an arbitrary class, is refused by name before a single byte is
+unpickled.
 
 Two layers: a static scan of every global the pickle names (so refusals name the culprit and stubs can be made
 for the exact names found), then ``torch.load(weights_only=True)`` with only those stubs added, so torch's own
-restricted unpickler still enforces what may be called and built.
+restricted unpickler still enforces what may be called and built. The one exception is a legacy-format (non-zip)
+file of pickled modules: it records each module's class as a persistent id, which weights_only refuses, so it is
+read by torch's legacy loader through a ``pickle.Unpickler`` whose ``find_class`` hands out only what the scan
+admitted (the pickle documentation's "restricting globals").
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import io
 import os
 import pickle
 import pickletools
+import types
 import typing
+import warnings
 import zipfile
 from typing import IO, Any
 
@@ -25,6 +32,20 @@ import torch
 
 # Bookkeeping that Lightning checkpoints pickle next to the weights; replaced by inert stubs, never imported.
 STUB_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.")
+# OpenAI's encoder.pkl / decoder.pkl are whole pickled modules: exactly these classes become stubs whose state is the
+# module's __dict__ (_parameters, _modules, n_hid, vocab_size, ...), from which engine.openai_dvae takes the weights.
+STUB_NAMES = frozenset({
+    "dall_e.encoder.Encoder",
+    "dall_e.encoder.EncoderBlock",
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.linear.Identity",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.upsampling.Upsample",
+})
 
 # Real objects admitted besides torch's own weights_only set: harmless types that OmegaConf metadata and older
 # Lightning state refer to (calling them cannot run code).
@@ -55,7 +76,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class PickleStub:
-    """Inert stand-in for a Lightning / OmegaConf / NumPy object: keeps its arguments and state, runs no code."""
+    """Inert stand-in for a Lightning/OmegaConf/NumPy/dall_e object: keeps its arguments and state, runs no code."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PickleStub:
         return super().__new__(cls)
@@ -81,20 +102,44 @@ def safe_load(path: str | os.PathLike) -> Any:
     stubs, refused = [], []
     for module, name in sorted(_pickle_globals(path)):
         full = f"{module}.{name}"
-        if full.startswith(STUB_PREFIXES):
+        if full.startswith(STUB_PREFIXES) or full in STUB_NAMES:
             stubs.append(stub_class(module, name))
         elif not (full in _TENSOR_GLOBALS or full in _EXTRA_NAMES or _is_dtype_or_storage(module, name)):
             refused.append(full)
     if refused:
         raise UnsafePickleError(
             f"refusing to unpickle {os.fspath(path)}: it references {', '.join(refused)}, which could run code "
-            "(only tensors, containers and Lightning/OmegaConf/NumPy bookkeeping are allowed)"
+            "(only tensors, containers, Lightning/OmegaConf/NumPy bookkeeping and OpenAI dVAE modules are allowed)"
         )
+    if not zipfile.is_zipfile(path) and any(f"{s.__module__}.{s.__qualname__}" in STUB_NAMES for s in stubs):
+        return _load_legacy_modules(path, stubs)
     with torch.serialization.safe_globals([*stubs, *_EXTRA_GLOBALS]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafePickleError(f"refusing to unpickle {os.fspath(path)}: {e}") from e
+
+
+def _load_legacy_modules(path: str | os.PathLike, stubs: list[type[PickleStub]]) -> Any:
+    """A legacy-format file of pickled modules, whose globals `safe_load` has already checked (see module doc)."""
+    by_name = {f"{s.__module__}.{s.__qualname__}": s for s in stubs}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            module, name = _python3_name(module, name)
+            full = f"{module}.{name}"
+            if full in by_name:
+                return by_name[full]
+            if full in _TENSOR_GLOBALS or full in _EXTRA_NAMES or _is_dtype_or_storage(module, name):
+                return super().find_class(module, name)
+            raise UnsafePickleError(f"refusing to unpickle {os.fspath(path)}: it references {full}")
+
+    restricted = types.ModuleType("restricted_pickle")  # torch.load's pickle_module: Unpickler and load
+    restricted.Unpickler, restricted.load = Unpickler, lambda f, **kw: Unpickler(f, **kw).load()
+    with warnings.catch_warnings():
+        # torch compares each recorded module source with the class's; stubs have none, which is expected.
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
 
 
 def _is_dtype_or_storage(module: str, name: str) -> bool:
@@ -122,13 +167,14 @@ def _scan(f: IO[bytes], pickles: int) -> set[tuple[str, str]]:
     for _ in range(pickles):
         for op, arg, _pos in pickletools.genops(f):
             if op.name in ("GLOBAL", "INST"):
-                module, name = arg.split(" ", 1)
-                # Protocol <= 2 pickles use Python 2 names (__builtin__.set); map them back as the unpickler does.
-                if (module, name) in _compat_pickle.NAME_MAPPING:
-                    module, name = _compat_pickle.NAME_MAPPING[module, name]
-                else:
-                    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-                found.add((module, name))
+                found.add(_python3_name(*arg.split(" ", 1)))
             elif op.name == "STACK_GLOBAL":
                 raise ValueError("pickle protocol >= 4 is not supported (torch.save writes protocol 2)")
     return found
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    # Protocol <= 2 pickles use Python 2 names (__builtin__.set); map them back as the unpickler does.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[module, name]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
