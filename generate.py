@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import re
 import secrets
@@ -68,7 +69,8 @@ def top_k_arg(value: str) -> float | int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     positive_int = _number(int, lambda n: n >= 1, "an integer >= 1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dalle_path", required=True, help="checkpoint written by train.py")
+    p.add_argument("--dalle_path", required=True,
+                   help="checkpoint written by train.py, or a DALLE-pytorch dalle.pt (or its -ds-cp folder)")
     p.add_argument("--text", required=True, help="prompts separated by |")
     p.add_argument("--num_images", type=positive_int, default=128, help="images per prompt")
     p.add_argument("--batch_size", type=positive_int, default=4)
@@ -95,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="CUDA only: torch.compile the decode step (CUDA graphs)")
     p.add_argument("--outputs_dir", default="./outputs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    tok = p.add_argument_group("tokenizer (default: the one stored in the checkpoint)")
+    vqgan = p.add_argument_group("a DALLE-pytorch dalle.pt trained on a VQGAN other than taming's ImageNet f16-1024")
+    vqgan.add_argument("--vqgan_config_path", default=None, help="the VQGAN's yaml (the dalle.pt holds its weights)")
+    vqgan.add_argument("--vqgan_model_path", default=None, help="its .ckpt, if the dalle.pt lacks the weights")
+    tok = p.add_argument_group("tokenizer (default: the one stored in the checkpoint; CLIP's BPE for a dalle.pt)")
     tok.add_argument("--bpe_path", default=None)
     tok.add_argument("--hug", action="store_true")
     tok.add_argument("--chinese", action="store_true")
@@ -187,8 +192,10 @@ def load_prime(path: str, size: int, channels: int) -> torch.Tensor:
 
 def load_model(args: argparse.Namespace):
     try:
-        ckpt = load_dalle(args.dalle_path, device=args.device)
-    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError is a ValueError
+        ckpt = load_dalle(args.dalle_path, device=args.device, bpe_path=args.bpe_path, hug=args.hug,
+                          chinese=args.chinese, vqgan_model_path=args.vqgan_model_path,
+                          vqgan_config_path=args.vqgan_config_path)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
         fail(f"cannot load --dalle_path {args.dalle_path}: {e}")
     model = ckpt.model.eval()
     if model.vae is None:

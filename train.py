@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--taming", action="store_true", help="use a taming VQGAN (default: ImageNet f16 1024 codes)")
     src.add_argument("--vqgan_model_path", default=None, help=f"taming .ckpt (default {TAMING_DIR}/{TAMING_FILES[0]})")
     src.add_argument("--vqgan_config_path", default=None, help=f"its yaml (default {TAMING_DIR}/{TAMING_FILES[1]})")
-    src.add_argument("--dalle_path", default=None, help="checkpoint to resume from (model flags are then ignored)")
+    src.add_argument("--dalle_path", default=None, help="checkpoint to resume from, or a DALLE-pytorch dalle.pt to "
+                                                        "fine-tune (model flags are then ignored)")
     src.add_argument("--bpe_path", default=None, help="YouTokenToMe model (or tokenizer JSON with --hug)")
     src.add_argument("--hug", action="store_true")
     src.add_argument("--chinese", action="store_true")
@@ -123,8 +124,9 @@ class TokenizedShapes(Dataset):
         return self.tokenizer.tokenize([caption], self.text_len, self.truncate)[0], image
 
 
-def builtin_shapes(args: argparse.Namespace) -> ShapesDataset:
-    return ShapesDataset(args.num_samples, args.image_size, seed=args.seed, exclude=HELD_OUT)
+def builtin_shapes(args: argparse.Namespace, image_size: int | None = None) -> ShapesDataset:
+    """The built-in data, drawn at ``image_size`` (a resumed model's VAE size) or --image_size."""
+    return ShapesDataset(args.num_samples, image_size or args.image_size, seed=args.seed, exclude=HELD_OUT)
 
 
 def sample_captions(args: argparse.Namespace, limit: int = 20000) -> list[str]:
@@ -154,7 +156,8 @@ def build_data(args, tokenizer: Tokenizer, config: DALLEConfig, image_size: int)
     common = dict(tokenizer=tokenizer, text_len=config.text_seq_len, image_size=image_size,
                   truncate_captions=args.truncate_captions, resize_ratio=args.resize_ratio, seed=args.seed)
     if args.image_text_folder is None:
-        return TokenizedShapes(builtin_shapes(args), tokenizer, config.text_seq_len, args.truncate_captions)
+        return TokenizedShapes(builtin_shapes(args, image_size), tokenizer, config.text_seq_len,
+                               args.truncate_captions)
     if args.wds:
         keys = args.wds.split(",")
         if len(keys) != 2:
@@ -287,7 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.distributed.barrier()
         return built if rank == 0 else load()
 
-    resumed = load_dalle(args.dalle_path) if args.dalle_path else None
+    resumed = None
+    if args.dalle_path:  # this engine's checkpoint, or a DALLE-pytorch dalle.pt to fine-tune
+        resumed = load_dalle(args.dalle_path, vqgan_model_path=args.vqgan_model_path,
+                             vqgan_config_path=args.vqgan_config_path, bpe_path=args.bpe_path, hug=args.hug,
+                             chinese=args.chinese)
     if resumed is not None:
         model, tokenizer = resumed.model, resumed.tokenizer
         if tokenizer is None:

@@ -131,7 +131,14 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ext
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu", **dalle_pytorch_options) -> Checkpoint:
+    """A checkpoint written by ``save_dalle``, or a DALLE-pytorch ``dalle.pt`` (or its DeepSpeed folder), imported by
+    ``engine.dalle_pytorch.load_dalle_pytorch`` with ``dalle_pytorch_options`` (vqgan and tokenizer choices; unused
+    for this engine's own files, which store their tokenizer)."""
+    from engine.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch  # it imports this module
+
+    if is_dalle_pytorch_checkpoint(path):
+        return load_dalle_pytorch(path, device, **dalle_pytorch_options)
     metadata, tensors = _read(path, "dalle")
     config = DALLEConfig.from_dict(json.loads(metadata["config"]))
     vae = _build_vae(metadata) if "vae_class" in metadata else None
