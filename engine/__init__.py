@@ -1,6 +1,16 @@
 """DALL-E engine: model, VAEs, tokenizers, checkpoints and sampling."""
 
-from engine.checkpoint import Checkpoint, CheckpointError, load_dalle, load_vae, save_dalle, save_vae
+from engine.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_clip,
+    load_dalle,
+    load_vae,
+    save_clip,
+    save_dalle,
+    save_vae,
+)
+from engine.clip import CLIP, CLIPConfig
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
 from engine.tokenizers import (
@@ -19,5 +29,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DALLE", "DALLEConfig", "DiscreteVAE", "DiscreteVAEConfig", "Tokenizer", "SimpleTokenizer", "YttmTokenizer",
     "HugTokenizer", "ChineseTokenizer", "build_tokenizer", "tokenizer_from_bytes", "save_dalle", "load_dalle",
-    "save_vae", "load_vae", "Checkpoint", "CheckpointError",
+    "save_vae", "load_vae", "Checkpoint", "CheckpointError", "CLIP", "CLIPConfig", "save_clip", "load_clip",
 ]

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from engine.clip import CLIP, CLIPConfig
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
 from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
@@ -42,7 +43,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    model: torch.nn.Module  # a DALLE, or a VAE for VAE checkpoints
+    model: torch.nn.Module  # a DALLE, a CLIP, or a VAE for VAE checkpoints
     tokenizer: Tokenizer | None
     extra: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -68,6 +69,17 @@ def save_dalle(
     if model.vae is not None:
         metadata.update(_vae_metadata(model.vae))
     tensors = {**_unique_state(model, state_dict), **_aux_tensors(aux)}
+    if tokenizer is not None:
+        metadata["tokenizer_kind"] = tokenizer.kind
+        tensors[_TOKENIZER_KEY] = torch.frombuffer(bytearray(tokenizer.to_bytes()), dtype=torch.uint8)
+    _write(path, tensors, metadata, extra)
+
+
+def save_clip(path: str | os.PathLike, clip: CLIP, tokenizer: Tokenizer | None = None,
+              extra: dict[str, Any] | None = None, aux: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `clip` and the `tokenizer` its captions come from to one self-contained file, atomically."""
+    metadata = {"kind": "clip", "config": json.dumps(clip.config.to_dict())}
+    tensors = {**_unique_state(clip), **_aux_tensors(aux)}
     if tokenizer is not None:
         metadata["tokenizer_kind"] = tokenizer.kind
         tensors[_TOKENIZER_KEY] = torch.frombuffer(bytearray(tokenizer.to_bytes()), dtype=torch.uint8)
@@ -143,6 +155,17 @@ def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu", **da
     config = DALLEConfig.from_dict(json.loads(metadata["config"]))
     vae = _build_vae(metadata) if "vae_class" in metadata else None
     model = DALLE(config, vae)
+    _load_state(model, tensors, path)
+    tokenizer = None
+    if _TOKENIZER_KEY in tensors:
+        tokenizer = tokenizer_from_bytes(metadata["tokenizer_kind"], tensors[_TOKENIZER_KEY].numpy().tobytes())
+    return Checkpoint(model.to(device), tokenizer, json.loads(metadata["extra"]), _aux_from(tensors))
+
+
+def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint written by ``save_clip``."""
+    metadata, tensors = _read(path, "clip")
+    model = CLIP(CLIPConfig.from_dict(json.loads(metadata["config"])))
     _load_state(model, tensors, path)
     tokenizer = None
     if _TOKENIZER_KEY in tensors:

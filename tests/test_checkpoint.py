@@ -14,6 +14,7 @@ import engine.checkpoint as checkpoint
 from engine.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
 from engine.dalle import DALLE
 from engine.tokenizers import SimpleTokenizer
+from engine.unpickle import UnsafePickleError
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
 
@@ -78,11 +79,25 @@ def test_vae_round_trip(tmp_path):
         load_dalle(tmp_path / "vae.safetensors")
 
 
-def test_loading_executes_no_pickle(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"weights": {}}, path)
-    with pytest.raises(CheckpointError, match="pickle"):
-        load_dalle(path)
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_loading_executes_no_pickle(tmp_path, monkeypatch):
+    """A pickle is never run: a torch.save file, whatever its name, is only read as a DALLE-pytorch checkpoint,
+    through the restricted unpickler, which refuses code by name."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"hparams": {}, "weights": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system"):
+        load_dalle(tmp_path / "evil.pt")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a DALLE-pytorch dalle.pt"):
+        load_dalle(tmp_path / "other.pt")
+    (tmp_path / "evil.safetensors").write_bytes((tmp_path / "evil.pt").read_bytes())
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system"):
+        load_dalle(tmp_path / "evil.safetensors")
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("keep", [0, 7, 100, -50])
