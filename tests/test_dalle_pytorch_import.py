@@ -1,8 +1,9 @@
 """DALLE-pytorch checkpoints load into this engine with DALLE-pytorch's logits.
 
 The fixtures (tests/fixtures/dalle_pytorch, built by its make_fixtures.py) are tiny DALLE-pytorch 1.6.6 models (one
-with 1.4.2's conv_like) saved as train_dalle.py saves them, with DALLE-pytorch's own logits for fixed captions and
-image codes. Tolerance: 1e-5 relative and absolute on fp32 logits of magnitude ~1-10 (measured: < 5e-7); checkpoints
+with 1.4.2's conv_like; two with a tiny VQGanVAE or OpenAIDiscreteVAE instead of a DiscreteVAE, with the codes those
+give fixed images) saved as train_dalle.py saves them, with DALLE-pytorch's own logits for fixed captions and image
+codes. Tolerance: 1e-5 relative and absolute on fp32 logits of magnitude ~1-10 (measured: < 5e-7); checkpoints
 stored in fp16 are compared with DALLE-pytorch's logits of the same fp16 weights up-cast to fp32, so the same
 tolerance holds.
 """
@@ -22,6 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "dalle_pytorch"
 TOKENIZER = dict(bpe_path=FIXTURES / "tokenizer.json", hug=True)
 NAMES = ["rotary_shift_mixed", "fp16_shared", "v142_reversible_conv"]
 REFERENCE = load_file(FIXTURES / "reference.safetensors")
+VQGAN_YAML = FIXTURES / "vqgan.yaml"
 
 
 def load(path, **kwargs):
@@ -204,39 +206,70 @@ def test_dispatch_and_conversion(tmp_path):
     assert not is_dalle_pytorch_checkpoint(tmp_path / "absent.pt")
 
 
-TINY_VQGAN_YAML = """\
-model:
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: 8
-    n_embed: 16
-    ddconfig: {double_z: false, z_channels: 8, resolution: 256, in_channels: 3, out_ch: 3, ch: 32,
-               ch_mult: [1, 1, 1, 1, 1, 1, 1], num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
-"""
+def enlarge(images: torch.Tensor) -> torch.Tensor:
+    """A reference's [0, 255] 32x32 images -> the 256 px images its codes are for, as make_fixtures.py enlarges them."""
+    return images.float().div(255).repeat_interleave(8, 2).repeat_interleave(8, 3)
 
 
-def test_vqgan_weights_come_from_the_checkpoint_and_its_config_from_the_yaml(tmp_path):
-    """A VQGanVAE model: the taming module under vae.model. (with its training losses), config from --vqgan_config_path
-    (DALLE-pytorch fixes the image size at 256: a 64x downsampling gives the fixtures' 4x4 grid)."""
-    from engine.vqgan import VQGanConfig, VQGanVAE
+def assert_vae_is_the_source(ckpt, name: str, prefix: str) -> None:
+    """The loaded VAE holds exactly the fixture's VAE weights (under ``prefix``, less taming's training losses) and
+    gives the codes the source VAE gave the reference images."""
+    stored = safe_load(FIXTURES / f"{name}.pt")["weights"]
+    expected = {k[len(prefix):]: v for k, v in stored.items()
+                if k.startswith(prefix) and not k.startswith(f"{prefix}loss.")}
+    loaded = ckpt.model.vae.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    codes = ckpt.model.vae.get_codebook_indices(enlarge(REFERENCE[f"{name}.images"]))
+    assert torch.equal(codes, REFERENCE[f"{name}.codes"])
 
-    yaml_path = tmp_path / "model.yaml"
-    yaml_path.write_text(TINY_VQGAN_YAML)
-    vqgan = VQGanVAE(VQGanConfig.from_yaml(yaml_path, image_size=256))
 
-    def swap_vae(ckpt):
-        weights = {k: v for k, v in ckpt["weights"].items() if not k.startswith("vae.")}
-        weights.update({f"vae.model.{k}": v.half() for k, v in vqgan.state_dict().items()})
-        weights["vae.model.loss.discriminator.main.0.weight"] = torch.zeros(2)
-        ckpt.update(weights=weights, vae_params=None, vae_class_name="VQGanVAE")
+def test_vqgan_model(tmp_path):
+    """A VQGanVAE model: the taming module under vae.model. (with some of its training losses' tensors), its config
+    from --vqgan_config_path at DALLE-pytorch's 256 px: a 64x downsampling gives a 4x4 grid."""
+    from engine.vqgan import VQGanConfig
 
-    path = resave(tmp_path, "fp16_shared", swap_vae)
-    ckpt = load(path, vqgan_config_path=yaml_path)
-    for k, v in vqgan.state_dict().items():
-        assert torch.equal(ckpt.model.vae.state_dict()[k], v.half().float()), k
-    assert_reference_logits(ckpt.model, "fp16_shared")  # given codes, the logits do not depend on the VAE
+    ckpt = load(FIXTURES / "vqgan_f64.pt", vqgan_config_path=VQGAN_YAML)
+    assert ckpt.model.vae.config == VQGanConfig.from_yaml(VQGAN_YAML, image_size=256)
+    assert (ckpt.model.config.num_image_tokens, ckpt.model.config.image_fmap_size) == (16, 4)
+    assert ckpt.extra["vae_class_name"] == "VQGanVAE"
+    assert_reference_logits(ckpt.model, "vqgan_f64")  # given codes, the logits do not depend on the VAE
+    assert_vae_is_the_source(ckpt, "vqgan_f64", "vae.model.")
+    # Without the yaml: DALLE-pytorch's default f16-1024 VQGAN, which the tiny weights do not fit.
     with pytest.raises(CheckpointError, match="--vqgan_config_path"):
-        load(path)
+        load(FIXTURES / "vqgan_f64.pt")
+    # Before 1.1.6 the class is not named; vae.model. keys tell it.
+    ckpt = load(resave(tmp_path, "vqgan_f64", lambda c: c.pop("vae_class_name")), vqgan_config_path=VQGAN_YAML)
+    assert ckpt.extra["vae_class_name"] == "VQGanVAE"
+    assert_reference_logits(ckpt.model, "vqgan_f64")
+
+
+def test_openai_dvae_model(tmp_path):
+    """An OpenAIDiscreteVAE model: dall_e's modules under vae.enc. / vae.dec., the dVAE's sizes read from them, its
+    image size DALLE-pytorch's 256 px: a 32x32 grid, 1,032 positions, of which the reference keeps 48 + 16."""
+    from engine.openai_dvae import OpenAIDVAEConfig
+
+    def assert_logits(model):
+        model.eval()
+        with torch.no_grad():
+            logits = model(REFERENCE["openai_dvae.text"], REFERENCE["openai_dvae.codes"])
+        assert logits.shape[1] == 1032
+        head, tail = REFERENCE["openai_dvae.logits_head"], REFERENCE["openai_dvae.logits_tail"]
+        torch.testing.assert_close(logits[:, :head.shape[1]], head, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[:, -tail.shape[1]:], tail, rtol=1e-5, atol=1e-5)
+
+    ckpt = load(FIXTURES / "openai_dvae.pt")
+    assert ckpt.model.vae.config == OpenAIDVAEConfig(n_hid=4, n_blk_per_group=2, vocab_size=32, n_init=8,
+                                                     group_count=4, image_size=256)
+    assert (ckpt.model.config.num_image_tokens, ckpt.model.config.image_fmap_size) == (32, 32)
+    assert ckpt.extra["vae_class_name"] == "OpenAIDiscreteVAE"
+    assert_logits(ckpt.model)
+    assert_vae_is_the_source(ckpt, "openai_dvae", "vae.")
+    # Before 1.1.6 the class is not named; no vae_params and no vae.model. keys tell it.
+    ckpt = load(resave(tmp_path, "openai_dvae", lambda c: c.pop("vae_class_name")))
+    assert ckpt.extra["vae_class_name"] == "OpenAIDiscreteVAE"
+    assert_logits(ckpt.model)
 
 
 def test_openai_dvae_config_is_read_from_the_weights():
