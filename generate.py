@@ -5,7 +5,9 @@
 For every prompt, writes OUTPUTS_DIR/<prompt>/ holding <i>.jpg, grid.jpg (all the images), caption.txt and
 settings.json (every setting, each image's log-likelihood score, the speed). Everything is checked before anything is
 generated, and each folder is written under a temporary name and renamed into place, so it appears complete or not at
-all. With --rerank, 0.jpg is the image the model finds most likely given its caption.
+all. With --rerank, 0.jpg is the image the model finds most likely given its caption. With --clip_path, every image is
+scored by that CLIP and they are written best first (0.jpg: the highest CLIP score); --keep K writes only the best K
+of the --num_images candidates (by the model's likelihood when there is no CLIP).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from engine.checkpoint import load_dalle
+from engine.checkpoint import load_clip, load_dalle
 from engine.data import load_image, random_resized_crop
 from engine.tokenizers import build_tokenizer
 
@@ -92,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="let the model complete each prompt into a caption first (an empty prompt: from scratch)")
     p.add_argument("--rerank", action="store_true",
                    help="write the images best first, by the model's likelihood of each given its caption")
+    p.add_argument("--clip_path", default=None,
+                   help="a CLIP checkpoint (engine.save_clip): write the images best first by its score")
+    p.add_argument("--keep", type=positive_int, default=None,
+                   help="write only the best K of the --num_images candidates: by --clip_path's score, else by the "
+                        "model's likelihood (as --rerank) (default: all of them)")
     p.add_argument("--no_cache", action="store_true",
                    help="a full forward pass per token instead of the KV cache (the slow reference, for checking)")
     p.add_argument("--compile", action="store_true", help="CUDA only: torch.compile the decode step (CUDA graphs)")
@@ -115,6 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if args.num_init_img_tokens is not None and args.img is None:
         p.error("--num_init_img_tokens needs --img")
+    if args.rerank and args.clip_path is not None:
+        p.error("--rerank ranks by the model's likelihood, --clip_path by the CLIP's score: pass one of them")
+    if args.keep is None:
+        args.keep = args.num_images
+    elif args.keep > args.num_images:
+        p.error(f"--keep {args.keep} is more than the --num_images {args.num_images} candidates")
+    elif args.clip_path is None:
+        args.rerank = True  # keeping the best K needs a ranking; without a CLIP, the model's own
     return args
 
 
@@ -214,19 +229,61 @@ def load_model(args: argparse.Namespace):
     return model, tokenizer
 
 
+def caption_ids(prompt: str, tokenizer, length: int, truncate: bool, whose: str) -> torch.Tensor:
+    """The prompt's token ids, at most `length` of them (more is an error unless `truncate`)."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if len(ids) > length and not truncate:
+        fail(f"prompt {_show(prompt)} has {len(ids)} tokens, more than {whose} caption length {length}; "
+             "shorten it or pass --truncate_captions")
+    if prompt and not ids:
+        fail(f"prompt {_show(prompt)} has no tokens with {whose} tokenizer")
+    return torch.tensor(ids[:length], dtype=torch.long)
+
+
 def encode_prompts(prompts: list[str], tokenizer, length: int, args: argparse.Namespace) -> list[torch.Tensor]:
     """Each prompt as a (1, length) caption padded with 0, or with --gentxt as an unpadded (1, n) prefix."""
     encoded = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt) if prompt else []
-        if len(ids) > length and not args.truncate_captions:
-            fail(f"prompt {_show(prompt)} has {len(ids)} tokens, more than the model's caption length {length}; "
-                 "shorten it or pass --truncate_captions")
-        if prompt and not ids:
-            fail(f"prompt {_show(prompt)} has no tokens with this tokenizer")
-        ids = torch.tensor(ids[:length], dtype=torch.long)
+        ids = caption_ids(prompt, tokenizer, length, args.truncate_captions, "the model's")
         encoded.append((ids if args.gentxt else F.pad(ids, (0, length - len(ids))))[None].to(args.device))
     return encoded
+
+
+def load_reranker(args: argparse.Namespace, prompts: list[str], dalle_tokenizer, vae):
+    """The --clip_path CLIP and the tokenizer of its captions (its own, else the DALL-E's), checked against the
+    prompts and the VAE's images."""
+    try:
+        ckpt = load_clip(args.clip_path, device=args.device)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # CheckpointError is a ValueError
+        fail(f"cannot load --clip_path {args.clip_path}: {e}")
+    clip, c = ckpt.model.eval(), ckpt.model.config
+    tokenizer = dalle_tokenizer if ckpt.tokenizer is None else ckpt.tokenizer
+    if tokenizer.vocab_size > c.num_text_tokens:
+        source = "the DALL-E's tokenizer (the CLIP file stores none)" if ckpt.tokenizer is None else "its tokenizer"
+        fail(f"--clip_path {args.clip_path}: the CLIP has {c.num_text_tokens} text tokens but {source} has "
+             f"{tokenizer.vocab_size}")
+    if c.channels != vae.channels:
+        fail(f"--clip_path {args.clip_path}: the CLIP takes {c.channels}-channel images, the VAE makes "
+             f"{vae.channels}-channel ones")
+    for prompt in prompts:  # --gentxt completions are checked as far as they can be: their prefix
+        caption_ids(prompt, tokenizer, c.text_seq_len, args.truncate_captions, "the CLIP's")
+    return clip, tokenizer
+
+
+def clip_scores(clip, tokenizer, caption: str, images: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """The CLIP's score (n,) of each uint8 image (n, c, h, w) for `caption`, --batch_size images at a time.
+    The caption is cut to the CLIP's length: an over-long prompt was refused up front without --truncate_captions,
+    and the length of a --gentxt completion is no flag's to choose (nor is it checked, as it must not fail midway)."""
+    size, length = clip.config.visual_image_size, clip.config.text_seq_len
+    ids = tokenizer.encode(caption)[:length] if caption else []
+    text = F.pad(torch.tensor(ids, dtype=torch.long), (0, length - len(ids)))[None].to(args.device)
+    scores = []
+    for chunk in images.split(args.batch_size):
+        chunk = chunk.to(args.device).float() / 255  # the pixels as written, in the CLIP's [0, 1]
+        if chunk.shape[-1] != size:
+            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        scores.append(clip.similarity(text, chunk).float().cpu())
+    return torch.cat(scores)
 
 
 def sample_images(model, text: torch.Tensor, prime: torch.Tensor | None, options: dict, args: argparse.Namespace,
@@ -292,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
         if num_init >= c.image_seq_len:
             fail(f"--num_init_img_tokens must be less than the model's {c.image_seq_len} image tokens, got {num_init}")
         prime = load_prime(args.img, model.vae.image_size, model.vae.channels).to(args.device)
+    clip = clip_tokenizer = None
+    if args.clip_path is not None:
+        clip, clip_tokenizer = load_reranker(args, prompts, tokenizer, model.vae)
 
     step_fn = None
     if args.compile:
@@ -320,10 +380,15 @@ def main(argv: list[str] | None = None) -> None:
             text = model.generate_texts(text, **text_options, seed=seed)
             caption = tokenizer.decode(text[0]).strip()
         images, scores = sample_images(model, text, prime, image_options, args, seed, desc=caption[:40])
-        elapsed = time.perf_counter() - started
-        if args.rerank:
+        similarities, order = None, torch.arange(len(images))
+        if clip is not None:
+            similarities = clip_scores(clip, clip_tokenizer, caption, images, args)
+            order = similarities.argsort(descending=True, stable=True)
+        elif args.rerank:
             order = scores.argsort(descending=True, stable=True)
-            images, scores = images[order], scores[order]
+        order = order[: args.keep]
+        images, scores = images[order], scores[order]
+        elapsed = time.perf_counter() - started
         settings = dict(
             prompt=prompt, caption=caption, caption_tokens=int((text != 0).sum()), caption_length=c.text_seq_len,
             checkpoint=str(Path(args.dalle_path).resolve()), tokenizer=type(tokenizer).__name__,
@@ -331,13 +396,15 @@ def main(argv: list[str] | None = None) -> None:
             filter_thres=filter_thres, top_k=top_k, top_p=args.top_p, temperature=args.temperature,
             cond_scale=args.cond_scale, img=None if prime is None else str(Path(args.img).resolve()),
             num_init_img_tokens=num_init, truncate_captions=args.truncate_captions, gentxt=args.gentxt,
-            rerank=args.rerank,
+            rerank=args.rerank, clip=None if clip is None else str(Path(args.clip_path).resolve()), keep=args.keep,
             use_cache=not args.no_cache, compile=step_fn is not None,
             images=[f"{i}.jpg" for i in range(len(images))], scores=scores.tolist(),  # log p(image | caption)
-            elapsed_s=round(elapsed, 3), images_per_s=round(len(images) / elapsed, 3),
+            clip_scores=None if similarities is None else similarities[order].tolist(),
+            elapsed_s=round(elapsed, 3), images_per_s=round(args.num_images / elapsed, 3),  # candidates, CLIP included
         )
         dest = write_prompt_dir(outputs_dir, unique_name(prompt_dir_name(caption), used), images, caption, settings)
-        print(f"wrote {len(images)} images, grid.jpg and settings.json to {dest}")
+        best = f" (the best of {args.num_images})" if args.keep < args.num_images else ""
+        print(f"wrote {len(images)} images{best}, grid.jpg and settings.json to {dest}")
 
 
 if __name__ == "__main__":

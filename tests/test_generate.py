@@ -4,14 +4,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_batch
 from PIL import Image
 from test_checkpoint import tiny_dalle
+from test_clip import tiny_clip
 
 import generate
-from engine.checkpoint import load_dalle, save_dalle
+from engine.checkpoint import load_dalle, save_clip, save_dalle
+from engine.clip import CLIP, CLIPConfig
+from engine.dalle import DALLE
 from engine.tokenizers import YttmTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +77,13 @@ def test_classifier_free_guidance_uses_a_separate_null_caption(model):
 # The tiny model: captions of 5 tokens, 16 image tokens on a 4x4 grid, 16x16 RGB images.
 
 
+CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    captions = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
-    tokenizer = YttmTokenizer.train(captions * 20, vocab_size=60, model_path=folder / "bpe.model")
+    tokenizer = YttmTokenizer.train(CAPTIONS * 20, vocab_size=60, model_path=folder / "bpe.model")
     torch.manual_seed(0)
     save_dalle(folder / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size), tokenizer)
     (folder / "bpe.model").unlink()  # the checkpoint alone must be enough
@@ -180,6 +186,12 @@ def test_rerank_writes_the_most_likely_first(ckpt, tmp_path):
     order = sorted(range(3), key=lambda i: -plain["scores"][i])
     images = jpgs(tmp_path / "plain" / "a_red_cube")
     assert jpgs(tmp_path / "ranked" / "a_red_cube") == [images[i] for i in order]
+    # --keep without --clip_path keeps the most likely.
+    gen(ckpt, tmp_path / "kept", "--keep", "2", num_images=3)
+    kept = settings(tmp_path / "kept" / "a_red_cube")
+    assert kept["rerank"] and kept["keep"] == 2 and kept["clip"] is None and kept["clip_scores"] is None
+    assert kept["scores"] == ranked["scores"][:2] and kept["images"] == ["0.jpg", "1.jpg"]
+    assert jpgs(tmp_path / "kept" / "a_red_cube") == jpgs(tmp_path / "ranked" / "a_red_cube")[:2]
 
 
 def test_gentxt_completes_a_prefix_or_samples_from_scratch(ckpt, tmp_path):
@@ -239,9 +251,107 @@ def test_interrupt_leaves_no_partial_folder(ckpt, tmp_path, monkeypatch):
     assert jpgs(tmp_path / "a_blue_ball") == before and settings(tmp_path / "a_blue_ball")["seed"] == 0
 
 
+def colour_clip(tokenizer, **overrides) -> CLIP:
+    """A CLIP set by hand, its transformers off (all weights 0, LayerScale included): an image's latent is
+    (mean red - mean blue, 1), a caption's (the count of its tokens only in "a red cube" - those only in "a blue
+    ball", 0). So "a red cube" scores a solid red image above any other, "a blue ball" below any other."""
+    c = CLIPConfig(**{**dict(dim_text=8, dim_image=8, dim_latent=8, num_text_tokens=tokenizer.vocab_size,
+                             text_enc_depth=1, text_seq_len=5, text_heads=1, visual_enc_depth=1, visual_heads=1,
+                             visual_image_size=16, visual_patch_size=8), **overrides})
+    clip = CLIP(c)
+    red, blue = (set(tokenizer.encode(caption)) for caption in ("a red cube", "a blue ball"))
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.zero_()
+        clip.text_emb.weight[sorted(red - blue), 0] = 1
+        clip.text_emb.weight[sorted(blue - red), 0] = -1
+        clip.to_text_latent.weight[0, 0] = 1
+        pixels = c.visual_patch_size**2
+        clip.to_visual_embedding.weight[0, 0::c.channels] = 1 / pixels  # patches are (p1 p2 c): channel fastest
+        clip.to_visual_embedding.weight[0, 2::c.channels] = -1 / pixels
+        clip.to_visual_embedding.bias[1] = 1
+        clip.to_visual_latent.weight[:2, :2] = torch.eye(2)
+    return clip
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    """Candidate 2 (with --seed 0 --batch_size 2) of every prompt is a solid red image, among the model's own."""
+    generate_images = DALLE.generate_images
+
+    def planting(self, text, *, seed, **options):
+        images, scores = generate_images(self, text, seed=seed, **options)
+        if seed == 2:
+            images[0] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+        return images, scores
+
+    monkeypatch.setattr(DALLE, "generate_images", planting)
+
+
+def is_red(path: Path) -> bool:
+    r, g, b = np.asarray(Image.open(path).convert("RGB"), dtype=float).mean(axis=(0, 1))
+    return r > 250 and g < 5 and b < 5
+
+
+def test_clip_writes_the_best_match_first(ckpt, tmp_path, planted, monkeypatch):
+    clip_path = tmp_path / "clip.safetensors"
+    save_clip(clip_path, colour_clip(load_dalle(ckpt).tokenizer))  # no tokenizer stored: the DALL-E's is used
+    similarity, batches = CLIP.similarity, []
+
+    def counting(self, text, images):
+        batches.append(len(images))
+        return similarity(self, text, images)
+
+    monkeypatch.setattr(CLIP, "similarity", counting)
+    both = dict(text="a red cube|a blue ball", num_images=4)
+    gen(ckpt, tmp_path / "plain", "--batch_size", "2", **both)
+    gen(ckpt, tmp_path / "clip", "--batch_size", "2", "--clip_path", str(clip_path), **both)
+    assert batches == [2, 2, 2, 2]  # --batch_size candidates at a time, each prompt
+    for name, planted_at in (("a_red_cube", 0), ("a_blue_ball", 3)):
+        plain, ranked = settings(tmp_path / "plain" / name), settings(tmp_path / "clip" / name)
+        assert ranked["clip"] == str(clip_path.resolve()) and ranked["keep"] == 4 and not ranked["rerank"]
+        assert len(ranked["clip_scores"]) == 4 and ranked["clip_scores"] == sorted(ranked["clip_scores"], reverse=True)
+        images = jpgs(tmp_path / "plain" / name)
+        order = [images.index(image) for image in jpgs(tmp_path / "clip" / name)]
+        assert sorted(order) == [0, 1, 2, 3] and order[planted_at] == 2
+        assert ranked["scores"] == [plain["scores"][i] for i in order]  # the likelihoods follow their images
+        assert is_red(tmp_path / "clip" / name / f"{planted_at}.jpg")
+    gen(ckpt, tmp_path / "best", "--batch_size", "2", "--clip_path", str(clip_path), "--keep", "1", **both)
+    folder = tmp_path / "best" / "a_red_cube"
+    assert sorted(p.name for p in folder.iterdir()) == ["0.jpg", "caption.txt", "grid.jpg", "settings.json"]
+    assert is_red(folder / "0.jpg") and Image.open(folder / "grid.jpg").size == (20, 20)
+    best, ranked = settings(folder), settings(tmp_path / "clip" / "a_red_cube")
+    assert best["keep"] == 1 and best["images"] == ["0.jpg"]
+    assert best["clip_scores"] == ranked["clip_scores"][:1] and best["scores"] == ranked["scores"][:1]
+
+
+@pytest.mark.parametrize("own_tokenizer, size, flags", [
+    (True, 8, []),  # its tokenizer makes 6 tokens of "a red cube", more than the DALL-E's caption length 5
+    (False, 32, ["--truncate_captions"]),  # with the DALL-E's tokenizer, cut to "a red"
+])
+def test_clip_with_its_own_tokenizer_caption_length_and_image_size(ckpt, tmp_path, planted, own_tokenizer, size,
+                                                                    flags):
+    if own_tokenizer:
+        tokenizer = YttmTokenizer.train(CAPTIONS * 20, vocab_size=30, model_path=tmp_path / "bpe.model")
+        clip = colour_clip(tokenizer, visual_image_size=size, text_seq_len=8)
+    else:
+        tokenizer, clip = None, colour_clip(load_dalle(ckpt).tokenizer, visual_image_size=size, text_seq_len=2)
+    save_clip(tmp_path / "clip.safetensors", clip, tokenizer)
+    gen(ckpt, tmp_path / "out", "--batch_size", "2", "--clip_path", str(tmp_path / "clip.safetensors"),
+        "--keep", "2", *flags, num_images=4)
+    folder = tmp_path / "out" / "a_red_cube"
+    assert is_red(folder / "0.jpg") and not is_red(folder / "1.jpg") and not (folder / "2.jpg").exists()
+    scores = settings(folder)["clip_scores"]
+    assert len(scores) == 2 and scores[0] > scores[1]
+
+
 @pytest.fixture
 def bad_files(ckpt, tmp_path):
     (tmp_path / "text.txt").write_text("not an image, not a checkpoint")
+    (tmp_path / "dalle.safetensors").write_bytes(ckpt.read_bytes())
+    save_clip(tmp_path / "clip_small_vocab.safetensors", tiny_clip())  # 32 tokens, the DALL-E's tokenizer 38
+    save_clip(tmp_path / "clip_grey.safetensors", tiny_clip(num_text_tokens=60, channels=1))
+    save_clip(tmp_path / "clip_short.safetensors", tiny_clip(num_text_tokens=60, text_seq_len=2))
     Image.new("RGB", (16, 16)).save(tmp_path / "prime.png")
     buf = tmp_path / "prime.jpg"
     Image.effect_noise((64, 64), 50).convert("RGB").save(buf)
@@ -277,6 +387,17 @@ TOO_LONG = "a red cube " * 3
     (["--num_images", "0"], "--num_images"),
     (["--batch_size", "0"], "--batch_size"),
     (["--device", "nonsense"], "--device"),
+    (["--clip_path", "missing.safetensors"], "--clip_path"),
+    (["--clip_path", "text.txt"], "--clip_path"),
+    (["--clip_path", "corrupt.safetensors"], "--clip_path"),
+    (["--clip_path", "dalle.safetensors"], "--clip_path"),  # a DALL-E checkpoint, not a CLIP
+    (["--clip_path", "clip_small_vocab.safetensors"], "the DALL-E's tokenizer (the CLIP file stores none) has 38"),
+    (["--clip_path", "clip_grey.safetensors"], "1-channel"),
+    (["--clip_path", "clip_short.safetensors"], "the CLIP's caption length 2"),
+    (["--clip_path", "clip_short.safetensors", "--rerank"], "--rerank"),
+    (["--keep", "0"], "--keep"),
+    (["--keep", "3"], "--keep"),  # more than the 2 candidates
+    (["--keep", "x"], "--keep"),
 ])
 def test_bad_input_exits_with_a_message_and_writes_nothing(ckpt, bad_files, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(bad_files)
