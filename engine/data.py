@@ -158,6 +158,20 @@ def collate(samples: Sequence[Sample | None]) -> Batch:
     return Batch(torch.stack([t for t, _ in good]), torch.stack([i for _, i in good]), len(samples) - len(good))
 
 
+class TokenizedShapes(Dataset):
+    """The built-in shapes (engine.shapes) as Samples, like the other datasets."""
+
+    def __init__(self, shapes: Dataset, tokenizer: Tokenizer, text_len: int, truncate: bool) -> None:
+        self.shapes, self.tokenizer, self.text_len, self.truncate = shapes, tokenizer, text_len, truncate
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> Sample:
+        caption, image = self.shapes[index]
+        return self.tokenizer.tokenize([caption], self.text_len, self.truncate)[0], image
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Folder of images and captions
 

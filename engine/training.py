@@ -1,17 +1,33 @@
-"""Training plumbing shared by the training scripts: resumable state, checkpoint rotation, metrics and samples."""
+"""Training plumbing shared by the training scripts: their common flags, data and tokenizer, DeepSpeed, the training
+loop, resumable state, checkpoint rotation, metrics and samples."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import itertools
 import json
+import math
 import os
+import shutil
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from engine.data import TextImageFolder, TokenizedShapes, WebDatasetStream, collate, webdataset_source
+from engine.shapes import HELD_OUT, ShapesDataset
+from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
+
+if TYPE_CHECKING:
+    from engine.checkpoint import Checkpoint
 
 
 @dataclass
@@ -143,3 +159,377 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+# The flags train.py and train_clip.py share, in groups so that each script can place its own among them.
+
+
+def add_data_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--image_text_folder", default=None,
+                       help="folder of images with same-name .txt captions, or WebDataset shards (with --wds): a "
+                            "folder of .tar files, a .tar path or brace pattern, an http(s):// or pipe: URL")
+    group.add_argument("--wds", default="", help="IMG_KEY,CAPTION_KEY: read --image_text_folder as WebDataset")
+    group.add_argument("--truncate_captions", action="store_true", help="truncate captions longer than text_seq_len")
+    group.add_argument("--random_resize_crop_lower_ratio", dest="resize_ratio", type=float, default=0.75)
+
+
+def add_tokenizer_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--bpe_path", default=None, help="YouTokenToMe model (or tokenizer JSON with --hug)")
+    group.add_argument("--hug", action="store_true")
+    group.add_argument("--chinese", action="store_true")
+    group.add_argument("--bpe_vocab_size", type=int, default=8000, help="vocabulary of a BPE trained on the captions")
+    group.add_argument("--num_workers", type=int, default=2)
+
+
+def add_run_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--epochs", type=int, default=20)
+    group.add_argument("--batch_size", type=int, default=4, help="global batch per optimizer step")
+    group.add_argument("--ga_steps", type=int, default=1, help="gradient accumulation steps")
+    group.add_argument("--learning_rate", type=float, default=3e-4)
+    group.add_argument("--clip_grad_norm", type=float, default=0.5)
+    group.add_argument("--lr_decay", action="store_true", help="halve the learning rate when the loss plateaus")
+    group.add_argument("--fp16", action="store_true")
+    group.add_argument("--bf16", action="store_true")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_output_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--output_dir", default=None, help="logs, metrics and samples (default: <name>-logs)")
+    group.add_argument("--save_every_n_steps", type=int, default=1000)
+    group.add_argument("--keep_n_checkpoints", type=int, default=None, help="also keep the last N step checkpoints")
+    group.add_argument("--log_every_n_steps", type=int, default=10)
+
+
+def add_wandb_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--wandb_name", default=None, help="log to this Weights & Biases project too")
+    group.add_argument("--wandb_entity", default=None)
+
+
+def add_distributed_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--distributed_backend", "--distr_backend", default=None, choices=["deepspeed"])
+    group.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    group.add_argument("--local_rank", type=int, default=-1)
+
+
+def add_shapes_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--num_samples", type=int, default=20000, help="pairs per epoch")
+    group.add_argument("--image_size", type=int, default=32)
+
+
+def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with DeepSpeed's own flags (--deepspeed, --deepspeed_config) added, or a stand-in that says how to get
+    them, and check the flags every training script shares."""
+    try:
+        import deepspeed
+    except ImportError:
+        p.add_argument("--deepspeed", action="store_true", help="needs DeepSpeed: pip install deepspeed")
+    else:
+        p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if args.deepspeed:
+        args.distributed_backend = "deepspeed"
+    if args.fp16 and args.bf16:
+        p.error("choose one of --fp16 and --bf16")
+    if args.wds and len(args.wds.split(",")) != 2:
+        p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
+    return args
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+
+def builtin_shapes(args: argparse.Namespace, image_size: int | None = None,
+                   num_samples: int | None = None) -> ShapesDataset:
+    """The built-in data, drawn at ``image_size`` (e.g. a resumed model's) or --image_size. A larger ``num_samples``
+    than --num_samples continues the same sequence past the training pairs, e.g. for a held-out split."""
+    return ShapesDataset(num_samples or args.num_samples, image_size or args.image_size, seed=args.seed,
+                         exclude=HELD_OUT)
+
+
+def sample_captions(args: argparse.Namespace, limit: int = 20000) -> list[str]:
+    """Captions to train a BPE on: the first `limit` of the training data."""
+    if args.image_text_folder is None:
+        shapes = builtin_shapes(args)
+        return [shapes.caption(i) for i in range(min(limit, len(shapes)))]
+    if args.wds:
+        import webdataset as wds
+
+        caption_key = args.wds.split(",")[1]
+        stream = wds.WebDataset(webdataset_source(args.image_text_folder), shardshuffle=False,
+                                handler=wds.warn_and_continue, empty_check=False)
+        captions = []
+        for sample in itertools.islice(stream, limit):
+            raw = sample.get(caption_key)
+            if raw is not None:
+                text = raw.decode("utf-8", errors="replace")
+                captions.append(json.loads(text).get("caption", "") if caption_key == "json" else text)
+        return captions
+    files = sorted(Path(args.image_text_folder).rglob("*.txt"))[:limit]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def build_data(args: argparse.Namespace, tokenizer: Tokenizer, text_len: int, image_size: int):
+    """The training data: a map-style dataset (resumable by sampler offset) or a WebDataset stream."""
+    common = dict(tokenizer=tokenizer, text_len=text_len, image_size=image_size,
+                  truncate_captions=args.truncate_captions, resize_ratio=args.resize_ratio, seed=args.seed)
+    if args.image_text_folder is None:
+        return TokenizedShapes(builtin_shapes(args, image_size), tokenizer, text_len, args.truncate_captions)
+    if args.wds:
+        keys = args.wds.split(",")
+        return WebDatasetStream(webdataset_source(args.image_text_folder), img_key=keys[0], caption_key=keys[1],
+                                **common)
+    return TextImageFolder(args.image_text_folder, **common)
+
+
+def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first: Callable) -> Tokenizer:
+    """The tokenizer the flags name, or a YouTokenToMe BPE trained on the data's captions (saved as
+    <name>-bpe.model)."""
+    if args.bpe_path or args.chinese:
+        return build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
+    model_file = f"{name}-bpe.model"
+
+    def train_bpe() -> Tokenizer:
+        captions = [line for c in sample_captions(args) for line in c.splitlines() if line.strip()]
+        if not captions:
+            raise SystemExit(f"no captions found in {args.image_text_folder} to train a tokenizer on")
+        return YttmTokenizer.train(captions, args.bpe_vocab_size, model_file)
+
+    return rank0_first(train_bpe, lambda: YttmTokenizer(model_file))
+
+
+def epoch_batches(dataset, args: argparse.Namespace, progress: Progress, micro_batch: int, rank: int, world: int):
+    """Micro-batches of the current epoch, skipping those already consumed before a resume."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(progress.epoch)
+    generator = torch.Generator().manual_seed(args.seed + progress.epoch)  # keeps worker seeds off the global RNG
+    if isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset, batch_size=micro_batch, num_workers=args.num_workers, collate_fn=collate,
+                            generator=generator)
+        return itertools.islice(loader, progress.batch_in_epoch, None)
+    sampler = EpochSampler(len(dataset), seed=args.seed, epoch=progress.epoch,
+                           start=progress.batch_in_epoch * micro_batch, rank=rank, world=world)
+    return DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True, collate_fn=collate,
+                      num_workers=args.num_workers, generator=generator)
+
+
+# --- distributed ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """This process's place in the run: rank, number of processes, device, and whether DeepSpeed drives it."""
+
+    rank: int
+    world: int
+    device: str
+    deepspeed: bool
+
+    def rank0_first(self, build: Callable[[], Any], load: Callable[[], Any]) -> Any:
+        """Build on rank 0, which writes a file; the other ranks wait for it and load it."""
+        if not self.deepspeed:
+            return build()
+        built = build() if self.rank == 0 else None
+        torch.distributed.barrier()
+        return built if self.rank == 0 else load()
+
+    def mean(self, value: torch.Tensor) -> float:
+        """A scalar tensor's mean over the processes."""
+        if self.world > 1:
+            value = value.float().clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+
+def setup_distributed(args: argparse.Namespace) -> Distributed:
+    """Initialises DeepSpeed's process group when asked to."""
+    if args.distributed_backend != "deepspeed":
+        return Distributed(0, 1, args.device, deepspeed=False)
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                       f"cuda:{local_rank}" if on_gpu else "cpu", deepspeed=True)
+
+
+def micro_batch_size(args: argparse.Namespace, world: int) -> int:
+    if args.batch_size % (args.ga_steps * world):
+        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes "
+                         f"({args.ga_steps} x {world})")
+    return args.batch_size // (args.ga_steps * world)
+
+
+def deepspeed_config(args: argparse.Namespace, micro_batch: int) -> dict:
+    config = {
+        "train_batch_size": args.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": args.ga_steps,
+        "gradient_clipping": args.clip_grad_norm,
+        "fp16": {"enabled": args.fp16},
+        "bf16": {"enabled": args.bf16},
+        "zero_optimization": {"stage": args.zero_stage},
+        "steps_per_print": 10**9,
+    }
+    if args.deepspeed_config:  # a user's JSON overrides the built-in settings
+        config.update(json.loads(Path(args.deepspeed_config).read_text()))
+        args.deepspeed_config = None  # deepspeed.initialize refuses a config given twice
+    return config
+
+
+# --- the training loop ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """The optimisation side of a run, with or without DeepSpeed: Adam with gradient accumulation, clipping, mixed
+    precision and (--lr_decay) a plateau schedule; the epoch loop with its progress bar and metrics; checkpoints that
+    resume exactly (optimizer, scheduler, RNG and data position).
+
+    `write(extra, aux, state_dict)` writes the checkpoint `<name>.safetensors` on rank 0; `state_dict` is None, or
+    the weights gathered from ZeRO-3 shards. `self.extra` is merged into every checkpoint's extra.
+    """
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, dist: Distributed, *, name: str,
+                 micro_batch: int, resumed: Checkpoint | None,
+                 write: Callable[[dict[str, Any], dict[str, torch.Tensor], dict | None], None]):
+        self.args, self.model, self.dist, self.micro_batch, self.write = args, model, dist, micro_batch, write
+        self.ckpt_path, self.ds_dir = Path(f"{name}.safetensors"), Path(f"{name}-ds-cp")
+        self.extra: dict[str, Any] = {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
+        self.scheduler = None
+        if args.lr_decay:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=0.5,
+                                                                        patience=10, cooldown=10, min_lr=1e-6)
+        device_type = torch.device(dist.device).type
+        self.scaler = torch.amp.GradScaler(device_type, enabled=args.fp16 and not dist.deepspeed)
+        self.progress = Progress()
+        self.engine = None
+        resuming = resumed is not None and "progress" in resumed.extra
+        if dist.deepspeed:
+            import deepspeed
+
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                args=args, model=model, optimizer=self.optimizer, model_parameters=self.params,
+                config=deepspeed_config(args, micro_batch))
+            if resuming:
+                self.progress = Progress(**resumed.extra["progress"])
+                self.engine.load_checkpoint(self.ds_dir, tag=f"step{self.progress.step:09d}")
+                if self.scheduler is not None and resumed.extra.get("scheduler"):
+                    self.scheduler.load_state_dict(resumed.extra["scheduler"])
+        elif resuming:
+            self.progress = restore_state(resumed.extra, resumed.aux, self.optimizer, self.scheduler, self.scaler)
+        self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+        self._device_type = device_type
+        self.logger = None
+        if dist.rank == 0:
+            self.logger = RunLogger(args.output_dir or f"{name}-logs",
+                                    config=vars(args) | {"model": model.config.to_dict()},
+                                    wandb_project=args.wandb_name, wandb_entity=args.wandb_entity)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """What to call for the training forward pass: the DeepSpeed engine, or the model itself."""
+        return self.engine or self.model
+
+    def autocast(self):
+        if self.amp_dtype is None or self.engine is not None:  # DeepSpeed casts the model itself
+            return nullcontext()
+        return torch.autocast(self._device_type, dtype=self.amp_dtype)
+
+    def inputs(self, text: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the run's device, its images in the model's dtype."""
+        text, images = text.to(self.dist.device), images.to(self.dist.device)
+        if self.engine is not None and self.amp_dtype is not None:
+            images = images.to(self.amp_dtype)  # DeepSpeed casts the whole model (a DALL-E's frozen VAE included)
+        return text, images
+
+    def _backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate the gradients of `loss`; True when that completed an optimizer step."""
+        if self.engine is not None:
+            stepped = self.engine.is_gradient_accumulation_boundary()
+            self.engine.backward(loss)
+            self.engine.step()
+            return stepped
+        self.scaler.scale(loss / self.args.ga_steps).backward()
+        if self.progress.batch_in_epoch % self.args.ga_steps:
+            return False
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def save(self) -> None:
+        """Write the checkpoint (and its step-tagged copy); every rank must call it."""
+        progress, scheduler, state_dict = self.progress, self.scheduler, None
+        if self.engine is not None:
+            # DeepSpeed keeps the (possibly sharded) optimizer in its own folder; the consolidated file beside it
+            # is what the sampling scripts and a resume read. Every rank takes part in both.
+            meta = {"progress": dataclasses.asdict(progress), "scheduler": scheduler and scheduler.state_dict()}
+            tensors = {}
+            self.engine.save_checkpoint(self.ds_dir, tag=f"step{progress.step:09d}")
+            if self.args.zero_stage == 3:
+                state_dict = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            meta, tensors = pack_state(self.optimizer, scheduler, progress, self.scaler)
+        if self.dist.rank == 0:
+            self.write(meta | self.extra, tensors, state_dict)
+            keep_tagged_copy(self.ckpt_path, progress.step, self.args.keep_n_checkpoints)
+            if self.engine is not None and self.args.keep_n_checkpoints:
+                for old in sorted(self.ds_dir.glob("step*"))[: -self.args.keep_n_checkpoints]:
+                    shutil.rmtree(old)
+
+    def fit(self, dataset, forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
+            desc: str, tokens_per_sample: int, after_step: Callable[[int, torch.Tensor], None] | None = None,
+            after_epoch: Callable[[], None] | None = None) -> None:
+        """Train until --epochs, from where a resume left off. `forward(module, text, images)` gives the loss;
+        `after_step(step, text)` runs after every optimizer step and `after_epoch()` before each epoch's save."""
+        args, dist, progress = self.args, self.dist, self.progress
+        tokens_per_step = args.batch_size * tokens_per_sample
+        start, start_step = time.time(), progress.step
+        total = None  # a stream's length is unknown
+        if not isinstance(dataset, IterableDataset):
+            total = args.epochs * (len(dataset) // dist.world // self.micro_batch // args.ga_steps)
+        bar = tqdm(total=total, disable=dist.rank != 0, desc=desc, initial=progress.step)
+        loss_value = math.nan
+        while progress.epoch < args.epochs:
+            for batch in epoch_batches(dataset, args, progress, self.micro_batch, dist.rank, dist.world):
+                progress.batch_in_epoch += 1
+                progress.samples_skipped += batch.skipped
+                if batch.text.shape[0] == 0:
+                    continue
+                text, images = self.inputs(batch.text, batch.images)
+                with self.autocast():
+                    loss = forward(self.module, text, images)
+                if not self._backward(loss):
+                    continue
+                progress.step += 1
+                loss_value = dist.mean(loss.detach())
+                bar.update(1)
+                if dist.rank == 0 and progress.step % args.log_every_n_steps == 0:
+                    rate = (progress.step - start_step) * tokens_per_step / (time.time() - start)
+                    self.logger.scalars(progress.step, loss=loss_value, epoch=progress.epoch, tokens_per_s=rate,
+                                        lr=self.optimizer.param_groups[0]["lr"],
+                                        samples_skipped=progress.samples_skipped)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}", skipped=progress.samples_skipped)
+                if after_step is not None:
+                    after_step(progress.step, text)
+                if progress.step % args.save_every_n_steps == 0:
+                    self.save()
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            if self.scheduler is not None and not math.isnan(loss_value):
+                self.scheduler.step(loss_value)
+            if after_epoch is not None:
+                after_epoch()
+            self.save()
+        bar.close()
+        if dist.rank == 0:
+            self.logger.close()
