@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "decode_attention.h"
+#include "small_linear.h"
 #include "sparse_attention.h"
 
 TORCH_LIBRARY(dalle_engine_cpu, m) {
@@ -16,10 +17,12 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, str pattern, int text_len, int fmap_size, "
       "int kernel_size, int dilation, float scale) -> Tensor");
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {
   m.impl("sparse_attention_fwd", &dalle_engine::sparse_attention_fwd);
   m.impl("sparse_attention_bwd", &dalle_engine::sparse_attention_bwd);
   m.impl("decode_attention", &dalle_engine::decode_attention);
+  m.impl("small_linear", &dalle_engine::small_linear);
 }

@@ -1,8 +1,9 @@
 """C++ CPU kernels (``kernels._C``, built from ``csrc/`` by ``pip install --no-build-isolation -e .``).
 
 The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse),
-``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv) and ``decode_attention`` (q, k_cache, v_cache, pos
--> out, one query per sequence against a KV cache); this module loads it, gives the ops fake (meta) implementations so
+``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv), ``decode_attention`` (q, k_cache, v_cache, pos
+-> out, one query per sequence against a KV cache) and ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
+handful of rows, bound by streaming the weight); this module loads it, gives the ops fake (meta) implementations so
 ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
 import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
 """
@@ -15,7 +16,7 @@ import torch
 
 from . import masks
 
-__all__ = ["available", "decode_attention", "load_error", "sparse_attention"]
+__all__ = ["available", "decode_attention", "load_error", "small_linear", "sparse_attention"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -44,6 +45,10 @@ def _load() -> str | None:
     @torch.library.register_fake(f"{_NAMESPACE}::decode_attention")
     def _decode_fake(q, k_cache, v_cache, pos, pattern, text_len, fmap_size, kernel_size, dilation, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake(f"{_NAMESPACE}::small_linear")
+    def _small_linear_fake(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     return None
 
@@ -137,3 +142,17 @@ def decode_attention(
     pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)  # a tensor: no graph break when compiled
     return getattr(torch.ops, _NAMESPACE).decode_attention(q, k_cache, v_cache, pos, pattern, text_len,
                                                            fmap_size, kernel_size, dilation, scale)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for 2-D x on the C++ CPU kernel, which streams the weight once for all rows (fastest for a handful).
+
+    x: ``(rows, in)``, any strides; weight: ``(out, in)`` with unit stride along ``in``, any row stride (row and column
+    slices of a bigger matrix are read in place); bias: ``(out,)`` or None. CPU tensors of one dtype (float32,
+    float64, bfloat16 or float16). Computes in float32 (float64 for float64 inputs) and returns ``(rows, out)``,
+    contiguous, in x's dtype. Not differentiable. The op checks the arguments (RuntimeError); raises RuntimeError if
+    the kernels are unavailable (see ``load_error()``).
+    """
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    return getattr(torch.ops, _NAMESPACE).small_linear(x, weight, bias)

@@ -1,0 +1,207 @@
+"""The C++ small-batch linear kernel (``kernels.cpp.small_linear``) and its use by ``engine.linear.linear``.
+
+Error budget as in test_cpp_decode.py: against ``x.double() @ w.double().T + b``, the kernel's max abs error in
+float32, bfloat16 and float16 is at most twice the max abs error of ``F.linear`` in the same dtype, plus a floor of a
+few float32 ulps of the result's magnitude (on few terms plain PyTorch can be exact by luck); float64 matches to 1e-12
+relative. The sizes cover the kernel's remainders: odd rows (a one-row tile), out features not a multiple of 4 (a
+partial block), in features not a multiple of the vector width (the scalar tail).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import linear as linear_module
+from kernels import cpp
+
+pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ROWS = [1, 2, 3, 4, 5, 7, 8, 16, 33]
+IN_FEATURES = [1, 7, 8, 31, 256, 1000]
+OUT_FEATURES = [1, 3, 17, 512, 2050]
+FLOOR_ULPS = 4
+
+
+def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Drawn in float64 and rounded to ``dtype``, so the float64 reference sees exactly the kernel's inputs."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@functools.cache
+def pool(dtype: torch.dtype) -> torch.Tensor:
+    """Random values to cut the many operands of test_matches_float64 from (drawing each is most of its time)."""
+    return randn(max(ROWS) * max(IN_FEATURES) + max(OUT_FEATURES) * (max(IN_FEATURES) + 1), dtype=dtype,
+                 gen=torch.Generator().manual_seed(0))
+
+
+def cut(values: torch.Tensor, start: int, *shape: int) -> torch.Tensor:
+    """A contiguous ``shape`` tensor of ``values[start:]``."""
+    return values[start: start + math.prod(shape)].view(shape)
+
+
+def check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """``out`` (the kernel's result for x, w, b) against the float64 product, within the error budget."""
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert out.shape == exact.shape and out.dtype == x.dtype
+    err = (out.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    if x.dtype == torch.float64:
+        assert err <= 1e-12 * scale, (err, scale)
+        return
+    plain_err = (F.linear(x, w, b).double() - exact).abs().max().item()
+    budget = 2 * plain_err + FLOOR_ULPS * torch.finfo(torch.float32).eps * scale
+    assert err <= budget, f"max error {err:.3g} > budget {budget:.3g} (F.linear {plain_err:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+def test_matches_float64(dtype: torch.dtype, rows: int) -> None:
+    values = pool(dtype)
+    for in_features in IN_FEATURES:
+        for out_features in OUT_FEATURES:
+            # Operands from shifted places in the pool, so that no two cases share all their values.
+            x = cut(values, rows * in_features + out_features, rows, in_features)
+            w = cut(values, max(ROWS) * max(IN_FEATURES) + in_features, out_features, in_features)
+            b = cut(values, values.numel() - out_features - rows, out_features)
+            check(cpp.small_linear(x, w, b), x, w, b)
+            check(cpp.small_linear(x, w), x, w, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_sliced_weight_and_strided_x(dtype: torch.dtype) -> None:
+    """Row slices of bigger matrices (the model's logits projection is one) and x views of every stride kind."""
+    gen = torch.Generator().manual_seed(1)
+    big = randn(700, 256, dtype=dtype, gen=gen)
+    w, b = big[100:612], randn(700, dtype=dtype, gen=gen)[100:612]
+    assert w.storage_offset() == 100 * 256
+    w_strided = randn(700, 300, dtype=dtype, gen=gen)[100:612, 20:276]  # row stride 300 > 256 in features
+    wide = randn(5, 600, dtype=dtype, gen=gen)
+    views = {
+        "contiguous": randn(5, 256, dtype=dtype, gen=gen),
+        "transposed": randn(256, 5, dtype=dtype, gen=gen).t(),
+        "column slice": wide[:, 300:556],
+        "every other column": wide[:, :512:2],
+        "expanded row": randn(1, 256, dtype=dtype, gen=gen).expand(5, 256),
+    }
+    for name, x in views.items():
+        assert x.shape == (5, 256), name
+        check(cpp.small_linear(x, w, b), x, w, b)
+        check(cpp.small_linear(x, w_strided, b), x, w_strided, b)
+    # A weight whose rows overlap in memory (row stride 1) is read in place too.
+    flat = randn(300, dtype=dtype, gen=gen)
+    w_overlap = flat.as_strided((40, 256), (1, 1))
+    check(cpp.small_linear(views["contiguous"], w_overlap), views["contiguous"], w_overlap, None)
+
+
+def test_empty_sizes() -> None:
+    w, b = torch.randn(3, 0), torch.randn(3)
+    assert torch.equal(cpp.small_linear(torch.randn(2, 0), w, b), b.expand(2, 3))
+    assert cpp.small_linear(torch.randn(0, 4), torch.randn(3, 4)).shape == (0, 3)
+    assert cpp.small_linear(torch.randn(2, 4), torch.randn(0, 4)).shape == (2, 0)
+
+
+class _Calls:
+    """Counts calls to ``kernels.cpp.small_linear`` as ``engine.linear`` makes them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.count = 0
+        real = cpp.small_linear
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(linear_module.cpp, "small_linear", counted)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_engine_linear_flattens_leading_dims(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _Calls(monkeypatch)
+    gen = torch.Generator().manual_seed(2)
+    x = randn(2, 3, 64, dtype=dtype, gen=gen)
+    w, b = randn(96, 64, dtype=dtype, gen=gen), randn(96, dtype=dtype, gen=gen)
+    with torch.no_grad():
+        out = linear_module.linear(x, w, b)
+    assert calls.count == 1 and out.shape == (2, 3, 96)
+    check(out.reshape(6, 96), x.reshape(6, 64), w, b)
+    # More rows than the kernel is used for: the BLAS paths, same result.
+    x_many = randn(4, linear_module.SMALL_LINEAR_MAX_ROWS, 64, dtype=dtype, gen=gen)
+    with torch.no_grad():
+        out = linear_module.linear(x_many, w, b)
+    assert calls.count == 1 and out.shape == (4, linear_module.SMALL_LINEAR_MAX_ROWS, 96)
+
+
+def test_engine_linear_keeps_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With inputs requiring grad the C++ op (no autograd) must not run; gradients match F.linear's."""
+    calls = _Calls(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    x = randn(4, 32, dtype=torch.float64, gen=gen).requires_grad_()
+    layer = linear_module.Linear(32, 24).double()
+    for inputs in [(x, layer.weight, layer.bias), (x.detach(), layer.weight, layer.bias), (x, layer.weight.detach())]:
+        out = linear_module.linear(*inputs)
+        expected = F.linear(*inputs)
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(out.square().sum(), [t for t in inputs if t.requires_grad])
+        expected_grads = torch.autograd.grad(expected.square().sum(), [t for t in inputs if t.requires_grad])
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad)
+    assert calls.count == 0
+    # Without grad mode the same inputs take the kernel.
+    with torch.no_grad():
+        layer(x)
+    assert calls.count == 1
+
+
+@pytest.mark.parametrize(
+    ("x", "w", "b", "match"),
+    [
+        (torch.zeros(2, 5), torch.zeros(3, 4), None, "x has 5 features but weight expects 4"),
+        (torch.zeros(5), torch.zeros(3, 5), None, r"x must be \(rows, in\) and weight \(out, in\)"),
+        (torch.zeros(1, 2, 5), torch.zeros(3, 5), None, r"x must be \(rows, in\) and weight \(out, in\)"),
+        (torch.zeros(2, 5), torch.zeros(15), None, r"x must be \(rows, in\) and weight \(out, in\)"),
+        (torch.zeros(2, 5), torch.zeros(3, 5, dtype=torch.float64), None, "weight must have x's dtype"),
+        (torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(3, dtype=torch.float16), "bias must have x's dtype"),
+        (torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(4), r"bias must be \(3,\)"),
+        (torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(1, 3), r"bias must be \(3,\)"),
+        (torch.zeros(2, 5, dtype=torch.int32), torch.zeros(3, 5, dtype=torch.int32), None, "must be float32"),
+        (torch.zeros(2, 5), torch.zeros(5, 3).t(), None, "unit stride along in features"),
+    ],
+    ids=["in features", "1-D x", "3-D x", "1-D weight", "weight dtype", "bias dtype", "bias size", "2-D bias",
+         "integer", "transposed weight"],
+)
+def test_bad_inputs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, match: str) -> None:
+    with pytest.raises(RuntimeError, match=match):
+        cpp.small_linear(x, w, b)
+
+
+def test_engine_linear_bad_inputs() -> None:
+    with torch.no_grad(), pytest.raises(RuntimeError, match="x has 5 features but weight expects 4"):
+        linear_module.linear(torch.zeros(2, 5), torch.zeros(3, 4))
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        linear_module.linear(torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(4))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_passes_opcheck(bias: bool) -> None:
+    """Schema, fake (meta) implementation and dispatcher checks."""
+    gen = torch.Generator().manual_seed(4)
+    x, w = randn(3, 40, dtype=torch.float32, gen=gen), randn(9, 40, dtype=torch.float32, gen=gen)
+    b = randn(9, dtype=torch.float32, gen=gen) if bias else None
+    torch.library.opcheck(torch.ops.dalle_engine_cpu.small_linear.default, (x, w, b))
+
+
+def test_engine_linear_compiles_fullgraph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch traces without graph breaks, into the op (its fake implementation gives the shapes)."""
+    calls = _Calls(monkeypatch)
+    x, w, b = torch.randn(3, 1, 24), torch.randn(40, 24), torch.randn(40)
+    compiled = torch.compile(linear_module.linear, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x, w, b)
+    assert calls.count == 1
+    torch.testing.assert_close(out, F.linear(x, w, b))
