@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.config import help_field
 from engine.linear import Linear
+from engine.tokenizers import check_caption_ids
 from engine.transformer import FeedForward, Layer, layer_scale_init
 
 DIM_HEAD = 64  # DALLE-pytorch's CLIP leaves its transformers' head width at the default
@@ -139,15 +140,7 @@ class CLIP(nn.Module):
     # --- input checks ----------------------------------------------------------------------------------------------
 
     def _check_text(self, text: torch.Tensor, text_mask: torch.Tensor | None) -> None:
-        c = self.config
-        if text.dtype != torch.long or text.ndim != 2 or text.shape[1] != c.text_seq_len:
-            raise ValueError(
-                f"text must be a (batch, {c.text_seq_len}) long tensor of token ids (tokenize with "
-                f"context_length={c.text_seq_len}), got {tuple(text.shape)} {text.dtype}"
-            )
-        if text.numel() and (text.min() < 0 or text.max() >= c.num_text_tokens):
-            raise ValueError(f"text token ids must lie in [0, {c.num_text_tokens}), "
-                             f"got ids in [{int(text.min())}, {int(text.max())}]")
+        check_caption_ids(text, self.config.text_seq_len, self.config.num_text_tokens)
         if text_mask is None:
             return
         if text_mask.dtype != torch.bool or text_mask.shape != text.shape:

@@ -16,6 +16,7 @@ from torch import nn
 from engine.config import DALLEConfig
 from engine.linear import Linear, linear
 from engine.sampling import sample_tokens
+from engine.tokenizers import check_caption_ids
 from engine.transformer import KVCache, Transformer
 
 
@@ -73,15 +74,7 @@ class DALLE(nn.Module):
         return torch.where(text == 0, pad_ids, text)
 
     def _check_text(self, text: torch.Tensor) -> None:
-        c = self.config
-        if text.dtype != torch.long or text.ndim != 2 or text.shape[1] != c.text_seq_len:
-            raise ValueError(
-                f"text must be a (batch, {c.text_seq_len}) long tensor of token ids (tokenize with "
-                f"context_length={c.text_seq_len}), got {tuple(text.shape)} {text.dtype}"
-            )
-        if text.numel() and (text.min() < 0 or text.max() >= c.num_text_tokens):
-            raise ValueError(f"text token ids must lie in [0, {c.num_text_tokens}), "
-                             f"got ids in [{int(text.min())}, {int(text.max())}]")
+        check_caption_ids(text, self.config.text_seq_len, self.config.num_text_tokens)
 
     def tokenize_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.vae is None:

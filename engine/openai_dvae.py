@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from engine.config import help_field
 from engine.unpickle import PickleStub, safe_load
+from engine.vae import ConfiguredVAE
 
 LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: pixels live in [eps, 1 - eps] for the logit-Laplace loss
 OPENAI_URLS = ("https://cdn.openai.com/dall-e/encoder.pkl", "https://cdn.openai.com/dall-e/decoder.pkl")
@@ -63,6 +64,10 @@ class OpenAIDVAEConfig:
     def fmap_size(self) -> int:
         """Side of the token grid."""
         return self.image_size // self.factor
+
+    @property
+    def channels(self) -> int:
+        return self.input_channels
 
     @property
     def widths(self) -> list[int]:
@@ -168,7 +173,7 @@ class Decoder(nn.Module):
 # --- the tokenizer -------------------------------------------------------------------------------------------------
 
 
-class OpenAIDiscreteVAE(nn.Module):
+class OpenAIDiscreteVAE(ConfiguredVAE):
     """dall_e's Encoder (`enc`) and Decoder (`dec`), tokenising by the argmax of the encoder logits.
 
     Build with `OpenAIDiscreteVAE(config)`, `OpenAIDiscreteVAE(config, field=override)` or
@@ -180,22 +185,6 @@ class OpenAIDiscreteVAE(nn.Module):
         self.config = cfg = dataclasses.replace(config or OpenAIDVAEConfig(), **overrides)
         self.enc = Encoder(cfg)
         self.dec = Decoder(cfg)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def fmap_size(self) -> int:
-        return self.config.fmap_size
-
-    @property
-    def channels(self) -> int:
-        return self.config.input_channels
 
     @classmethod
     def from_openai(cls, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,

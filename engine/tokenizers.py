@@ -41,6 +41,19 @@ def _abbreviate(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_caption_ids(text: torch.Tensor, text_seq_len: int, num_text_tokens: int) -> None:
+    """Raise ValueError unless ``text`` is a (batch, text_seq_len) long tensor of ids in [0, num_text_tokens), as
+    ``Tokenizer.tokenize`` makes them."""
+    if text.dtype != torch.long or text.ndim != 2 or text.shape[1] != text_seq_len:
+        raise ValueError(
+            f"text must be a (batch, {text_seq_len}) long tensor of token ids (tokenize with "
+            f"context_length={text_seq_len}), got {tuple(text.shape)} {text.dtype}"
+        )
+    if text.numel() and (text.min() < 0 or text.max() >= num_text_tokens):
+        raise ValueError(f"text token ids must lie in [0, {num_text_tokens}), "
+                         f"got ids in [{int(text.min())}, {int(text.max())}]")
+
+
 class Tokenizer(ABC):
     """Common interface; subclasses implement ``encode``, ``_decode`` and ``_load``."""
 

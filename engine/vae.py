@@ -112,7 +112,29 @@ class ResBlock(nn.Module):
         return self.net(x) + x
 
 
-class DiscreteVAE(nn.Module):
+class ConfiguredVAE(nn.Module):
+    """Base of the VAEs: the sizes DALLE reads, all taken from ``self.config``."""
+
+    config: Any
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def fmap_size(self) -> int:
+        return self.config.fmap_size
+
+    @property
+    def channels(self) -> int:
+        return self.config.channels
+
+
+class DiscreteVAE(ConfiguredVAE):
     """Conv encoder -> Gumbel-softmax over `num_tokens` codes per grid cell -> codebook mixture -> conv decoder.
 
     Build with `DiscreteVAE(config)`, `DiscreteVAE(**hparams)` or `DiscreteVAE(config, field=override)`.
@@ -146,24 +168,8 @@ class DiscreteVAE(nn.Module):
         self.register_buffer("norm_std", torch.tensor(stds).view(1, -1, 1, 1), persistent=False)
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
     def num_layers(self) -> int:
         return self.config.num_layers
-
-    @property
-    def fmap_size(self) -> int:
-        return self.config.fmap_size
-
-    @property
-    def channels(self) -> int:
-        return self.config.channels
 
     def _normalize(self, img: Tensor) -> Tensor:
         expected = (self.channels, self.image_size, self.image_size)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from engine.config import help_field
 from engine.unpickle import safe_load
+from engine.vae import ConfiguredVAE
 
 _GROUPS = 32  # taming's Normalize: GroupNorm(32, C, eps=1e-6)
 
@@ -74,6 +75,10 @@ class VQGanConfig:
     def fmap_size(self) -> int:
         """Side of the token grid."""
         return self.image_size // self.factor
+
+    @property
+    def channels(self) -> int:
+        return self.in_channels
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, image_size: int | None = None) -> VQGanConfig:
@@ -266,7 +271,7 @@ class GumbelQuantize(nn.Module):
 # --- the tokenizer -------------------------------------------------------------------------------------------------
 
 
-class VQGanVAE(nn.Module):
+class VQGanVAE(ConfiguredVAE):
     """encoder -> quant_conv -> quantize -> post_quant_conv -> decoder, with taming's state-dict names.
 
     Build with `VQGanVAE(config)`, `VQGanVAE(config, field=override)` or `VQGanVAE.from_taming(ckpt, yaml)`.
@@ -280,22 +285,6 @@ class VQGanVAE(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.quantize = GumbelQuantize(cfg) if cfg.gumbel else VectorQuantizer(cfg)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def fmap_size(self) -> int:
-        return self.config.fmap_size
-
-    @property
-    def channels(self) -> int:
-        return self.config.in_channels
 
     @classmethod
     def from_taming(cls, model_path: str | os.PathLike, config_path: str | os.PathLike,
