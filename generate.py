@@ -274,16 +274,10 @@ def clip_scores(clip, tokenizer, caption: str, images: torch.Tensor, args: argpa
     """The CLIP's score (n,) of each uint8 image (n, c, h, w) for `caption`, --batch_size images at a time.
     The caption is cut to the CLIP's length: an over-long prompt was refused up front without --truncate_captions,
     and the length of a --gentxt completion is no flag's to choose (nor is it checked, as it must not fail midway)."""
-    size, length = clip.config.visual_image_size, clip.config.text_seq_len
+    length = clip.config.text_seq_len
     ids = tokenizer.encode(caption)[:length] if caption else []
-    text = F.pad(torch.tensor(ids, dtype=torch.long), (0, length - len(ids)))[None].to(args.device)
-    scores = []
-    for chunk in images.split(args.batch_size):
-        chunk = chunk.to(args.device).float() / 255  # the pixels as written, in the CLIP's [0, 1]
-        if chunk.shape[-1] != size:
-            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        scores.append(clip.similarity(text, chunk).float().cpu())
-    return torch.cat(scores)
+    text = F.pad(torch.tensor(ids, dtype=torch.long), (0, length - len(ids)))[None]
+    return clip.score(text, images, args.batch_size)  # the pixels as written
 
 
 def sample_images(model, text: torch.Tensor, prime: torch.Tensor | None, options: dict, args: argparse.Namespace,

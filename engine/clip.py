@@ -209,3 +209,20 @@ class CLIP(nn.Module):
             raise ValueError(f"similarity needs one caption or one per image: got {text.shape[0]} captions for "
                              f"{images.shape[0]} images")
         return (text_latents * image_latents).sum(dim=-1) * self.temperature.exp()
+
+    @torch.no_grad()
+    def score(self, text: torch.Tensor, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """``similarity`` (n,) of images of any square size, uint8 pixels or floats in [0, 1], to one caption
+        (1, text_seq_len), for reranking samples: ``batch_size`` images at a time, each resized to
+        ``visual_image_size`` (bilinear, antialiased). Returned in float32 on the CPU."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        size, device = self.config.visual_image_size, self.temperature.device
+        scores = []
+        for chunk in images.split(batch_size):
+            chunk = chunk.to(device)
+            chunk = chunk.float() if chunk.is_floating_point() else chunk.float() / 255
+            if chunk.shape[-2:] != (size, size):
+                chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            scores.append(self.similarity(text.to(device), chunk).float().cpu())
+        return torch.cat(scores)

@@ -6,6 +6,11 @@ Every sampled image is read back by `analyse`, an analytic checker (pixel statis
 with the prompt's colour, shape, size and position. The prompts come in two groups: combinations seen in training
 and the HELD_OUT (colour, position) pairs, so the two accuracies show whether the model composes attributes it has only
 seen apart.
+
+With ``--clip_path`` it also measures reranking at a fixed sample budget: each prompt's samples are cut into groups of
+n, the image a ranker scores highest in each group is kept, and the accuracy of the kept images is reported for every n
+up to --images_per_prompt (n = 1 is plain sampling). The rankers are the CLIP and, for comparison, the DALL-E's own
+likelihood of each image given its caption.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.checkpoint import CheckpointError, load_dalle
+from engine.checkpoint import CheckpointError, load_clip, load_dalle
 from engine.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, RADII, SHAPES, SIZES, ShapeSpec
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
@@ -152,11 +157,33 @@ def demo_prompts(seed: int = 0) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
     return trained, held_out
 
 
+def best_of(correct: torch.Tensor, scores: torch.Tensor, n: int) -> float:
+    """Accuracy when only the top-scoring of n samples is kept: `correct` and `scores` (prompts, samples) are cut into
+    consecutive groups of n samples per prompt (a remainder is dropped) and the share of groups whose best-scoring
+    sample is correct is returned. Ties go to the earlier sample; n = 1 is the plain accuracy."""
+    if correct.shape != scores.shape or correct.dim() != 2:
+        raise ValueError(f"correct and scores must be (prompts, samples), got {tuple(correct.shape)} and "
+                         f"{tuple(scores.shape)}")
+    groups = correct.shape[1] // n if n >= 1 else 0
+    if groups == 0:
+        raise ValueError(f"n must be between 1 and the {correct.shape[1]} samples per prompt, got {n}")
+    grouped = correct[:, :groups * n].unflatten(1, (groups, n))
+    best = scores[:, :groups * n].unflatten(1, (groups, n)).argmax(dim=-1, keepdim=True)
+    return grouped.gather(-1, best).float().mean().item()
+
+
+def budgets(samples: int) -> list[int]:
+    """Group sizes for `best_of`: the powers of two below `samples`, then `samples`."""
+    return [1 << i for i in range(samples.bit_length()) if 1 << i < samples] + [samples]
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[ShapeSpec],
     *,
+    clip: Any = None,
+    clip_tokenizer: Any = None,
     images_per_prompt: int = 8,
     seed: int = 0,
     batch_size: int = 16,
@@ -171,38 +198,51 @@ def evaluate(
 
     `model` needs `.config.text_seq_len` and DALLE's `generate_images`; `tokenizer` needs `tokenize`. Batches mix
     prompts, and batch i is sampled with seed `seed + i * batch_size`, so results depend on `batch_size` too.
-    Returns {"prompts": [per-prompt scores and detections], "accuracy": scores over all images}; a score is the
-    fraction of images that pass each check of `matches`.
-    With `save_dir`, writes one PNG grid of each prompt's images there.
+    Returns {"prompts": [per-prompt scores, detections and likelihoods], "accuracy": scores over all images,
+    "rerank": {ranker: {n: `best_of` accuracy}}}; a score is the fraction of images that pass each check of `matches`.
+    The rankers are "likelihood" (the model's) and, with a `clip` (a CLIP; `clip_tokenizer` tokenises for it, by
+    default `tokenizer`), "clip". With `save_dir`, writes one PNG grid of each prompt's images there.
     """
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError("images_per_prompt and batch_size must be >= 1")
     captions = [spec.caption(0) for spec in prompts]
     text = tokenizer.tokenize(captions, model.config.text_seq_len, truncate_text=truncate_text)
     text = text.repeat_interleave(images_per_prompt, dim=0)  # (prompts * images_per_prompt, text_seq_len)
-    batches = []
+    batches, likelihoods = [], []
     for start in range(0, text.shape[0], batch_size):
-        batches.append(model.generate_images(
+        images, scores = model.generate_images(
             text[start:start + batch_size].to(device), filter_thres=filter_thres, temperature=temperature,
-            cond_scale=cond_scale, seed=seed + start,
-        ).cpu())
+            cond_scale=cond_scale, seed=seed + start, return_scores=True,
+        )
+        batches.append(images.cpu())
+        likelihoods.append(scores.float().cpu())
     images = torch.cat(batches).view(len(prompts), images_per_prompt, *batches[0].shape[1:])
+    rankers = {"likelihood": torch.cat(likelihoods).view(len(prompts), images_per_prompt)}
+    if clip is not None:
+        clip_text = (clip_tokenizer or tokenizer).tokenize(captions, clip.config.text_seq_len,
+                                                           truncate_text=truncate_text)
+        rankers["clip"] = torch.stack([clip.score(ids[None], group, batch_size)
+                                       for ids, group in zip(clip_text, images)])
 
     results, scores = [], []
-    for spec, caption, group in zip(prompts, captions, images):
+    for i, (spec, caption, group) in enumerate(zip(prompts, captions, images)):
         detections = [analyse(image[:3]) for image in group]
         prompt_scores = [matches(d, spec) for d in detections]
         scores += prompt_scores
         results.append({
             "caption": caption, **asdict(spec), "n": images_per_prompt, **_accuracy(prompt_scores),
             "detections": [None if d is None else asdict(d) for d in detections],
+            **{f"{name}_scores": ranked[i].tolist() for name, ranked in rankers.items()},
         })
+    correct = torch.tensor([s["all"] for s in scores]).view(len(prompts), images_per_prompt)
+    rerank = {name: {n: best_of(correct, ranked, n) for n in budgets(images_per_prompt)}
+              for name, ranked in rankers.items()}
     if save_dir is not None:
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
         for i, (caption, group) in enumerate(zip(captions, images)):
             save_grid(group, save_dir / f"{i:02d}_{caption.replace(' ', '_')}.png")
-    return {"prompts": results, "accuracy": {"n": len(scores), **_accuracy(scores)}}
+    return {"prompts": results, "accuracy": {"n": len(scores), **_accuracy(scores)}, "rerank": rerank}
 
 
 def _accuracy(scores: list[dict[str, bool]]) -> dict[str, float]:
@@ -225,7 +265,9 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dalle_path", required=True, help="checkpoint written by train.py")
-    p.add_argument("--images_per_prompt", type=int, default=8)
+    p.add_argument("--clip_path", default=None,
+                   help="a CLIP checkpoint (train_clip.py): also report accuracy after reranking by its scores")
+    p.add_argument("--images_per_prompt", type=int, default=8, help="samples per prompt: the reranking budget")
     p.add_argument("--seed", type=int, default=0, help="picks the prompts' sizes and positions and the samples")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--top_k", type=float, default=0.9, help="top-k threshold, as a fraction of the vocabulary")
@@ -252,6 +294,17 @@ def format_table(groups: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_rerank_table(groups: dict[str, dict[str, Any]]) -> str:
+    """Accuracy (colour, shape and position) of the image each ranker keeps from n samples, per group."""
+    ns = list(next(iter(groups.values()))["rerank"]["likelihood"])
+    header = f"{'group':9} {'kept by':11} " + " ".join(f"{f'1 of {n}':>7}" for n in ns)
+    lines = [header, "-" * len(header)]
+    for group, result in groups.items():
+        for ranker, accuracy in result["rerank"].items():
+            lines.append(f"{group:9} {ranker:11} " + " ".join(f"{accuracy[n]:>7.3f}" for n in ns))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -261,12 +314,20 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt.tokenizer is None:
         raise SystemExit("error: the checkpoint stores no tokenizer")
     model = ckpt.model.eval()
+    clip = clip_tokenizer = None
+    if args.clip_path is not None:
+        try:
+            clip_ckpt = load_clip(args.clip_path, device=args.device)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        clip, clip_tokenizer = clip_ckpt.model.eval(), clip_ckpt.tokenizer  # None: the DALL-E's
     trained, held_out = demo_prompts(args.seed)
     groups = {}
     for name, prompts in (("trained", trained), ("held_out", held_out)):
         try:
             groups[name] = evaluate(
-                model, ckpt.tokenizer, prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                model, ckpt.tokenizer, prompts, clip=clip, clip_tokenizer=clip_tokenizer,
+                images_per_prompt=args.images_per_prompt, seed=args.seed,
                 batch_size=args.batch_size, filter_thres=args.top_k, temperature=args.temperature,
                 cond_scale=args.cond_scale, truncate_text=args.truncate_captions, device=args.device,
                 save_dir=None if args.save_dir is None else Path(args.save_dir) / name,
@@ -274,10 +335,16 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:  # e.g. a caption longer than the model's text_seq_len
             raise SystemExit(f"error: {e}") from None
     print(format_table(groups))
+    print()
+    print(format_rerank_table(groups))
     headline = {name: result["accuracy"]["all"] for name, result in groups.items()}
     for name, result in groups.items():
-        print(f"{name} accuracy (colour, shape and position right): {headline[name]:.3f} "
-              f"over {result['accuracy']['n']} images")
+        line = (f"{name} accuracy (colour, shape and position right): {headline[name]:.3f} "
+                f"over {result['accuracy']['n']} images")
+        if "clip" in result["rerank"]:
+            n = args.images_per_prompt
+            line += f"; best 1 of {n} by CLIP: {result['rerank']['clip'][n]:.3f}"
+        print(line)
     if args.json:
         report = {"args": vars(args), "held_out_combinations": sorted(HELD_OUT),
                   "trained_accuracy": headline["trained"], "held_out_accuracy": headline["held_out"], **groups}

@@ -12,9 +12,10 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from engine.checkpoint import save_dalle
+from engine.checkpoint import save_clip, save_dalle
+from engine.clip import CLIP, CLIPConfig
 from engine.dalle import DALLE
-from engine.eval_demo import ATTRIBUTES, Detected, analyse, demo_prompts, evaluate, matches
+from engine.eval_demo import ATTRIBUTES, Detected, analyse, best_of, budgets, demo_prompts, evaluate, main, matches
 from engine.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset, ShapeSpec, render
 from engine.tokenizers import YttmTokenizer
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
@@ -131,21 +132,40 @@ class CaptionIndexTokenizer:
 
 
 class RenderingModel:
-    """Stands in for DALLE: 'samples' the exact render of each row's prompt, optionally recoloured."""
+    """Stands in for DALLE: 'samples' the exact render of each row's prompt, recoloured where `wrong(row + seed)`, and
+    scores each recoloured image as more likely than a right one."""
 
     config = SimpleNamespace(text_seq_len=4)
 
-    def __init__(self, specs: list[ShapeSpec], recolour: dict[str, str] | None = None):
-        self.specs, self.recolour, self.calls = specs, recolour or {}, []
+    def __init__(self, specs: list[ShapeSpec], recolour: dict[str, str] | None = None, wrong=lambda i: True):
+        self.specs, self.recolour, self.wrong, self.calls = specs, recolour or {}, wrong, []
 
-    def generate_images(self, text, *, filter_thres=0.5, temperature=1.0, cond_scale=1.0, seed=None):
+    def generate_images(self, text, *, filter_thres=0.5, temperature=1.0, cond_scale=1.0, seed=None,
+                        return_scores=False):
         self.calls.append((text.shape[0], seed))
-        images = []
+        images, likelihoods = [], []
         for row, ids in enumerate(text):
             spec = self.specs[int(ids[0]) - 1]
-            spec = ShapeSpec(self.recolour.get(spec.colour, spec.colour), spec.shape, spec.size, spec.position)
+            wrong = self.wrong(row + seed)
+            colour = self.recolour.get(spec.colour, spec.colour) if wrong else spec.colour
+            spec = ShapeSpec(colour, spec.shape, spec.size, spec.position)
             images.append(to_tensor(render(spec, 32, BACKGROUNDS[(row + seed) % len(BACKGROUNDS)])))
-        return torch.stack(images)
+            likelihoods.append(float(wrong))
+        return (torch.stack(images), torch.tensor(likelihoods)) if return_scores else torch.stack(images)
+
+
+class ColourCLIP:
+    """Stands in for CLIP: scores 1 where the image's colour is its caption's, else 0."""
+
+    config = SimpleNamespace(text_seq_len=4)
+
+    def __init__(self, specs: list[ShapeSpec]):
+        self.specs, self.calls = specs, []
+
+    def score(self, text, images, batch_size=64):
+        self.calls.append((tuple(text.shape), images.shape[0], batch_size))
+        colour = self.specs[int(text[0, 0]) - 1].colour
+        return torch.tensor([float(analyse(image).colour == colour) for image in images])
 
 
 def test_evaluate_scores_a_perfect_and_a_wrong_colour_model(tmp_path):
@@ -173,6 +193,44 @@ def test_evaluate_scores_a_perfect_and_a_wrong_colour_model(tmp_path):
                                  "position": 1.0, "all": 0.0}
 
 
+def test_best_of_keeps_the_top_scoring_sample_of_each_group():
+    generator = torch.Generator().manual_seed(0)
+    for prompts, samples in ((1, 1), (3, 8), (5, 6), (4, 7)):
+        correct = torch.rand(prompts, samples, generator=generator) < 0.5
+        scores = torch.randint(0, 3, (prompts, samples), generator=generator).float()  # with ties
+        for n in range(1, samples + 1):
+            kept = []
+            for p in range(prompts):
+                for start in range(0, samples - n + 1, n):
+                    group = scores[p, start:start + n].tolist()
+                    kept.append(bool(correct[p, start + group.index(max(group))]))
+            assert best_of(correct, scores, n) == pytest.approx(sum(kept) / len(kept))
+        assert best_of(correct, scores, 1) == pytest.approx(correct.float().mean().item())
+    for n in (0, 9):
+        with pytest.raises(ValueError, match="n must be"):
+            best_of(correct, scores, n)
+    with pytest.raises(ValueError, match="prompts, samples"):
+        best_of(correct, scores[:, :3], 1)
+    assert budgets(1) == [1] and budgets(8) == [1, 2, 4, 8] and budgets(6) == [1, 2, 4, 6]
+
+
+def test_evaluate_reranks_by_clip_and_by_likelihood():
+    trained, held_out = demo_prompts()
+    prompts = trained[:3] + held_out[:2]
+    tokenizer = CaptionIndexTokenizer(prompts)
+    shifted = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))
+    # Sample 0 of each prompt is right and 1-3 recoloured; the likelihood prefers the recoloured ones.
+    model = RenderingModel(prompts, recolour=shifted, wrong=lambda i: i % 4 != 0)
+    clip = ColourCLIP(prompts)
+    result = evaluate(model, tokenizer, prompts, clip=clip, images_per_prompt=4, seed=0, batch_size=4)
+    assert result["accuracy"]["all"] == 0.25
+    assert result["rerank"] == {"likelihood": {1: 0.25, 2: 0.0, 4: 0.0}, "clip": {1: 0.25, 2: 0.5, 4: 1.0}}
+    assert clip.calls == [((1, 4), 4, 4)] * len(prompts)  # one caption, each prompt's images scored together
+    assert all(r["clip_scores"] == [1.0, 0.0, 0.0, 0.0] and r["likelihood_scores"] == [0.0, 1.0, 1.0, 1.0]
+               for r in result["prompts"])
+    assert "clip" not in evaluate(model, tokenizer, prompts, images_per_prompt=4, seed=0, batch_size=4)["rerank"]
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained DALL-E over 32x32 images with a BPE trained on the shapes captions."""
@@ -184,18 +242,22 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     model = DALLE(tiny_config(num_text_tokens=tokenizer.vocab_size, text_seq_len=16, num_image_tokens=vae.num_tokens,
                               image_fmap_size=vae.fmap_size), vae)
     save_dalle(root / "dalle.safetensors", model, tokenizer)
+    clip = CLIP(CLIPConfig(dim_text=16, dim_image=16, dim_latent=8, num_text_tokens=tokenizer.vocab_size,
+                           text_enc_depth=1, text_seq_len=16, text_heads=1, visual_enc_depth=1, visual_heads=1,
+                           visual_image_size=16, visual_patch_size=8))  # half the DALL-E's image size: resized
+    save_clip(root / "clip.safetensors", clip, tokenizer)
     return root / "dalle.safetensors"
 
 
 def test_cli_runs_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "engine.eval_demo", "--dalle_path", str(tiny_checkpoint), "--images_per_prompt", "2",
            "--batch_size", "16", "--seed", "3", "--json", str(tmp_path / "eval.json"),
-           "--save_dir", str(tmp_path / "images")]
+           "--save_dir", str(tmp_path / "images"), "--clip_path", str(tiny_checkpoint.parent / "clip.safetensors")]
     # One thread: the tiny model gains nothing from more, and on a busy machine idle-spinning OpenMP threads make
     # each step ~100x slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, env=env).stdout
-    assert "trained accuracy" in out and "held_out accuracy" in out
+    assert "trained accuracy" in out and "held_out accuracy" in out and "best 1 of 2 by CLIP" in out
     assert all(spec.caption(0) in out for spec in demo_prompts(seed=3)[1])  # held-out prompts are in the table
     report = json.loads((tmp_path / "eval.json").read_text())
     assert {"args", "held_out_combinations", "trained_accuracy", "held_out_accuracy", "trained", "held_out"} <= set(
@@ -205,5 +267,14 @@ def test_cli_runs_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     for group, size in (("trained", 12), ("held_out", 2 * len(HELD_OUT))):
         assert len(report[group]["prompts"]) == size and report[group]["accuracy"]["n"] == 2 * size
         assert 0 <= report[f"{group}_accuracy"] == report[group]["accuracy"]["all"] <= 1
+        assert set(report[group]["rerank"]) == {"likelihood", "clip"}
+        assert all(set(r) == {"1", "2"} for r in report[group]["rerank"].values())
+        assert all(len(p["clip_scores"]) == len(p["likelihood_scores"]) == 2 for p in report[group]["prompts"])
         grids = sorted((tmp_path / "images" / group).glob("*.png"))
         assert len(grids) == size and Image.open(grids[0]).size == (2 * 32, 32)
+
+
+@pytest.mark.parametrize("clip_path", ["missing.safetensors", "dalle.safetensors"])
+def test_cli_refuses_a_bad_clip_path_before_sampling(tiny_checkpoint, clip_path):
+    with pytest.raises(SystemExit, match="error: "):
+        main(["--dalle_path", str(tiny_checkpoint), "--clip_path", str(tiny_checkpoint.parent / clip_path)])
