@@ -32,7 +32,7 @@ demo: install
 	$(PY) generate.py --dalle_path demo/dalle.safetensors --clip_path demo/clip.safetensors --text '$(DEMO_PROMPTS)' \
 		--num_images 8 --batch_size 8 --outputs_dir outputs --seed 0
 	$(PY) -m engine.eval_demo --dalle_path demo/dalle.safetensors --clip_path demo/clip.safetensors \
-		--json demo/eval.json --save_dir demo/eval
+		--images_per_prompt 32 --json demo/eval.json --save_dir demo/eval
 
 test: install
 	$(PY) -m pytest -q tests

@@ -7,10 +7,10 @@ with the prompt's colour, shape, size and position. The prompts come in two grou
 and the HELD_OUT (colour, position) pairs, so the two accuracies show whether the model composes attributes it has only
 seen apart.
 
-With ``--clip_path`` it also measures reranking at a fixed sample budget: each prompt's samples are cut into groups of
-n, the image a ranker scores highest in each group is kept, and the accuracy of the kept images is reported for every n
-up to --images_per_prompt (n = 1 is plain sampling). The rankers are the CLIP and, for comparison, the DALL-E's own
-likelihood of each image given its caption.
+It also measures reranking at a fixed sample budget: each prompt's samples are cut into groups of n, the image a
+ranker scores highest in each group is kept, and the accuracy of the kept images is reported for every n up to
+--images_per_prompt (n = 1 is plain sampling). The rankers are the DALL-E's own likelihood of each image given its
+caption and, with ``--clip_path``, a CLIP.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def evaluate(
 
     `model` needs `.config.text_seq_len` and DALLE's `generate_images`; `tokenizer` needs `tokenize`. Batches mix
     prompts, and batch i is sampled with seed `seed + i * batch_size`, so results depend on `batch_size` too.
-    Returns {"prompts": [per-prompt scores, detections and likelihoods], "accuracy": scores over all images,
+    Returns {"prompts": [per-prompt spec, scores, detections and ranker scores], "accuracy": scores over all images,
     "rerank": {ranker: {n: `best_of` accuracy}}}; a score is the fraction of images that pass each check of `matches`.
     The rankers are "likelihood" (the model's) and, with a `clip` (a CLIP; `clip_tokenizer` tokenises for it, by
     default `tokenizer`), "clip". With `save_dir`, writes one PNG grid of each prompt's images there.
@@ -210,12 +210,12 @@ def evaluate(
     text = text.repeat_interleave(images_per_prompt, dim=0)  # (prompts * images_per_prompt, text_seq_len)
     batches, likelihoods = [], []
     for start in range(0, text.shape[0], batch_size):
-        images, scores = model.generate_images(
+        images, likelihood = model.generate_images(
             text[start:start + batch_size].to(device), filter_thres=filter_thres, temperature=temperature,
             cond_scale=cond_scale, seed=seed + start, return_scores=True,
         )
         batches.append(images.cpu())
-        likelihoods.append(scores.float().cpu())
+        likelihoods.append(likelihood.float().cpu())
     images = torch.cat(batches).view(len(prompts), images_per_prompt, *batches[0].shape[1:])
     rankers = {"likelihood": torch.cat(likelihoods).view(len(prompts), images_per_prompt)}
     if clip is not None:
@@ -230,7 +230,7 @@ def evaluate(
         prompt_scores = [matches(d, spec) for d in detections]
         scores += prompt_scores
         results.append({
-            "caption": caption, **asdict(spec), "n": images_per_prompt, **_accuracy(prompt_scores),
+            "caption": caption, "spec": asdict(spec), "n": images_per_prompt, **_accuracy(prompt_scores),
             "detections": [None if d is None else asdict(d) for d in detections],
             **{f"{name}_scores": ranked[i].tolist() for name, ranked in rankers.items()},
         })

@@ -183,6 +183,7 @@ def test_evaluate_scores_a_perfect_and_a_wrong_colour_model(tmp_path):
     assert [r["caption"] for r in result["prompts"]] == tokenizer.captions
     assert all(r["n"] == 3 and r["all"] == 1.0 for r in result["prompts"])
     assert result["prompts"][0]["detections"][0] == {k: getattr(prompts[0], k) for k in ATTRIBUTES}
+    assert [r["spec"] for r in result["prompts"]] == [{k: getattr(p, k) for k in ATTRIBUTES} for p in prompts]
     grids = sorted(tmp_path.glob("*.png"))
     assert len(grids) == len(prompts) and Image.open(grids[0]).size == (3 * 32, 32)
 
