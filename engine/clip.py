@@ -214,15 +214,17 @@ class CLIP(nn.Module):
     def score(self, text: torch.Tensor, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """``similarity`` (n,) of images of any square size, uint8 pixels or floats in [0, 1], to one caption
         (1, text_seq_len), for reranking samples: ``batch_size`` images at a time, each resized to
-        ``visual_image_size`` (bilinear, antialiased). Returned in float32 on the CPU."""
+        ``visual_image_size`` (bilinear, antialiased). The caption is pooled over its tokens only, padding (id 0)
+        masked out, as ``train_clip.py`` trains it. Returned in float32 on the CPU."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         size, device = self.config.visual_image_size, self.temperature.device
+        text = text.to(device)
         scores = []
         for chunk in images.split(batch_size):
             chunk = chunk.to(device)
             chunk = chunk.float() if chunk.is_floating_point() else chunk.float() / 255
             if chunk.shape[-2:] != (size, size):
                 chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            scores.append(self.similarity(text.to(device), chunk).float().cpu())
+            scores.append(self.similarity(text, chunk, text != 0).float().cpu())
         return torch.cat(scores)

@@ -69,17 +69,20 @@ def test_similarity_is_forward_per_pair_and_broadcasts_one_caption():
 def test_score_takes_any_size_uint8_or_float_in_chunks():
     clip = perturbed(tiny_clip()).eval()
     text, images = batch(clip, 5)
+    caption = text[2:3]  # ends in padding, which the score leaves out of the caption's mean, as training does
     pixels = (images * 255).round().to(torch.uint8)
-    expected = clip.similarity(text[:1], pixels.float() / 255)
+    expected = clip.similarity(caption, pixels.float() / 255, caption != 0)
+    assert not torch.allclose(expected, clip.similarity(caption, pixels.float() / 255), rtol=1e-3, atol=1e-3)
     for batch_size in (1, 2, 5, 64):  # chunks, ragged last chunk, one chunk
-        torch.testing.assert_close(clip.score(text[:1], pixels, batch_size), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(clip.score(text[:1], pixels.float() / 255, 2), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(clip.score(caption, pixels, batch_size), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(clip.score(caption, pixels.float() / 255, 2), expected, rtol=1e-6, atol=1e-6)
     large = torch.rand(5, 3, 40, 40)  # resized to the CLIP's 16 pixels, as F.interpolate with antialiasing does
     small = torch.nn.functional.interpolate(large, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
-    torch.testing.assert_close(clip.score(text[:1], large, 3), clip.similarity(text[:1], small), rtol=1e-6, atol=1e-6)
-    assert clip.score(text[:1], pixels).dtype == torch.float32
+    torch.testing.assert_close(clip.score(caption, large, 3), clip.similarity(caption, small, caption != 0),
+                               rtol=1e-6, atol=1e-6)
+    assert clip.score(caption, pixels).dtype == torch.float32
     with pytest.raises(ValueError, match="batch_size"):
-        clip.score(text[:1], pixels, 0)
+        clip.score(caption, pixels, 0)
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -298,9 +298,9 @@ def test_clip_writes_the_best_match_first(ckpt, tmp_path, planted, monkeypatch):
     save_clip(clip_path, colour_clip(load_dalle(ckpt).tokenizer))  # no tokenizer stored: the DALL-E's is used
     similarity, batches = CLIP.similarity, []
 
-    def counting(self, text, images):
+    def counting(self, text, images, text_mask=None):
         batches.append(len(images))
-        return similarity(self, text, images)
+        return similarity(self, text, images, text_mask)
 
     monkeypatch.setattr(CLIP, "similarity", counting)
     both = dict(text="a red cube|a blue ball", num_images=4)
