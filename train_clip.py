@@ -14,12 +14,15 @@ The contrastive loss, like DALLE-pytorch's CLIP's, draws a caption's negatives f
 micro-batch (--batch_size / (--ga_steps x processes)): gradient accumulation and more processes add none.
 
 On the built-in shapes, held-out pairs are scored after every epoch: top-1 text->image and image->text retrieval among
---retrieval_candidates pairs, printed, logged to metrics.jsonl and kept in the checkpoint's extra["retrieval"].
+--retrieval_candidates pairs, and near misses: how often an image's caption beats every caption that changes one
+attribute (colour, shape, size or position), the distinction reranking a DALL-E's samples needs. The figures are
+printed, logged to metrics.jsonl and kept in the checkpoint's extra["retrieval"].
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from engine.checkpoint import load_clip, save_clip
 from engine.clip import CLIP, CLIPConfig
 from engine.config import add_config_args, config_from_args
 from engine.data import TokenizedShapes, collate
+from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
 from engine.tokenizers import Tokenizer
 from engine.training import (
     Trainer,
@@ -49,6 +53,7 @@ from engine.training import (
 )
 
 DERIVED = ("num_text_tokens",)  # taken from the tokenizer
+ATTRIBUTE_VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "position": tuple(POSITIONS)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,12 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- held-out retrieval ---------------------------------------------------------------------------------------------
 
 
+def held_out_shapes(args: argparse.Namespace, config: CLIPConfig) -> ShapesDataset:
+    """The built-in shapes with the --eval_samples pairs the training never sees after the training ones: the same
+    seeded sequence, continued."""
+    return builtin_shapes(args, config.visual_image_size, num_samples=args.num_samples + args.eval_samples)
+
+
 def held_out_batches(args: argparse.Namespace, tokenizer: Tokenizer,
                      config: CLIPConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(text, images, labels) batches of --retrieval_candidates built-in shapes the training never sees: the
-    --eval_samples pairs that follow the training ones in the same seeded sequence. A label names the pair's shape
+    """(text, images, labels) batches of --retrieval_candidates held-out pairs. A label names the pair's shape
     spec; pairs with equal labels show the very same picture."""
-    shapes = builtin_shapes(args, config.visual_image_size, num_samples=args.num_samples + args.eval_samples)
+    shapes = held_out_shapes(args, config)
     pairs = TokenizedShapes(shapes, tokenizer, config.text_seq_len, args.truncate_captions)
     label_of = {spec: i for i, spec in enumerate(shapes.specs)}
     n = args.retrieval_candidates
@@ -128,6 +138,33 @@ def retrieval_accuracy(clip: CLIP, batches, autocast: Callable, device: str) -> 
         hits_i2t += same[sim.argmax(dim=0), rows].sum().item()
         total += len(labels)
     return {"text_to_image": hits_t2i / total, "image_to_text": hits_i2t / total, "pairs": total}
+
+
+@torch.no_grad()
+def near_miss_accuracy(clip: CLIP, shapes: ShapesDataset, first: int, tokenizer: Tokenizer, truncate: bool,
+                       autocast: Callable, device: str, chunk: int = 64) -> dict[str, float]:
+    """Per attribute, the share of images (the shapes from index `first` on) whose own caption scores highest among
+    the captions that change only that attribute, in the same template (a tie goes to the first value).
+    Random candidates seldom differ in one attribute alone, so retrieval among them can be perfect while the CLIP
+    still mixes up shapes of one colour and place; reranking samples of one prompt needs exactly that distinction."""
+    hits = dict.fromkeys(ATTRIBUTE_VALUES, 0)
+    for start in range(first, len(shapes), chunk):
+        indices = range(start, min(start + chunk, len(shapes)))
+        samples = [shapes.sample(i) for i in indices]
+        images = torch.stack([shapes[i][1] for i in indices]).to(device)
+        captions = [dataclasses.replace(spec, **{attribute: value}).caption(template)
+                    for spec, template, _ in samples for attribute, values in ATTRIBUTE_VALUES.items()
+                    for value in values]
+        text = tokenizer.tokenize(captions, clip.config.text_seq_len, truncate).to(device)
+        with autocast():
+            image_latents = clip.encode_image(images).float()
+            text_latents = clip.encode_text(text, text != 0).float().view(len(samples), -1, image_latents.shape[-1])
+        sims = (text_latents @ image_latents[..., None])[..., 0].cpu()  # (samples, captions per sample)
+        for attribute, values in ATTRIBUTE_VALUES.items():
+            best, sims = sims[:, :len(values)].argmax(dim=1), sims[:, len(values):]
+            truth = torch.tensor([values.index(getattr(spec, attribute)) for spec, _, _ in samples])
+            hits[attribute] += int((best == truth).sum())
+    return {attribute: count / (len(shapes) - first) for attribute, count in hits.items()}
 
 
 # --- training -------------------------------------------------------------------------------------------------------
@@ -184,14 +221,19 @@ def main(argv: list[str] | None = None) -> None:
             state_dict = trainer.engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
         if dist.rank != 0:
             return
-        scores = retrieval_accuracy(plain_model(state_dict), held_out_batches(args, tokenizer, config),
-                                    trainer.autocast, dist.device)
+        model = plain_model(state_dict)
+        scores = retrieval_accuracy(model, held_out_batches(args, tokenizer, config), trainer.autocast, dist.device)
+        near_miss = near_miss_accuracy(model, held_out_shapes(args, config), args.num_samples, tokenizer,
+                                       args.truncate_captions, trainer.autocast, dist.device)
         step, epochs = trainer.progress.step, trainer.progress.epoch
-        trainer.extra["retrieval"] = {**scores, "candidates": args.retrieval_candidates, "epochs": epochs,
-                                      "step": step}
-        trainer.logger.scalars(step, **{f"retrieval/{k}": scores[k] for k in ("text_to_image", "image_to_text")})
+        trainer.extra["retrieval"] = {**scores, "candidates": args.retrieval_candidates, "near_miss": near_miss,
+                                      "epochs": epochs, "step": step}
+        trainer.logger.scalars(step, **{f"retrieval/{k}": scores[k] for k in ("text_to_image", "image_to_text")},
+                               **{f"near_miss/{k}": v for k, v in near_miss.items()})
         tqdm.write(f"after epoch {epochs}: held-out top-1 retrieval among {args.retrieval_candidates}: "
-                   f"text->image {scores['text_to_image']:.1%}, image->text {scores['image_to_text']:.1%}")
+                   f"text->image {scores['text_to_image']:.1%}, image->text {scores['image_to_text']:.1%}; "
+                   "caption beats every one-attribute change: "
+                   + ", ".join(f"{k} {v:.1%}" for k, v in near_miss.items()))
 
     evaluating = args.image_text_folder is None and args.eval_samples > 0
     trainer.fit(dataset, lambda module, text, images: module(text, images, text_mask=text != 0, return_loss=True),

@@ -1,11 +1,13 @@
 """train_clip.py on a folder, WebDataset shards and the built-in shapes: bad samples, held-out retrieval, exact
 resumes, flag errors, and a 2-process DeepSpeed run."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ import webdataset as wds
 from test_training import COLOURS, png_bytes
 
 import train_clip
+from engine import shapes as shape_data
 from engine.checkpoint import load_clip
+from engine.eval_demo import analyse
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim_text", "32", "--dim_image", "32", "--dim_latent", "16", "--text_enc_depth", "1", "--visual_enc_depth",
@@ -77,6 +81,9 @@ def test_shapes_retrieval_and_exact_resume(tmp_path, monkeypatch):
     assert [r["step"] for r in retrieval] == [4, 8]  # 64 pairs / 16 per step, evaluated after each epoch
     assert whole.extra["retrieval"]["pairs"] == 32 and whole.extra["retrieval"]["epochs"] == 2
     assert whole.extra["retrieval"]["text_to_image"] == retrieval[-1]["retrieval/text_to_image"]
+    near_miss = whole.extra["retrieval"]["near_miss"]
+    assert set(near_miss) == {"colour", "shape", "size", "position"} and all(0 <= v <= 1 for v in near_miss.values())
+    assert all(retrieval[-1][f"near_miss/{k}"] == v for k, v in near_miss.items())
 
     # The same tokenizer: YouTokenToMe's multi-threaded BPE training can break ties differently from run to run.
     train_clip.main(["--clip_output_file_name", "cut/clip", "--epochs", "1", "--bpe_path", "whole/clip-bpe.model",
@@ -88,8 +95,58 @@ def test_shapes_retrieval_and_exact_resume(tmp_path, monkeypatch):
     losses = {r["step"]: r["loss"] for r in rows(tmp_path / "whole" / "clip-logs") if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in rows(tmp_path / "cut" / "clip-logs") if "loss" in r}
     assert resumed == pytest.approx(losses, rel=1e-5)
+    for scores in (cut.extra["retrieval"], whole.extra["retrieval"]):  # pytest.approx compares flat dicts only
+        scores.update({f"near_miss/{k}": v for k, v in scores.pop("near_miss").items()})
     assert cut.extra["retrieval"] == pytest.approx(whole.extra["retrieval"], rel=1e-6)
     torch.testing.assert_close(cut.model.state_dict(), whole.model.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+class CaptionTokenizer:
+    """Encodes each caption as its index in a growing list, so a stub CLIP can read the words back."""
+
+    def __init__(self):
+        self.captions = []
+
+    def tokenize(self, captions, length, truncate=False):
+        self.captions += captions
+        ids = torch.zeros(len(captions), length, dtype=torch.long)
+        ids[:, 0] = torch.arange(len(self.captions) - len(captions), len(self.captions)) + 1
+        return ids
+
+
+class ColourCLIP:
+    """Stands in for CLIP: latents are one-hot colours, read from the caption's words and from the image's pixels,
+    so it tells colours apart perfectly and every other attribute not at all."""
+
+    config = SimpleNamespace(text_seq_len=4)
+
+    def __init__(self, tokenizer: CaptionTokenizer):
+        self.tokenizer = tokenizer
+
+    def one_hot(self, colours: list[str]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor([list(shape_data.COLOURS).index(c) for c in colours]),
+                                           len(shape_data.COLOURS)).float()
+
+    def encode_text(self, text, mask):
+        words = [self.tokenizer.captions[int(i) - 1].replace(",", " ").split() for i in text[:, 0]]
+        return self.one_hot([next(w for w in caption if w in shape_data.COLOURS) for caption in words])
+
+    def encode_image(self, images):
+        return self.one_hot([analyse(image).colour for image in images])
+
+
+def test_near_miss_accuracy_counts_each_attribute_apart():
+    shapes = shape_data.ShapesDataset(num_samples=150, image_size=32, seed=3)
+    scores = train_clip.near_miss_accuracy(ColourCLIP(tokenizer := CaptionTokenizer()), shapes, 20, tokenizer, False,
+                                           contextlib.nullcontext, "cpu", chunk=16)  # a ragged last chunk
+    specs = [shapes.sample(i)[0] for i in range(20, 150)]
+    # Colours are always told apart; for the rest every caption ties, and a tie goes to the first value.
+    assert scores == pytest.approx({"colour": 1.0, **{
+        attribute: sum(getattr(spec, attribute) == values[0] for spec in specs) / len(specs)
+        for attribute, values in (("shape", shape_data.SHAPES), ("size", shape_data.SIZES),
+                                   ("position", list(shape_data.POSITIONS)))}})
+    assert len(tokenizer.captions) == 130 * (len(shape_data.COLOURS) + len(shape_data.SHAPES) + len(shape_data.SIZES)
+                                    + len(shape_data.POSITIONS))
 
 
 @pytest.mark.parametrize("flags, message", [
