@@ -1,3 +1,9 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +23,22 @@ def random_batch(config: DALLEConfig, batch: int = 3, generator: torch.Generator
     text[:, config.text_seq_len - 2:] = 0  # trailing padding, as the tokenizers produce
     codes = torch.randint(0, config.num_image_tokens, (batch, config.image_seq_len), generator=generator)
     return text, codes
+
+
+def run_deepspeed(script: Path, args: list[str], cwd: Path) -> None:
+    """Run `script` under the deepspeed launcher as 2 CPU processes (gloo), failing with their output.
+
+    Each run gets a free port (the launcher's default, 29500, may still be held by an earlier run's processes) and
+    runs without the Triton interpreter flag the Triton tests set (DeepSpeed imports Triton, ~4x slower with it)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PATH": f"{launcher.parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), "--deepspeed",
+                          *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, f"deepspeed {script.name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
 
 
 @pytest.fixture(autouse=True)

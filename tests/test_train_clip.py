@@ -3,15 +3,13 @@ resumes, flag errors, and a 2-process DeepSpeed run."""
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import webdataset as wds
+from conftest import run_deepspeed
 from test_training import COLOURS, png_bytes
 
 import train_clip
@@ -164,12 +162,7 @@ def test_bad_flags_are_clear_errors(flags, message, capsys):
 
 def test_deepspeed_two_processes_zero3(tmp_path):
     """2 CPU processes (gloo), ZeRO-3 + bf16: the gathered weights and the held-out retrieval reach the checkpoint."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", str(ROOT / "train_clip.py"), "--deepspeed", "--zero_stage", "3",
-           "--bf16", "--epochs", "1", *SHAPES]
-    env = {**os.environ, "PATH": f"{launcher.parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)  # set by the Triton tests; DeepSpeed imports Triton, which is ~4x slower then
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    run_deepspeed(ROOT / "train_clip.py", ["--zero_stage", "3", "--bf16", "--epochs", "1", *SHAPES], tmp_path)
     ckpt = load_clip(tmp_path / "clip.safetensors")  # ZeRO-3's empty local shards would not load
     assert ckpt.extra["progress"]["step"] == 4 and ckpt.extra["retrieval"]["pairs"] == 32
     assert (tmp_path / "clip-ds-cp" / "step000000004").is_dir()

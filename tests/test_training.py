@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from conftest import run_deepspeed
 from PIL import Image
 
 import train
@@ -176,13 +176,9 @@ def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path):
 
 def test_deepspeed_two_processes_zero3_then_generate(tmp_path):
     """2 CPU processes (gloo), ZeRO-3 + bf16; the consolidated checkpoint feeds generate.py and a resume."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", str(ROOT / "train.py"), "--deepspeed", "--zero_stage", "3", "--bf16",
-           "--num_samples", "32", "--batch_size", "8", "--vae_steps", "2", "--epochs", "1",
-           "--save_every_n_steps", "2", *TINY_MODEL]
-    env = {**os.environ, "PATH": f"{launcher.parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)  # set by the Triton tests; DeepSpeed imports Triton, which is ~4x slower then
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    args = ["--zero_stage", "3", "--bf16", "--num_samples", "32", "--batch_size", "8", "--vae_steps", "2",
+            "--epochs", "1", "--save_every_n_steps", "2", *TINY_MODEL]
+    run_deepspeed(ROOT / "train.py", args, tmp_path)
     ckpt = load_dalle(tmp_path / "dalle.safetensors")
     assert ckpt.extra["progress"]["step"] == 4  # 32 pairs, 4 per rank per step
     assert sorted(p.name for p in (tmp_path / "dalle-ds-cp").glob("step*"))[-1] == "step000000004"
@@ -191,6 +187,5 @@ def test_deepspeed_two_processes_zero3_then_generate(tmp_path):
                    capture_output=True)
     assert len(list((tmp_path / "out" / "a_red_square").glob("[0-9]*.jpg"))) == 2
 
-    subprocess.run(cmd[:-len(TINY_MODEL)] + ["--epochs", "2", "--dalle_path", "dalle.safetensors", *TINY_MODEL],
-                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    run_deepspeed(ROOT / "train.py", args + ["--epochs", "2", "--dalle_path", "dalle.safetensors"], tmp_path)
     assert load_dalle(tmp_path / "dalle.safetensors").extra["progress"]["step"] == 8
