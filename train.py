@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     if dist.rank == 0:
         progress = trainer.progress
         print(f"wrote {ckpt_path} (step {progress.step}, {progress.samples_skipped} bad samples skipped)")
+    dist.close()
 
 
 @torch.no_grad()

@@ -334,6 +334,13 @@ class Distributed:
         torch.distributed.barrier()
         return built if self.rank == 0 else load()
 
+    def close(self) -> None:
+        """Wait for every process, then shut the process group down: left to interpreter exit, the gloo threads can
+        be torn down mid-flight and abort the process after its work is done."""
+        if self.deepspeed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def mean(self, value: torch.Tensor) -> float:
         """A scalar tensor's mean over the processes."""
         if self.world > 1:
