@@ -133,6 +133,18 @@ class ConfiguredVAE(nn.Module):
     def channels(self) -> int:
         return self.config.channels
 
+    def check_codes(self, codes: Tensor) -> None:
+        """Refuse codes ``decode`` cannot take: not (b, fmap_size**2), not int64/int32, or out of the vocabulary."""
+        n = self.fmap_size**2
+        if codes.dim() != 2 or codes.shape[1] != n:
+            raise ValueError(f"expected codes of shape (b, {n}), got {tuple(codes.shape)}")
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected int64 or int32 codes, got dtype {codes.dtype}")
+        # One host sync per decode; an out-of-range id would otherwise be an opaque device-side assert.
+        lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
+        if lo < 0 or hi >= self.num_tokens:
+            raise ValueError(f"codes must lie in [0, {self.num_tokens}), got values in [{lo}, {hi}]")
+
 
 class DiscreteVAE(ConfiguredVAE):
     """Conv encoder -> Gumbel-softmax over `num_tokens` codes per grid cell -> codebook mixture -> conv decoder.
@@ -229,15 +241,7 @@ class DiscreteVAE(ConfiguredVAE):
         Unlike DALLE-pytorch (which returns the decoder output in normalised space), this de-normalises and
         clamps, so every VAE in the engine decodes to pixel space.
         """
-        n = self.fmap_size**2
-        if codes.dim() != 2 or codes.shape[1] != n:
-            raise ValueError(f"expected codes of shape (b, {n}), got {tuple(codes.shape)}")
-        if codes.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"expected int64 or int32 codes, got dtype {codes.dtype}")
-        # One host sync per decode; an out-of-range id would otherwise be an opaque device-side assert.
-        lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
-        if lo < 0 or hi >= self.num_tokens:
-            raise ValueError(f"codes must lie in [0, {self.num_tokens}), got values in [{lo}, {hi}]")
+        self.check_codes(codes)
         f = self.fmap_size
         embeds = self.codebook(codes).view(-1, f, f, self.config.codebook_dim).permute(0, 3, 1, 2)
         out = self.decoder(embeds)

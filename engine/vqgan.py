@@ -328,15 +328,8 @@ class VQGanVAE(ConfiguredVAE):
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes (b, fmap_size**2) -> images (b, out_ch, image_size, image_size) in [0, 1]."""
-        n, f = self.fmap_size**2, self.fmap_size
-        if codes.dim() != 2 or codes.shape[1] != n:
-            raise ValueError(f"expected codes of shape (b, {n}), got {tuple(codes.shape)}")
-        if codes.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"expected int64 or int32 codes, got dtype {codes.dtype}")
-        # One host sync per decode; an out-of-range id would otherwise be an opaque device-side assert.
-        lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
-        if lo < 0 or hi >= self.num_tokens:
-            raise ValueError(f"codes must lie in [0, {self.num_tokens}), got values in [{lo}, {hi}]")
+        self.check_codes(codes)
+        f = self.fmap_size
         with torch.autocast(device_type=codes.device.type, enabled=False):
             z = self.quantize.lookup(codes.long()).view(-1, f, f, self.config.embed_dim).permute(0, 3, 1, 2)
             out = self.decoder(self.post_quant_conv(z))
