@@ -1,7 +1,9 @@
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,33 @@ def run_deepspeed(script: Path, args: list[str], cwd: Path) -> None:
     run = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), "--deepspeed",
                           *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, f"deepspeed {script.name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+
+
+@contextlib.contextmanager
+def stand_in_modules(contents: dict[str, dict[str, object]]):
+    """Register modules named as `contents`' keys, holding its attributes, only inside the block: lets objects
+    that claim a foreign package (e.g. `__module__ = "dall_e.encoder"`) be pickled without that package."""
+    assert not any(name in sys.modules for name in contents)
+    modules = {name: types.ModuleType(name) for name in contents}
+    for name, attributes in contents.items():
+        for attribute, value in attributes.items():
+            setattr(modules[name], attribute, value)
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name in contents:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny convs: threads gain nothing, and on a busy machine OpenMP's waiting
+    makes them ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,14 @@
-import contextlib
 import copy
 import dataclasses
 import json
 import math
 import sys
-import types
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import stand_in_modules, tiny_config
 from test_unpickle import RunsShell
 from torch import nn
 
@@ -24,13 +22,7 @@ TINY = dict(n_hid=8, n_blk_per_group=1, vocab_size=16, input_channels=3, group_c
             image_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These convs are tiny: threads gain nothing, and on a busy machine OpenMP's waiting makes them much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(**overrides) -> OpenAIDiscreteVAE:
@@ -154,23 +146,13 @@ class Sneaky(nn.Module):
     __module__ = "dall_e.encoder"
 
 
-@contextlib.contextmanager
 def fake_dall_e():
     """Register the stand-ins as the dall_e package, only while pickling."""
-    names = ["dall_e", "dall_e.utils", "dall_e.encoder", "dall_e.decoder"]
-    assert not any(name in sys.modules for name in names)
-    modules = {name: types.ModuleType(name) for name in names}
-    modules["dall_e.utils"].Conv2d = Conv2d
-    for cls in (EncoderBlock, Encoder, Sneaky):
-        setattr(modules["dall_e.encoder"], cls.__name__, cls)
-    for cls in (DecoderBlock, Decoder):
-        setattr(modules["dall_e.decoder"], cls.__name__, cls)
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        for name in names:
-            del sys.modules[name]
+    return stand_in_modules({
+        "dall_e": {}, "dall_e.utils": {"Conv2d": Conv2d},
+        "dall_e.encoder": {cls.__name__: cls for cls in (EncoderBlock, Encoder, Sneaky)},
+        "dall_e.decoder": {cls.__name__: cls for cls in (DecoderBlock, Decoder)},
+    })
 
 
 def write_openai_pickles(tmp_path, zip_format=True, enc_kwargs=None, dec_kwargs=None):

@@ -1,12 +1,11 @@
-import contextlib
 import os
 import pickle
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
+from conftest import stand_in_modules
 
 from engine.unpickle import PickleStub, UnsafePickleError, safe_load
 
@@ -22,19 +21,11 @@ class ModelCheckpoint:
         self.monitor, self.best_model_score = monitor, np.float64(best_score)
 
 
-@contextlib.contextmanager
 def fake_lightning():
     """Make ModelCheckpoint picklable by registering stand-in modules, only while saving."""
     names = [".".join(LIGHTNING_MODULE.split(".")[:i]) for i in range(1, 4)]
-    assert not any(name in sys.modules for name in names)
-    modules = {name: types.ModuleType(name) for name in names}
-    modules[LIGHTNING_MODULE].ModelCheckpoint = ModelCheckpoint
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        for name in names:
-            del sys.modules[name]
+    return stand_in_modules({name: {"ModelCheckpoint": ModelCheckpoint} if name == LIGHTNING_MODULE else {}
+                             for name in names})
 
 
 def save_lightning_ckpt(path, state_dict: dict, **extra) -> None:

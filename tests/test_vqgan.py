@@ -41,13 +41,7 @@ model:
 GUMBEL_EXTRA = "kl_weight: 1.0e-08\n    temperature_scheduler_config: {target: main.LambdaWarmUpCosineScheduler}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These convs are tiny: threads gain nothing, and on a busy machine OpenMP's waiting makes them ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(gumbel: bool, **overrides) -> VQGanVAE:
