@@ -44,16 +44,21 @@ DALLE_ENGINE_INLINE void prefetch(const void* p) {
 #endif
 }
 
-// s[o][r] = dot(w[o], x_r) over [0, in) for the block's weight rows and two rows of x, the weight converted to the
-// compute type on load.
+// Dot products are summed kSumBlock in features at a time and the block sums added up, so each simd lane's add chain
+// holds at most kSumBlock / lanes terms, not in / lanes: the rounding error then hardly grows with the row length. At
+// in = 4096 one chain per lane had 1.4x the mean error of F.linear; in blocks of 512 it has 0.6x, at no measurable
+// cost (smaller blocks cost time: the block sums are horizontal adds).
+constexpr int64_t kSumBlock = 512;
+
+// s[o][r] = dot(w[o], x_r) over [begin, end), the weight converted to the compute type on load.
 template <typename acc_t, typename w_t>
-DALLE_ENGINE_INLINE void tile_2rows(const w_t* const (&w)[kOutBlock], const acc_t* x0, const acc_t* x1, int64_t in,
-                                    acc_t (&s)[kOutBlock][kRowBlock]) {
+DALLE_ENGINE_INLINE void block_2rows(const w_t* const (&w)[kOutBlock], const acc_t* x0, const acc_t* x1, int64_t begin,
+                                     int64_t end, acc_t (&s)[kOutBlock][kRowBlock]) {
   const w_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
   // Named scalars rather than an array: GCC keeps simd reductions of scalars in registers, not those of arrays.
   acc_t s00 = 0, s01 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s30 = 0, s31 = 0;
 #pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
-  for (int64_t i = 0; i < in; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     const acc_t a0 = static_cast<acc_t>(w0[i]), a1 = static_cast<acc_t>(w1[i]);
     const acc_t a2 = static_cast<acc_t>(w2[i]), a3 = static_cast<acc_t>(w3[i]);
     const acc_t b0 = x0[i], b1 = x1[i];
@@ -70,14 +75,14 @@ DALLE_ENGINE_INLINE void tile_2rows(const w_t* const (&w)[kOutBlock], const acc_
   s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
 }
 
-// s[o] = dot(w[o], x0) over [0, in).
+// s[o] = dot(w[o], x0) over [begin, end).
 template <typename acc_t, typename w_t>
-DALLE_ENGINE_INLINE void tile_1row(const w_t* const (&w)[kOutBlock], const acc_t* x0, int64_t in,
-                                   acc_t (&s)[kOutBlock]) {
+DALLE_ENGINE_INLINE void block_1row(const w_t* const (&w)[kOutBlock], const acc_t* x0, int64_t begin, int64_t end,
+                                    acc_t (&s)[kOutBlock]) {
   const w_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < in; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     const acc_t b = x0[i];
     s0 += static_cast<acc_t>(w0[i]) * b;
     s1 += static_cast<acc_t>(w1[i]) * b;
@@ -85,6 +90,30 @@ DALLE_ENGINE_INLINE void tile_1row(const w_t* const (&w)[kOutBlock], const acc_t
     s3 += static_cast<acc_t>(w3[i]) * b;
   }
   s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
+}
+
+// s[o][r] = dot(w[o], x_r) over [0, in), summed by blocks.
+template <typename acc_t, typename w_t>
+DALLE_ENGINE_INLINE void tile_2rows(const w_t* const (&w)[kOutBlock], const acc_t* x0, const acc_t* x1, int64_t in,
+                                    acc_t (&s)[kOutBlock][kRowBlock]) {
+  block_2rows(w, x0, x1, 0, std::min(in, kSumBlock), s);
+  for (int64_t begin = kSumBlock; begin < in; begin += kSumBlock) {
+    acc_t part[kOutBlock][kRowBlock];
+    block_2rows(w, x0, x1, begin, std::min(in, begin + kSumBlock), part);
+    for (int64_t k = 0; k < kOutBlock; ++k) s[k][0] += part[k][0], s[k][1] += part[k][1];
+  }
+}
+
+// s[o] = dot(w[o], x0) over [0, in), summed by blocks.
+template <typename acc_t, typename w_t>
+DALLE_ENGINE_INLINE void tile_1row(const w_t* const (&w)[kOutBlock], const acc_t* x0, int64_t in,
+                                   acc_t (&s)[kOutBlock]) {
+  block_1row(w, x0, 0, std::min(in, kSumBlock), s);
+  for (int64_t begin = kSumBlock; begin < in; begin += kSumBlock) {
+    acc_t part[kOutBlock];
+    block_1row(w, x0, begin, std::min(in, begin + kSumBlock), part);
+    for (int64_t k = 0; k < kOutBlock; ++k) s[k] += part[k];
+  }
 }
 
 // y[r][o + k] = dot(w[k], x row r) + b[k] for every row r and k < n.
