@@ -214,12 +214,13 @@ class Transformer(nn.Module):
             if cache is None:
                 yield {"rotary": rotary}, {}
                 continue
-            kv = LayerCache(cache.k[i], cache.v[i], pos)
-            if cache.rings is None:
+            kv = LayerCache(*cache.layer(i), pos)
+            rings = cache.rings(i)
+            if rings is None:
                 yield {"rotary": rotary, "cache": kv}, {}
                 continue
             weights = None if pos is None else self.shift_weights.index_select(0, pos.view(1))[0]
-            ring_attn, ring_ff = cache.rings[i]
+            ring_attn, ring_ff = rings
             yield ({"rotary": rotary, "cache": kv, "shift_state": ShiftState(ring_attn, pos, weights)},
                    {"shift_state": ShiftState(ring_ff, pos, weights)})
 
@@ -237,25 +238,37 @@ class KVCache(nn.Module):
     """Static decoding state for ``batch`` sequences, allocated once for the whole sequence (buffers, so that a
     compiled or CUDA-graph decode step mutates it in place).
 
-    ``k``, ``v``: (depth, batch, heads, total_seq_len, dim_head), every layer's rotated keys and values. Sparse
-    layers only ever read their pattern's keys from it (``kernels.decode_attention``). ``rings`` (token shift only):
-    (depth, 2, batch, fmap_size, dim), each branch's normed inputs of the last ``fmap_size`` positions, which is all
-    the shift reads (the previous token and the one a grid row above).
+    ``layer(i)``: layer i's rotated keys and values, each (batch, heads, total_seq_len, dim_head). Sparse layers only
+    ever read their pattern's keys from them (``kernels.decode_attention``). ``rings(i)`` (token shift only, else
+    None): layer i's attention and feed-forward branch rings, each (batch, fmap_size, dim), the branch's normed inputs
+    of the last ``fmap_size`` positions, which is all the shift reads (the previous token and the one a grid row
+    above). Every layer and ring is a buffer of its own, not a view of one stacked tensor: torch.compile turns a write
+    into a view of a shared buffer into a copy of the whole buffer, at every layer of every step.
     """
 
     def __init__(self, config: DALLEConfig, batch: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        shape = (config.depth, batch, config.heads, config.total_seq_len, config.dim_head)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        ring_shape = (config.depth, 2, batch, config.image_fmap_size, config.dim)
-        rings = torch.zeros(ring_shape, device=device, dtype=dtype) if config.shift_tokens else None
-        self.register_buffer("rings", rings, persistent=False)
+        self.depth = config.depth
+        self.shift = config.shift_tokens
+        shape = (batch, config.heads, config.total_seq_len, config.dim_head)
+        ring_shape = (batch, config.image_fmap_size, config.dim)
+        for i in range(config.depth):
+            for name in ("k", "v"):
+                self.register_buffer(f"{name}{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            for name in ("ring_attn", "ring_ff") if config.shift_tokens else ():
+                self.register_buffer(f"{name}{i}", torch.zeros(ring_shape, device=device, dtype=dtype),
+                                     persistent=False)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def rings(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (getattr(self, f"ring_attn{i}"), getattr(self, f"ring_ff{i}")) if self.shift else None
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k0.shape[0]
 
 
 # --- reversible layers --------------------------------------------------------------------------------------------

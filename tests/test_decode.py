@@ -124,9 +124,11 @@ def test_decode_step_reads_only_the_pattern_keys():
     with torch.no_grad():
         cache = model.new_cache(text.shape[0], text.device)
         model.prefill(model._text_with_pads(text), codes[:, :9], cache)
-        cache.k[:, :, :, c.text_len + 9:] = float("nan")  # the future
-        cache.k[:, :, :, c.text_len: c.text_len + 8] = float("nan")  # earlier rows: axial_row never reads them
-        cache.v[:, :, :, c.text_len: c.text_len + 8] = float("nan")
+        for i in range(c.depth):
+            k, v = cache.layer(i)
+            k[:, :, c.text_len + 9:] = float("nan")  # the future
+            k[:, :, c.text_len: c.text_len + 8] = float("nan")  # earlier rows: axial_row never reads them
+            v[:, :, c.text_len: c.text_len + 8] = float("nan")
         logits = model.decode_step(codes[:, 9], torch.tensor(c.text_len + 9), cache)
         expected = full_logits(model, text, codes)[:, 10]
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-9)
