@@ -225,6 +225,13 @@ class DALLE(nn.Module):
         x = self._transform(self._embed_at(token, pos, image), cache, pos)
         return self._vocab_logits(x[:, 0], image=image)
 
+    def compiled_decode_step(self):
+        """``decode_step`` under ``torch.compile`` as one graph, with CUDA graphs on a GPU; pass it as ``step_fn``. Each
+        new batch size compiles again (tens of seconds on a CPU), after which a step takes about half the eager time
+        on a CPU."""
+        mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
+        return torch.compile(self.decode_step, mode=mode, fullgraph=True)
+
     def prefill(self, text: torch.Tensor, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run bos + ``text`` (pad-substituted internal ids, a whole caption or a prefix) + image ``codes`` through the
         model in one pass, filling ``cache``; returns the next token's logits (see ``decode_step``)."""

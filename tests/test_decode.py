@@ -206,21 +206,26 @@ def test_decode_attention_backend_follows_dispatch():
         kernels.choose_decode_backend(q, "bogus")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_compiled_decode_step_samples_like_the_full_forward(dtype):
-    """On a GPU: the Triton decode kernels inside a CUDA-graph-compiled decode step give the full forward pass's
-    logits (within the dtype's forward error) and, in float32, the naive sampler's codes."""
-    model = DALLE(decode_config(depth=4)).cuda().to(dtype).eval()
-    text, codes = (x.cuda() for x in random_batch(model.config, batch=4))
-    step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)],
+                         ids=str)
+def test_compiled_decode_step_samples_like_the_full_forward(device, dtype):
+    """``compiled_decode_step`` (inductor's kernels around the C++ decode kernels on a CPU; the Triton ones in a CUDA
+    graph on a GPU) gives the full forward pass's logits (within the dtype's forward error) and, in float32, the
+    naive sampler's codes."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = DALLE(decode_config(depth=4)).to(device, dtype).eval()
+    text, codes = (x.to(device) for x in random_batch(model.config, batch=4))
+    step = model.compiled_decode_step()
     c = model.config
     with torch.no_grad():
         cache = model.new_cache(text.shape[0], text.device)
         positions = torch.arange(c.total_seq_len, device=text.device)
         outs = [model.prefill(model._text_with_pads(text), codes[:, :0], cache)]
         for i in range(c.image_seq_len - 1):
-            outs.append(step(codes[:, i], positions[c.text_len + i], cache).clone())
+            # contiguous tokens, as the sampler's: a compiled step specialises on strides
+            outs.append(step(codes[:, i].clone(memory_format=torch.contiguous_format), positions[c.text_len + i],
+                             cache).clone())
         ours = torch.stack(outs, dim=1).double()
         plain = full_logits(model, text, codes).double()
         exact = full_logits(model.double(), text, codes)

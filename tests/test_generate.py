@@ -162,14 +162,15 @@ def test_priming_with_an_image(ckpt, tmp_path, mode, size):
     (["--top_p", "0.5", "--temperature", "0.7"], dict(top_p=0.5, temperature=0.7)),
     (["--top_k", "5"], dict(top_k=5, filter_thres=None)),  # a count of image tokens
     (["--top_k", "0.9"], dict(top_k=None, filter_thres=0.9)),  # DALLE-pytorch's fraction threshold
-    (["--compile"], dict(compile=False)),  # CUDA only: ignored, with a note
+    (["--compile"], dict(compile=True)),
+    (["--compile", "--no_cache"], dict(compile=False, use_cache=False)),  # nothing to compile: ignored, with a note
 ])
 def test_sampling_options(ckpt, tmp_path, capsys, flags, expected):
     gen(ckpt, tmp_path, *flags, num_images=1)
     s = settings(tmp_path / "a_red_cube")
     assert {k: s[k] for k in expected} == expected
-    if "--compile" in flags:
-        assert "ignored" in capsys.readouterr().err
+    if "--no_cache" in flags:
+        assert "ignored with --no_cache" in capsys.readouterr().err
 
 
 def test_top_k_one_is_greedy_either_way(ckpt, tmp_path):
