@@ -62,9 +62,9 @@ def shift_weights(text_len: int, fmap_size: int, dim: int, seq_len: int) -> torc
 
 
 class ShiftState(NamedTuple):
-    """A branch's token-shift decoding state: ``ring`` (batch, fmap_size, dim) holds its normed inputs of the last
-    ``fmap_size`` positions, position p in slot p % fmap_size; ``pos`` (0-dim tensor, None during a prefill) and
-    ``weights`` (3, dim), that position's row of ``shift_weights``."""
+    """A branch's token-shift decoding state: ``ring`` (batch, fmap_size + 1, dim) holds its normed inputs of the last
+    fmap_size + 1 positions, position p in slot p % (fmap_size + 1); ``pos`` (0-dim tensor, None during a prefill)
+    and ``weights`` (3, dim), that position's row of ``shift_weights``."""
 
     ring: torch.Tensor
     pos: torch.Tensor | None = None
@@ -72,15 +72,15 @@ class ShiftState(NamedTuple):
 
 
 def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
-    """``shift_tokens`` for the one position ``state.pos`` of ``h`` (batch, 1, dim), reading the previous token and
-    the one a grid row above from the ring (slot pos, before it is overwritten here, holds pos - fmap_size). No
-    branches on the position: static shapes, no host synchronisation."""
+    """``shift_tokens`` for the one position ``state.pos`` of ``h`` (batch, 1, dim): writes h into the ring, then reads
+    the previous token and the one a grid row above from it. No branches on the position: static shapes, no host
+    synchronisation. The one spare slot lets the write come first (it overwrites pos - fmap_size - 1, which no read
+    needs): a compiled step that read the ring before writing it would copy the whole ring at every step."""
     ring, pos, w = state
     size = ring.shape[1]
-    slot = (pos % size).view(1)
+    ring.index_copy_(1, (pos % size).view(1), h)
     prev = ring.index_select(1, ((pos - 1) % size).view(1))
-    above = ring.index_select(1, slot)
-    ring.index_copy_(1, slot, h)
+    above = ring.index_select(1, ((pos + 1) % size).view(1))  # pos - fmap_size, as size = fmap_size + 1
     w = w.to(h.dtype)
     return h * w[0] + prev * w[1] + above * w[2]
 
@@ -146,7 +146,7 @@ class Branch(nn.Module):
             if shift_state is not None and shift_state.pos is not None:
                 h = shift_step(h, shift_state)
             else:
-                if shift_state is not None:  # prefill: keep the last fmap_size positions, position p in slot p % size
+                if shift_state is not None:  # prefill: keep the last positions the ring holds, p in slot p % size
                     ring, n = shift_state.ring, h.shape[1]
                     first = max(n - ring.shape[1], 0)
                     ring.index_copy_(1, torch.arange(first, n, device=h.device) % ring.shape[1], h[:, first:])
@@ -240,10 +240,11 @@ class KVCache(nn.Module):
 
     ``layer(i)``: layer i's rotated keys and values, each (batch, heads, total_seq_len, dim_head). Sparse layers only
     ever read their pattern's keys from them (``kernels.decode_attention``). ``rings(i)`` (token shift only, else
-    None): layer i's attention and feed-forward branch rings, each (batch, fmap_size, dim), the branch's normed inputs
-    of the last ``fmap_size`` positions, which is all the shift reads (the previous token and the one a grid row
-    above). Every layer and ring is a buffer of its own, not a view of one stacked tensor: torch.compile turns a write
-    into a view of a shared buffer into a copy of the whole buffer, at every layer of every step.
+    None): layer i's attention and feed-forward branch rings, each (batch, fmap_size + 1, dim), the branch's normed
+    inputs of the last fmap_size + 1 positions, which hold all the shift reads (the previous token and the one a grid
+    row above; see ``shift_step``). Every layer and ring is a buffer of its own, not a view of one stacked tensor:
+    torch.compile turns a write into a view of a shared buffer into a copy of the whole buffer, at every layer of every
+    step.
     """
 
     def __init__(self, config: DALLEConfig, batch: int, *, device: torch.device | str | None = None,
@@ -252,7 +253,7 @@ class KVCache(nn.Module):
         self.depth = config.depth
         self.shift = config.shift_tokens
         shape = (batch, config.heads, config.total_seq_len, config.dim_head)
-        ring_shape = (batch, config.image_fmap_size, config.dim)
+        ring_shape = (batch, config.image_fmap_size + 1, config.dim)
         for i in range(config.depth):
             for name in ("k", "v"):
                 self.register_buffer(f"{name}{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)

@@ -110,7 +110,7 @@ def test_text_decoding_matches_full_forward():
 def test_shift_step_equals_shift_tokens(dim):
     text_len, fmap = 4, 3
     h = torch.randn(2, text_len + fmap * fmap, dim, dtype=torch.float64)
-    ring = torch.zeros(2, fmap, dim, dtype=torch.float64)
+    ring = torch.zeros(2, fmap + 1, dim, dtype=torch.float64)
     weights = shift_weights(text_len, fmap, dim, h.shape[1])
     steps = [shift_step(h[:, p: p + 1], ShiftState(ring, torch.tensor(p), weights[p])) for p in range(h.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), shift_tokens(h, text_len, fmap), rtol=0, atol=0)
