@@ -225,12 +225,9 @@ class DALLE(nn.Module):
         x = self._transform(self._embed_at(token, pos, image), cache, pos)
         return self._vocab_logits(x[:, 0], image=image)
 
-    def compiled_decode_step(self):
-        """``decode_step`` under ``torch.compile`` as one graph, with CUDA graphs on a GPU; pass it as ``step_fn``. Each
-        new batch size compiles again (tens of seconds on a CPU), after which a step takes about half the eager time
-        on a CPU."""
-        mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
-        return torch.compile(self.decode_step, mode=mode, fullgraph=True)
+    def compiled_decode_step(self) -> CompiledDecodeStep:
+        """``decode_step`` under ``torch.compile`` as one graph, with CUDA graphs on a GPU; pass it as ``step_fn``."""
+        return CompiledDecodeStep(self)
 
     def prefill(self, text: torch.Tensor, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run bos + ``text`` (pad-substituted internal ids, a whole caption or a prefix) + image ``codes`` through the
@@ -329,7 +326,8 @@ class DALLE(nn.Module):
         self.eval()
         try:
             if use_cache:
-                cache = self.new_cache(rows.shape[0], text.device)
+                # A compiled step brings the cache it was compiled for (see CompiledDecodeStep).
+                cache = getattr(step_fn, "cache", self.new_cache)(rows.shape[0], text.device)
                 step = step_fn or self.decode_step
                 positions = torch.arange(c.total_seq_len, device=text.device)  # indexed, never copied from the host
                 prime_rows = codes[:, :start].repeat(rows.shape[0] // batch, 1)
@@ -388,6 +386,41 @@ class DALLE(nn.Module):
         finally:
             self.train(was_training)
         return ids.masked_fill(ids >= c.num_text_tokens, 0)  # any pad id means padding
+
+
+class CompiledDecodeStep:
+    """A model's ``decode_step`` under ``torch.compile`` (one graph; CUDA graphs on a GPU) and the caches it runs on.
+
+    Call it as ``decode_step``; ``cache(batch, device)`` gives the cache to call it with, the same buffers on every
+    call for a batch size (one batch size kept at a time), so that sampling again neither recompiles nor, under CUDA
+    graphs, copies the cache into the graph's inputs at every step: a CUDA graph replays on fixed addresses, and its
+    buffers are marked as such. Each new batch size compiles again: tens of seconds on a CPU, where a step then takes
+    about half the eager time.
+    """
+
+    def __init__(self, model: DALLE):
+        self.model = model
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+        self.step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+        self._cache: KVCache | None = None
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.step(token, pos, cache)
+
+    def cache(self, batch: int, device: torch.device | str) -> KVCache:
+        """The kept cache if it fits ``batch`` sequences on ``device`` in the model's dtype, else a new one (kept).
+        What an earlier sampling left in it is never read: a prefill rewrites the prefix and the token-shift rings,
+        and every decode step writes its position before any read of it."""
+        c, dtype, device = self._cache, next(self.model.parameters()).dtype, torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if c is None or c.batch != batch or c.k0.device != device or c.k0.dtype != dtype:
+            c = self._cache = None  # freed before the next one is allocated
+            c = self._cache = self.model.new_cache(batch, device)
+            if c.k0.is_cuda:
+                for buffer in c.buffers():
+                    torch._dynamo.mark_static_address(buffer)
+        return c
 
 
 def _guide(logits: torch.Tensor, cond_scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,6 +148,7 @@ class Branch(nn.Module):
             else:
                 if shift_state is not None:  # prefill: keep the last positions the ring holds, p in slot p % size
                     ring, n = shift_state.ring, h.shape[1]
+                    ring.zero_()  # slots the prefix does not fill are read with weight 0: no stale NaN
                     first = max(n - ring.shape[1], 0)
                     ring.index_copy_(1, torch.arange(first, n, device=h.device) % ring.shape[1], h[:, first:])
                 h = shift_tokens(h, *self.shift)

@@ -211,15 +211,17 @@ def test_decode_attention_backend_follows_dispatch():
 def test_compiled_decode_step_samples_like_the_full_forward(device, dtype):
     """``compiled_decode_step`` (inductor's kernels around the C++ decode kernels on a CPU; the Triton ones in a CUDA
     graph on a GPU) gives the full forward pass's logits (within the dtype's forward error) and, in float32, the
-    naive sampler's codes."""
+    naive sampler's codes; sampling again reuses its cache without recompiling, and nothing the last sampling left in
+    the cache reaches the next."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    model = DALLE(decode_config(depth=4)).to(device, dtype).eval()
+    # A grid row longer than the caption: the prefill leaves token-shift ring slots unwritten.
+    model = DALLE(decode_config(depth=4, image_fmap_size=8)).to(device, dtype).eval()
     text, codes = (x.to(device) for x in random_batch(model.config, batch=4))
     step = model.compiled_decode_step()
     c = model.config
     with torch.no_grad():
-        cache = model.new_cache(text.shape[0], text.device)
+        cache = step.cache(text.shape[0], text.device)
         positions = torch.arange(c.total_seq_len, device=text.device)
         outs = [model.prefill(model._text_with_pads(text), codes[:, :0], cache)]
         for i in range(c.image_seq_len - 1):
@@ -234,5 +236,10 @@ def test_compiled_decode_step_samples_like_the_full_forward(device, dtype):
     if dtype == torch.float32:
         model.float()
         cached, _ = model.sample_image_codes(text, seed=0, step_fn=step)
+        assert step.cache(text.shape[0], text.device) is cache
+        for buffer in cache.buffers():
+            buffer.fill_(float("nan"))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again, _ = model.sample_image_codes(text, seed=0, step_fn=step)
         naive, _ = model.sample_image_codes(text, seed=0, use_cache=False)
-        assert torch.equal(cached, naive)
+        assert torch.equal(cached, naive) and torch.equal(again, naive)
