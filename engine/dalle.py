@@ -266,9 +266,9 @@ class DALLE(nn.Module):
         same images.
 
         ``use_cache`` decodes with the static KV cache, one token per step (``prefill`` + ``decode_step``, or
-        ``step_fn``, e.g. a compiled ``decode_step``); without it every token costs a full forward pass (the
-        reference). With ``return_scores``, also returns each image's log-likelihood under the model given its
-        caption (conditional, unfiltered, temperature 1; sampled tokens only), for reranking.
+        ``step_fn``, e.g. ``compiled_decode_step()``, which brings its own cache); without it every token costs a full
+        forward pass (the reference). With ``return_scores``, also returns each image's log-likelihood under the model
+        given its caption (conditional, unfiltered, temperature 1; sampled tokens only), for reranking.
         """
         c = self.config
         if self.vae is None:

@@ -251,7 +251,6 @@ class KVCache(nn.Module):
     def __init__(self, config: DALLEConfig, batch: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.depth = config.depth
         self.shift = config.shift_tokens
         shape = (batch, config.heads, config.total_seq_len, config.dim_head)
         ring_shape = (batch, config.image_fmap_size + 1, config.dim)
