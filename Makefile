@@ -5,15 +5,13 @@ PIP := $(PY) -m pip
 .PHONY: install test demo clean gpu-check
 
 # torch 2.13.0 (CPU) is installed first only where no torch is present, so pip never pulls a CUDA build;
-# youtokentome needs Cython already installed and no build isolation; built with its DETERMINISTIC_QUEUE switch (and no
-# cached wheel built without it), its BPE training learns the same merges on every run, so training is reproducible.
+# youtokentome needs Cython already installed and no build isolation.
 # Rebuilt when setup.py or the C++ kernels change (pip install -e builds kernels._C in place).
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install Cython setuptools wheel
-	$(PY) -c "import youtokentome" 2>/dev/null || CFLAGS=-DDETERMINISTIC_QUEUE $(PIP) install --no-cache-dir \
-		--no-build-isolation youtokentome==1.0.6
+	$(PY) -c "import youtokentome" 2>/dev/null || $(PIP) install --no-build-isolation youtokentome==1.0.6
 	$(PIP) install --no-deps clip-anytorch
 	$(PIP) install --no-build-isolation -e ".[test,deepspeed]"
 	touch $@
