@@ -35,23 +35,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from engine.checkpoint import load_clip, load_dalle
+from engine.cli import (
+    check_device,
+    check_writable,
+    fraction,
+    non_negative_int,
+    number,
+    positive_float,
+    positive_int,
+    rng_seed,
+)
 from engine.data import load_image, random_resized_crop
 from engine.tokenizers import build_tokenizer
 
 MAX_NAME_BYTES = 100
-
-
-def _number(kind: type, ok, expected: str):
-    """An argparse type: a `kind` number for which `ok` holds, else an error saying what was expected."""
-    def parse(value: str):
-        try:
-            x = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
-        if not ok(x):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return x
-    return parse
 
 
 def top_k_arg(value: str) -> float | int:
@@ -69,7 +66,6 @@ def top_k_arg(value: str) -> float | int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    positive_int = _number(int, lambda n: n >= 1, "an integer >= 1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dalle_path", required=True,
                    help="checkpoint written by train.py, or a DALLE-pytorch dalle.pt (or its -ds-cp folder)")
@@ -79,15 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=top_k_arg, default=0.9,
                    help="in [0, 1): DALLE-pytorch's threshold, keep the top (1 - top_k) fraction of the whole "
                         "vocabulary; a whole number >= 1: keep that many tokens (1: greedy)")
-    p.add_argument("--top_p", type=_number(float, lambda x: 0 < x <= 1, "a number in (0, 1]"), default=None,
+    p.add_argument("--top_p", type=fraction, default=None,
                    help="nucleus sampling: keep the most likely tokens that reach this probability mass")
-    p.add_argument("--temperature", type=_number(float, lambda x: 0 < x < math.inf, "a number > 0"), default=1.0)
-    p.add_argument("--cond_scale", type=_number(float, math.isfinite, "a finite number"), default=1.0,
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--cond_scale", type=number(float, math.isfinite, "a finite number"), default=1.0,
                    help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=rng_seed, default=None,
                    help="makes the samples reproducible (default: a random seed, recorded in settings.json)")
     p.add_argument("--img", default=None, help="image whose first rows prime the generation")
-    p.add_argument("--num_init_img_tokens", type=_number(int, lambda n: n >= 0, "an integer >= 0"), default=None,
+    p.add_argument("--num_init_img_tokens", type=non_negative_int, default=None,
                    help="image tokens taken from --img (default: 0.4375 of them)")
     p.add_argument("--truncate_captions", action="store_true", help="truncate prompts longer than the model's text")
     p.add_argument("--gentxt", action="store_true",
@@ -114,12 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tok.add_argument("--hug", action="store_true")
     tok.add_argument("--chinese", action="store_true")
     args = p.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but CUDA is not available")
+    check_device(p, args.device)
+    check_writable(p, "--outputs_dir", args.outputs_dir)
     # Undecodable bytes in the command line arrive as lone surrogates, which no file can hold: make them U+FFFD.
     args.text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if args.num_init_img_tokens is not None and args.img is None:
@@ -332,8 +324,6 @@ def main(argv: list[str] | None = None) -> None:
         fail("--text holds an empty prompt (prompts are separated by |; with --gentxt an empty prompt means a caption "
              "sampled from scratch)")
     outputs_dir = Path(args.outputs_dir)
-    if outputs_dir.exists() and not outputs_dir.is_dir():
-        fail(f"--outputs_dir {outputs_dir} is not a folder")
 
     # Everything is checked before anything is generated or written.
     model, tokenizer = load_model(args)

@@ -22,11 +22,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.checkpoint import load_dalle, load_vae, save_dalle, save_vae
+from engine.cli import non_negative_int, positive_int
 from engine.config import DALLEConfig, add_config_args, config_from_args
 from engine.dalle import DALLE
 from engine.shapes import BACKGROUNDS
 from engine.tokenizers import Tokenizer
 from engine.training import (
+    Distributed,
     RunLogger,
     Trainer,
     add_data_args,
@@ -39,6 +41,8 @@ from engine.training import (
     build_data,
     build_tokenizer_for,
     builtin_shapes,
+    claim_outputs,
+    load_or_exit,
     micro_batch_size,
     parse_training_args,
     setup_distributed,
@@ -67,28 +71,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = p.add_argument_group("output")
     out.add_argument("--dalle_output_file_name", default="dalle", help="checkpoint <name>.safetensors")
     add_output_args(out)
-    out.add_argument("--sample_every_n_steps", type=int, default=1000, help="0 disables sample images")
+    out.add_argument("--sample_every_n_steps", type=non_negative_int, default=1000, help="0 disables sample images")
     add_wandb_args(out)
     add_distributed_args(p.add_argument_group("distributed"))
     demo = p.add_argument_group("built-in shapes data (no --image_text_folder)")
     add_shapes_args(demo)
-    demo.add_argument("--vae_steps", type=int, default=1500, help="DiscreteVAE training steps")
+    demo.add_argument("--vae_steps", type=positive_int, default=1500, help="DiscreteVAE training steps")
     add_config_args(p, DALLEConfig, exclude=DERIVED)
-    return parse_training_args(p, argv)
+    args = parse_training_args(p, argv, "dalle_output_file_name")
+    try:  # check the model flags now, not after a VAE and a tokenizer have been trained
+        config_from_args(DALLEConfig, args, **dict.fromkeys(DERIVED, 1))
+        if args.image_text_folder is None and not (args.vae_path or args.dalle_path):
+            shapes_vae_config(args.image_size)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
 
 
-def train_shapes_vae(args: argparse.Namespace, device: str) -> DiscreteVAE:
+def shapes_vae_config(image_size: int) -> DiscreteVAEConfig:
     """A small DiscreteVAE for the built-in shapes."""
-    shapes = builtin_shapes(args)
     # Normalising the background to 0 makes it look like the convs' zero padding, so a shape near the border gets the
     # same codes as elsewhere, only shifted (positions lie whole cells apart): what lets the DALL-E compose positions.
     background = tuple(c / 255 for c in BACKGROUNDS[0])
-    vae = DiscreteVAE(DiscreteVAEConfig(image_size=args.image_size, num_layers=2, num_tokens=128, codebook_dim=64,
-                                        hidden_dim=48, kl_div_loss_weight=1e-3,
-                                        normalization=(background, (0.5, 0.5, 0.5)))).to(device)
+    return DiscreteVAEConfig(image_size=image_size, num_layers=2, num_tokens=128, codebook_dim=64, hidden_dim=48,
+                             kl_div_loss_weight=1e-3, normalization=(background, (0.5, 0.5, 0.5)))
+
+
+def train_shapes_vae(args: argparse.Namespace, device: str) -> DiscreteVAE:
+    shapes = builtin_shapes(args)
+    vae = DiscreteVAE(shapes_vae_config(args.image_size)).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
     loader = DataLoader(shapes, batch_size=32, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -113,7 +127,7 @@ def taming_vqgan(args: argparse.Namespace) -> VQGanVAE:
             "ImageNet f16 1024 model (ckpts/last.ckpt and configs/model.yaml, linked from "
             "https://github.com/CompVis/taming-transformers) or use your own, and pass them with --vqgan_model_path "
             f"and --vqgan_config_path (or save them as {TAMING_DIR}/{TAMING_FILES[0]} and {TAMING_FILES[1]})")
-    return VQGanVAE.from_taming(model_path, config_path)
+    return load_or_exit("--vqgan_model_path", model_path, VQGanVAE.from_taming, config_path=config_path)
 
 
 # --- training -------------------------------------------------------------------------------------------------------
@@ -122,16 +136,21 @@ def taming_vqgan(args: argparse.Namespace) -> VQGanVAE:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed(args)
+    with claim_outputs(args, args.dalle_output_file_name, dist):
+        train(args, dist)
+    dist.close()
+
+
+def train(args: argparse.Namespace, dist: Distributed) -> None:
     torch.manual_seed(args.seed)
     name = args.dalle_output_file_name
     ckpt_path = Path(f"{name}.safetensors")
-    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
 
     resumed = None
     if args.dalle_path:  # this engine's checkpoint, or a DALLE-pytorch dalle.pt to fine-tune
-        resumed = load_dalle(args.dalle_path, vqgan_model_path=args.vqgan_model_path,
-                             vqgan_config_path=args.vqgan_config_path, bpe_path=args.bpe_path, hug=args.hug,
-                             chinese=args.chinese)
+        resumed = load_or_exit("--dalle_path", args.dalle_path, load_dalle, vqgan_model_path=args.vqgan_model_path,
+                               vqgan_config_path=args.vqgan_config_path, bpe_path=args.bpe_path, hug=args.hug,
+                               chinese=args.chinese)
     if resumed is not None:
         model, tokenizer = resumed.model, resumed.tokenizer
         if tokenizer is None:
@@ -139,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         vae_file = f"{name}-vae.safetensors"
         if args.vae_path:
-            vae = load_vae(args.vae_path).model
+            vae = load_or_exit("--vae_path", args.vae_path, load_vae).model
         elif args.taming or args.vqgan_model_path or args.vqgan_config_path:
             vae = taming_vqgan(args)
         elif args.image_text_folder is None:
@@ -177,7 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     if dist.rank == 0:
         progress = trainer.progress
         print(f"wrote {ckpt_path} (step {progress.step}, {progress.samples_skipped} bad samples skipped)")
-    dist.close()
 
 
 @torch.no_grad()

@@ -35,7 +35,9 @@ from engine.config import add_config_args, config_from_args
 from engine.data import TokenizedShapes, collate
 from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
 from engine.tokenizers import Tokenizer
+from engine.cli import non_negative_int, positive_int
 from engine.training import (
+    Distributed,
     Trainer,
     add_data_args,
     add_distributed_args,
@@ -47,6 +49,8 @@ from engine.training import (
     build_data,
     build_tokenizer_for,
     builtin_shapes,
+    claim_outputs,
+    load_or_exit,
     micro_batch_size,
     parse_training_args,
     setup_distributed,
@@ -72,13 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 "Shapes are drawn at the model's image size: --image_size and --visual_image_size "
                                 "each set both (default 32).")
     add_shapes_args(demo)
-    demo.add_argument("--eval_samples", type=int, default=1024,
+    demo.add_argument("--eval_samples", type=non_negative_int, default=1024,
                       help="held-out pairs scored after every epoch (0: none)")
-    demo.add_argument("--retrieval_candidates", type=int, default=32,
+    demo.add_argument("--retrieval_candidates", type=positive_int, default=32,
                       help="pairs among which each held-out caption and image is matched")
     add_config_args(p, CLIPConfig, exclude=DERIVED)
     p.set_defaults(image_size=None, visual_image_size=None)  # resolved below: they depend on the data source
-    args = parse_training_args(p, argv)
+    args = parse_training_args(p, argv, "clip_output_file_name")
 
     if args.image_text_folder is None:
         if args.image_size and args.visual_image_size and args.image_size != args.visual_image_size:
@@ -173,12 +177,17 @@ def near_miss_accuracy(clip: CLIP, shapes: ShapesDataset, first: int, tokenizer:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed(args)
+    with claim_outputs(args, args.clip_output_file_name, dist):
+        train(args, dist)
+    dist.close()
+
+
+def train(args: argparse.Namespace, dist: Distributed) -> None:
     torch.manual_seed(args.seed)
     name = args.clip_output_file_name
     ckpt_path = Path(f"{name}.safetensors")
-    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
 
-    resumed = load_clip(args.clip_path) if args.clip_path else None
+    resumed = load_or_exit("--clip_path", args.clip_path, load_clip) if args.clip_path else None
     if resumed is not None:
         model, tokenizer = resumed.model, resumed.tokenizer
         if tokenizer is None:
@@ -242,7 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     if dist.rank == 0:
         progress = trainer.progress
         print(f"wrote {ckpt_path} (step {progress.step}, {progress.samples_skipped} bad samples skipped)")
-    dist.close()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,29 @@ from tqdm import tqdm
 
 from engine.checkpoint import load_vae, save_vae
 from engine.data import ImageFolder, collate_images
-from engine.training import EpochSampler, Progress, RunLogger, keep_tagged_copy, pack_state, restore_state
+from engine.cli import (
+    check_device,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    rng_seed,
+)
+from engine.training import (
+    Distributed,
+    EpochSampler,
+    Progress,
+    RunLogger,
+    check_output_folders,
+    claim_outputs,
+    keep_tagged_copy,
+    load_or_exit,
+    log_dir,
+    non_finite_loss,
+    pack_state,
+    restore_state,
+)
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
 
@@ -29,51 +51,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae_path", default=None, help="a checkpoint of this script to resume from")
     p.add_argument("--vae_output_file_name", default="vae", help="checkpoint <name>.safetensors")
     p.add_argument("--output_dir", default=None, help="logs, metrics and samples (default: <name>-logs)")
-    p.add_argument("--image_size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_decay_rate", type=float, default=0.98, help="multiplies the lr every 100 steps")
-    p.add_argument("--starting_temp", type=float, default=1.0)
-    p.add_argument("--temp_min", type=float, default=0.5)
-    p.add_argument("--anneal_rate", type=float, default=1e-6, help="every 100 steps temp *= exp(-rate * step)")
-    p.add_argument("--num_images_save", type=int, default=4)
-    p.add_argument("--num_tokens", type=int, default=8192)
-    p.add_argument("--num_layers", type=int, default=3)
-    p.add_argument("--num_resnet_blocks", type=int, default=2)
+    p.add_argument("--image_size", type=positive_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--learning_rate", type=positive_float, default=1e-3)
+    p.add_argument("--lr_decay_rate", type=fraction, default=0.98, help="multiplies the lr every 100 steps")
+    p.add_argument("--starting_temp", type=positive_float, default=1.0)
+    p.add_argument("--temp_min", type=positive_float, default=0.5)
+    p.add_argument("--anneal_rate", type=non_negative_float, default=1e-6, help="every 100 steps temp *= exp(-rate * step)")
+    p.add_argument("--num_images_save", type=positive_int, default=4)
+    p.add_argument("--num_tokens", type=positive_int, default=8192)
+    p.add_argument("--num_layers", type=positive_int, default=3)
+    p.add_argument("--num_resnet_blocks", type=non_negative_int, default=2)
     p.add_argument("--smooth_l1_loss", action="store_true")
-    p.add_argument("--emb_dim", type=int, default=512, help="codebook vector width")
-    p.add_argument("--hidden_dim", type=int, default=256)
-    p.add_argument("--kl_loss_weight", type=float, default=0.0)
+    p.add_argument("--emb_dim", type=positive_int, default=512, help="codebook vector width")
+    p.add_argument("--hidden_dim", type=positive_int, default=256)
+    p.add_argument("--kl_loss_weight", type=non_negative_float, default=0.0)
     p.add_argument("--transparent", action="store_true", help="RGBA images")
-    p.add_argument("--save_every_n_steps", type=int, default=100)
-    p.add_argument("--keep_n_checkpoints", type=int, default=None)
-    p.add_argument("--log_every_n_steps", type=int, default=10)
-    p.add_argument("--sample_every_n_steps", type=int, default=100, help="0 disables reconstruction images")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_every_n_steps", type=positive_int, default=100)
+    p.add_argument("--keep_n_checkpoints", type=positive_int, default=None)
+    p.add_argument("--log_every_n_steps", type=positive_int, default=10)
+    p.add_argument("--sample_every_n_steps", type=non_negative_int, default=100, help="0 disables reconstruction images")
+    p.add_argument("--num_workers", type=non_negative_int, default=2)
+    p.add_argument("--seed", type=rng_seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_device(p, args.device)
+    check_output_folders(p, args, "vae_output_file_name")
+    if args.temp_min > args.starting_temp:
+        p.error(f"--temp_min {args.temp_min} is above --starting_temp {args.starting_temp}")
+    try:  # the model flags, checked before any work
+        vae_config(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def vae_config(args: argparse.Namespace) -> DiscreteVAEConfig:
+    return DiscreteVAEConfig(
+        image_size=args.image_size, num_tokens=args.num_tokens, codebook_dim=args.emb_dim, num_layers=args.num_layers,
+        num_resnet_blocks=args.num_resnet_blocks, hidden_dim=args.hidden_dim, channels=4 if args.transparent else 3,
+        smooth_l1_loss=args.smooth_l1_loss, kl_div_loss_weight=args.kl_loss_weight)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with claim_outputs(args, args.vae_output_file_name, Distributed(0, 1, args.device, deepspeed=False)):
+        train(args)
+
+
+def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     name = args.vae_output_file_name
     ckpt_path = Path(f"{name}.safetensors")
-    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
 
-    resumed = load_vae(args.vae_path) if args.vae_path else None
-    if resumed is not None:
-        vae = resumed.model
-    else:
-        vae = DiscreteVAE(DiscreteVAEConfig(
-            image_size=args.image_size, num_tokens=args.num_tokens, codebook_dim=args.emb_dim,
-            num_layers=args.num_layers, num_resnet_blocks=args.num_resnet_blocks, hidden_dim=args.hidden_dim,
-            channels=4 if args.transparent else 3, smooth_l1_loss=args.smooth_l1_loss,
-            kl_div_loss_weight=args.kl_loss_weight))
+    resumed = load_or_exit("--vae_path", args.vae_path, load_vae) if args.vae_path else None
+    vae = resumed.model if resumed is not None else DiscreteVAE(vae_config(args))
     vae.to(args.device).train()
     dataset = ImageFolder(args.image_folder, image_size=vae.image_size, transparent=vae.channels == 4)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: a step takes --batch_size {args.batch_size} images, but {args.image_folder} holds "
+                         f"only {len(dataset)}: lower --batch_size")
 
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay_rate)
@@ -81,17 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     temp = args.starting_temp
     if resumed is not None and "progress" in resumed.extra:
         progress = restore_state(resumed.extra, resumed.aux, optimizer, scheduler)
-        temp = resumed.extra["temperature"]
+        temp = resumed.extra.get("temperature")
+        if not isinstance(temp, float) or not temp > 0:
+            raise SystemExit(f"error: --vae_path {args.vae_path} holds a damaged temperature: {temp!r}")
+        if progress.epoch >= args.epochs:
+            raise SystemExit(f"error: --vae_path {args.vae_path} has already trained {progress.epoch} epochs; pass "
+                             f"--epochs above that to train on (got --epochs {args.epochs})")
+    saved_step = progress.step if resumed is not None else None
 
-    logger = RunLogger(args.output_dir or f"{name}-logs", config=vars(args))
+    logger = RunLogger(log_dir(args, name), config=vars(args), start_step=progress.step)
 
     def save() -> None:
+        nonlocal saved_step
+        saved_step = progress.step
         meta, tensors = pack_state(optimizer, scheduler, progress)
         save_vae(ckpt_path, vae, extra={**meta, "temperature": temp}, aux=tensors)
         keep_tagged_copy(ckpt_path, progress.step, args.keep_n_checkpoints)
 
     bar = tqdm(desc="vae", initial=progress.step)
     while progress.epoch < args.epochs:
+        whole_epoch, steps_before = progress.batch_in_epoch == 0, progress.step
         sampler = EpochSampler(len(dataset), seed=args.seed, epoch=progress.epoch,
                                start=progress.batch_in_epoch * args.batch_size, rank=0, world=1)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
@@ -104,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             images = images.to(args.device)
             loss, recons = vae(images, return_loss=True, return_recons=True, temp=temp)
+            if not torch.isfinite(loss):
+                logger.close()
+                raise SystemExit(non_finite_loss(loss.item(), progress.step + 1, ckpt_path, saved_step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -120,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                 _log_reconstructions(vae, images[: args.num_images_save], logger, progress.step)
             if progress.step % args.save_every_n_steps == 0:
                 save()
+        if whole_epoch and progress.step == steps_before:
+            raise SystemExit(f"error: no batch of --batch_size {args.batch_size} images held a readable image "
+                             f"({progress.samples_skipped} unreadable images skipped)")
         progress.epoch += 1
         progress.batch_in_epoch = 0
         save()

@@ -1,9 +1,9 @@
 """Training data: image-caption folders and WebDataset shards, decoded into ``(tokens, image)`` samples.
 
-Both datasets yield ``(tokens (text_len,) long, image (C, image_size, image_size) float in [0, 1])`` or ``None`` for a
-bad sample (unreadable image, empty or undecodable caption, missing key); ``collate`` drops the ``None`` samples and
-counts them, so a few broken files never stop a run. An over-long caption is a configuration error, not a bad sample:
-it raises unless ``truncate_captions`` is set.
+Both datasets yield ``(tokens (text_len,) long, image (C, image_size, image_size) float in [0, 1])``, or a `Skip`
+saying why a sample is unusable and where it is (unreadable image or caption file, empty, undecodable or over-long
+caption, missing key); ``collate`` drops the skips and keeps them in the batch, so a few broken files never stop a
+run and the trainer can count them and name the first of each kind.
 
 All randomness (caption line, crop, shard order, shuffle buffer) comes from ``random.Random`` instances seeded by
 ``(seed, epoch, sample)``, never from global RNG state, so a run is reproducible and can resume at any epoch.
@@ -32,6 +32,19 @@ from engine.tokenizers import Tokenizer
 
 PathLike = str | os.PathLike[str]
 Sample = tuple[torch.Tensor, torch.Tensor]  # (tokens (text_len,) long, image (C, H, W) float in [0, 1])
+
+
+class Skip(NamedTuple):
+    """A sample left out: why (one message per kind of fault) and where (its file, or shard and key)."""
+
+    reason: str
+    where: str
+
+
+UNREADABLE_IMAGE = "unreadable image"
+UNREADABLE_CAPTION = "unreadable caption (not a readable UTF-8 file, or not valid JSON with a \"caption\" string)"
+EMPTY_CAPTION = "empty caption"
+MISSING_PART = "image or caption missing"
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -108,6 +121,21 @@ def random_resized_crop(
 # Samples and batches
 
 
+def caption_tokens(tokenizer: Tokenizer, caption: str, text_len: int, truncate: bool) -> torch.Tensor | None:
+    """The caption's (text_len,) token ids padded with 0, or None when it has more tokens and `truncate` is off."""
+    ids = tokenizer.encode(caption)
+    if len(ids) > text_len and not truncate:
+        return None
+    tokens = torch.zeros(text_len, dtype=torch.long)
+    tokens[: min(len(ids), text_len)] = torch.tensor(ids[:text_len], dtype=torch.long)
+    return tokens
+
+
+def too_long(text_len: int) -> str:
+    return (f"caption longer than text_seq_len={text_len} tokens (pass --truncate_captions to keep its first tokens "
+            "instead)")
+
+
 @dataclass(frozen=True)
 class _Preprocess:
     """The caption and image path shared by both datasets."""
@@ -119,23 +147,19 @@ class _Preprocess:
     resize_ratio: float
     transparent: bool
 
-    def __call__(self, image: PathLike | bytes, caption: str, rng: random.Random, where: str) -> Sample | None:
+    def __call__(self, image: PathLike | bytes, caption: str, rng: random.Random, where: str) -> Sample | Skip:
         # Each non-blank line of a caption is an alternative description; one is picked per draw.
         lines = [line.strip() for line in caption.splitlines() if line.strip()]
         if not lines:
-            return None
-        try:
-            tokens = self.tokenizer.tokenize(rng.choice(lines), self.text_len, truncate_text=self.truncate_captions)
-        except ValueError as err:
-            raise ValueError(
-                f"a caption of {where} is longer than text_len={self.text_len} tokens; "
-                f"pass --truncate_captions to truncate captions"
-            ) from err
+            return Skip(EMPTY_CAPTION, where)
+        tokens = caption_tokens(self.tokenizer, rng.choice(lines), self.text_len, self.truncate_captions)
+        if tokens is None:
+            return Skip(too_long(self.text_len), where)
         try:
             img = load_image(image, self.transparent)
         except Exception:  # noqa: BLE001 - Pillow signals corrupt data with many types (OSError, SyntaxError, ...)
-            return None
-        return tokens[0], random_resized_crop(img, self.image_size, (self.resize_ratio, 1.0), rng=rng)
+            return Skip(UNREADABLE_IMAGE, where if isinstance(image, bytes) else str(image))
+        return tokens, random_resized_crop(img, self.image_size, (self.resize_ratio, 1.0), rng=rng)
 
 
 class Batch(NamedTuple):
@@ -143,19 +167,24 @@ class Batch(NamedTuple):
 
     text: torch.Tensor  # (b, text_len) long
     images: torch.Tensor  # (b, C, H, W) float in [0, 1]
-    skipped: int  # bad samples dropped from this batch
+    skips: tuple[Skip, ...]  # the bad samples dropped from this batch
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skips)
 
 
-def collate(samples: Sequence[Sample | None]) -> Batch:
-    """Stack the good samples and count the bad (``None``) ones.
+def collate(samples: Sequence[Sample | Skip]) -> Batch:
+    """Stack the good samples and keep the `Skip`s of the bad ones.
 
     Always returns a Batch: when every sample was bad, ``text`` and ``images`` are empty (``len(batch.text) == 0``,
-    shapes ``(0, 0)`` and ``(0, 0, 0, 0)``) and the caller should skip the step but still add ``skipped``.
+    shapes ``(0, 0)`` and ``(0, 0, 0, 0)``) and the caller should skip the step but still count ``skips``.
     """
-    good = [s for s in samples if s is not None]
+    skips = tuple(s for s in samples if isinstance(s, Skip))
+    good = [s for s in samples if not isinstance(s, Skip)]
     if not good:
-        return Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, 0, 0), len(samples))
-    return Batch(torch.stack([t for t, _ in good]), torch.stack([i for _, i in good]), len(samples) - len(good))
+        return Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, 0, 0), skips)
+    return Batch(torch.stack([t for t, _ in good]), torch.stack([i for _, i in good]), skips)
 
 
 class TokenizedShapes(Dataset):
@@ -167,9 +196,12 @@ class TokenizedShapes(Dataset):
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> Sample | Skip:
         caption, image = self.shapes[index]
-        return self.tokenizer.tokenize([caption], self.text_len, self.truncate)[0], image
+        tokens = caption_tokens(self.tokenizer, caption, self.text_len, self.truncate)
+        if tokens is None:
+            return Skip(too_long(self.text_len), f"built-in sample {index} ({caption!r})")
+        return tokens, image
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,8 +213,10 @@ class TextImageFolder(Dataset):
 
     ``a/cat.png`` pairs with ``a/cat.txt`` only, so equal stems in different sub-folders stay distinct samples.
     Files that found no partner (including a second image with the same name, e.g. ``x.png`` beside ``x.jpg``, of
-    which the first in sorted order is kept) are counted in ``unpaired_images`` and ``unpaired_captions``.
-    ``self[i]`` is a Sample, or None when the image or caption is unusable.
+    which the first in sorted order is kept) are counted in ``unpaired_images`` and ``unpaired_captions``; the first
+    image without a caption is ``first_unpaired_image``. A caption path that is no readable file (a folder, a dangling
+    link, a link loop) still pairs, so its image is skipped and counted as one with an unreadable caption.
+    ``self[i]`` is a Sample, or a Skip when the image or caption is unusable.
     """
 
     def __init__(
@@ -205,7 +239,7 @@ class TextImageFolder(Dataset):
         num_images = num_captions = 0
         for path in sorted(self.folder.rglob("*")):
             suffix = path.suffix.lower()
-            if (suffix not in IMAGE_SUFFIXES and suffix != ".txt") or not path.is_file():
+            if suffix not in IMAGE_SUFFIXES and suffix != ".txt":
                 continue
             key = path.relative_to(self.folder).with_suffix("").as_posix()
             if suffix in IMAGE_SUFFIXES:
@@ -222,6 +256,8 @@ class TextImageFolder(Dataset):
         self.pairs: list[tuple[Path, Path]] = [(images[k], captions[k]) for k in keys]  # (image, caption)
         self.unpaired_images = num_images - len(keys)
         self.unpaired_captions = num_captions - len(keys)
+        paired = set(keys)
+        self.first_unpaired_image = next((str(p) for k, p in sorted(images.items()) if k not in paired), None)
         self._preprocess = _Preprocess(tokenizer, text_len, image_size, truncate_captions, resize_ratio, transparent)
         self.seed = seed
         self.epoch = 0
@@ -233,12 +269,13 @@ class TextImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def __getitem__(self, index: int) -> Sample | Skip:
         image_path, caption_path = self.pairs[index]
-        try:
-            caption = caption_path.read_bytes().decode("utf-8-sig")  # -sig: drop a BOM left by Windows editors
-        except (OSError, UnicodeDecodeError):
-            return None
+        caption = read_caption(caption_path)
+        if caption is None:
+            return Skip(UNREADABLE_CAPTION, str(caption_path))
+        if not image_path.is_file():  # a folder, a dangling link, or a FIFO that would block the read
+            return Skip(UNREADABLE_IMAGE, str(image_path))
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")  # str seeds hash with SHA-512: same in every process
         return self._preprocess(image_path, caption, rng, str(caption_path))
 
@@ -304,6 +341,28 @@ def webdataset_source(spec: str) -> list[str] | str:
     return spec
 
 
+def read_caption(path: Path) -> str | None:
+    """A caption file's text, or None when it is no regular file (a folder, a dangling link, a link loop, a FIFO
+    that would block) or not UTF-8."""
+    try:
+        if not path.is_file():
+            return None
+        return path.read_bytes().decode("utf-8-sig")  # -sig: drop a BOM left by Windows editors
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def decode_caption(raw: bytes, caption_key: str) -> str | None:
+    """A WebDataset caption: UTF-8 text, or a JSON object's "caption" string; None when it is neither."""
+    try:
+        if caption_key.endswith("json"):
+            caption = json.loads(raw).get("caption")
+            return caption if isinstance(caption, str) else None
+        return raw.decode("utf-8-sig")
+    except (ValueError, AttributeError):  # bad UTF-8 or JSON (both ValueError), or JSON that is not an object
+        return None
+
+
 def _rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -321,7 +380,7 @@ class WebDatasetStream(IterableDataset):
 
     ``img_key`` is a tar suffix such as ``jpg`` (or alternatives ``jpg;png``); ``caption_key`` is ``txt`` (UTF-8
     text, one alternative caption per line) or ``json`` (its ``"caption"`` field). A sample missing either, with an
-    undecodable image or an empty caption is yielded as None; unreadable shards are skipped with a warning.
+    undecodable image or an empty caption is yielded as a Skip; unreadable shards are skipped with a warning.
     ``set_epoch`` reaches DataLoader workers only if they are not persistent.
     """
 
@@ -354,7 +413,7 @@ class WebDatasetStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[Sample | None]:
+    def __iter__(self) -> Iterator[Sample | Skip]:
         rank, world_size = _rank_and_world_size()
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
@@ -389,21 +448,15 @@ class WebDatasetStream(IterableDataset):
         for sample in samples:
             yield self._decode(sample)
 
-    def _decode(self, sample: dict[str, Any]) -> Sample | None:
+    def _decode(self, sample: dict[str, Any]) -> Sample | Skip:
         where = f"sample {sample['__key__']!r} of {sample['__url__']}"
         image = next((sample[k] for k in self.img_keys if k in sample), None)
         raw = sample.get(self.caption_key)
         if image is None or raw is None:
-            return None
-        try:
-            if self.caption_key.endswith("json"):
-                caption = json.loads(raw).get("caption")
-                if not isinstance(caption, str):
-                    return None
-            else:
-                caption = raw.decode("utf-8-sig")
-        except (ValueError, AttributeError):  # bad UTF-8 or JSON (both ValueError), or JSON that is not an object
-            return None
+            return Skip(MISSING_PART, where)
+        caption = decode_caption(raw, self.caption_key)
+        if caption is None:
+            return Skip(UNREADABLE_CAPTION, where)
         # Seeded by the sample's identity, not its position, so it does not depend on which reader gets it.
         rng = random.Random(f"{self.seed}:{self.epoch}:{sample['__url__']}:{sample['__key__']}")
         return self._preprocess(image, caption, rng, where)

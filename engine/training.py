@@ -4,25 +4,39 @@ loop, resumable state, checkpoint rotation, metrics and samples."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
+import pickle
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from engine.data import TextImageFolder, TokenizedShapes, WebDatasetStream, collate, webdataset_source
+from engine.cli import check_device, check_writable, fraction, non_negative_int, positive_float, positive_int, rng_seed
+from engine.run_lock import RunLock, RunLocked
+from engine.data import (
+    Skip,
+    TextImageFolder,
+    TokenizedShapes,
+    WebDatasetStream,
+    collate,
+    decode_caption,
+    read_caption,
+    webdataset_source,
+)
 from engine.shapes import HELD_OUT, ShapesDataset
 from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
 
@@ -76,24 +90,39 @@ def pack_state(optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progr
     return meta, tensors
 
 
+def resumed_progress(extra: dict[str, Any]) -> Progress:
+    """The progress a checkpoint's extra records, or SystemExit if it is not a valid one."""
+    fields = {f.name for f in dataclasses.fields(Progress)}
+    stored = extra.get("progress")
+    if not (isinstance(stored, dict) and set(stored) == fields
+            and all(type(v) is int and v >= 0 for v in stored.values())):
+        raise SystemExit(f"error: the checkpoint's training progress is damaged: {stored!r}")
+    return Progress(**stored)
+
+
 def restore_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                   scheduler: Any, scaler: torch.amp.GradScaler | None = None) -> Progress:
-    """Inverse of pack_state: loads optimizer, scheduler, scaler and RNG states; returns the progress."""
-    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["optim_scalars"].items()}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if scheduler is not None and meta["scheduler"] is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta["scaler"] is not None:
-        scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng.cpu"])
+    """Inverse of pack_state: loads optimizer, scheduler, scaler and RNG states; returns the progress. A state that
+    does not fit them (damaged, or from another model) is a SystemExit."""
+    progress = resumed_progress(meta)
+    try:
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["optim_scalars"].items()}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if scheduler is not None and meta["scheduler"] is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta["scaler"] is not None:
+            scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise SystemExit(f"error: the checkpoint's optimizer or RNG state is damaged: {e!r}") from None
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    return Progress(**meta["progress"])
+    return progress
 
 
 def keep_tagged_copy(path: Path, step: int, keep_n: int | None) -> None:
@@ -112,18 +141,23 @@ def keep_tagged_copy(path: Path, step: int, keep_n: int | None) -> None:
 
 
 class RunLogger:
-    """Metrics to `metrics.jsonl` and TensorBoard; sample images as JPEGs (and to TensorBoard)."""
+    """Metrics to `metrics.jsonl` and TensorBoard; sample images as JPEGs (and to TensorBoard).
 
-    def __init__(self, out_dir: str | os.PathLike, *, config: dict[str, Any], tensorboard: bool = True,
-                 wandb_project: str | None = None, wandb_entity: str | None = None):
+    A run that starts at optimizer step `start_step` (that of the checkpoint it resumes, else 0) first drops what an
+    earlier run logged after that step, so the metrics of a resumed run continue without repeated steps.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, config: dict[str, Any], start_step: int = 0,
+                 tensorboard: bool = True, wandb_project: str | None = None, wandb_entity: str | None = None):
         self.out_dir = Path(out_dir)
         (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        _drop_metrics_after(self.out_dir / "metrics.jsonl", start_step)
         self.metrics = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
         self.wandb = None
         if wandb_project:
             try:
@@ -161,6 +195,23 @@ class RunLogger:
             self.wandb.finish()
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step`, dropping later ones and any line a killed run left half-written."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # --- command line ---------------------------------------------------------------------------------------------------
 # The flags train.py and train_clip.py share, in groups so that each script can place its own among them.
 
@@ -171,35 +222,36 @@ def add_data_args(group: argparse._ArgumentGroup) -> None:
                             "folder of .tar files, a .tar path or brace pattern, an http(s):// or pipe: URL")
     group.add_argument("--wds", default="", help="IMG_KEY,CAPTION_KEY: read --image_text_folder as WebDataset")
     group.add_argument("--truncate_captions", action="store_true", help="truncate captions longer than text_seq_len")
-    group.add_argument("--random_resize_crop_lower_ratio", dest="resize_ratio", type=float, default=0.75)
+    group.add_argument("--random_resize_crop_lower_ratio", dest="resize_ratio", type=fraction, default=0.75,
+                       help="smallest share of the image area a random crop keeps")
 
 
 def add_tokenizer_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--bpe_path", default=None, help="YouTokenToMe model (or tokenizer JSON with --hug)")
     group.add_argument("--hug", action="store_true")
     group.add_argument("--chinese", action="store_true")
-    group.add_argument("--bpe_vocab_size", type=int, default=8000, help="vocabulary of a BPE trained on the captions")
-    group.add_argument("--num_workers", type=int, default=2)
+    group.add_argument("--bpe_vocab_size", type=positive_int, default=8000, help="vocabulary of a BPE trained on the captions")
+    group.add_argument("--num_workers", type=non_negative_int, default=2)
 
 
 def add_run_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--epochs", type=int, default=20)
-    group.add_argument("--batch_size", type=int, default=4, help="global batch per optimizer step")
-    group.add_argument("--ga_steps", type=int, default=1, help="gradient accumulation steps")
-    group.add_argument("--learning_rate", type=float, default=3e-4)
-    group.add_argument("--clip_grad_norm", type=float, default=0.5)
+    group.add_argument("--epochs", type=positive_int, default=20)
+    group.add_argument("--batch_size", type=positive_int, default=4, help="global batch per optimizer step")
+    group.add_argument("--ga_steps", type=positive_int, default=1, help="gradient accumulation steps")
+    group.add_argument("--learning_rate", type=positive_float, default=3e-4)
+    group.add_argument("--clip_grad_norm", type=positive_float, default=0.5)
     group.add_argument("--lr_decay", action="store_true", help="halve the learning rate when the loss plateaus")
     group.add_argument("--fp16", action="store_true")
     group.add_argument("--bf16", action="store_true")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=rng_seed, default=0)
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_output_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--output_dir", default=None, help="logs, metrics and samples (default: <name>-logs)")
-    group.add_argument("--save_every_n_steps", type=int, default=1000)
-    group.add_argument("--keep_n_checkpoints", type=int, default=None, help="also keep the last N step checkpoints")
-    group.add_argument("--log_every_n_steps", type=int, default=10)
+    group.add_argument("--save_every_n_steps", type=positive_int, default=1000)
+    group.add_argument("--keep_n_checkpoints", type=positive_int, default=None, help="also keep the last N step checkpoints")
+    group.add_argument("--log_every_n_steps", type=positive_int, default=10)
 
 
 def add_wandb_args(group: argparse._ArgumentGroup) -> None:
@@ -214,13 +266,14 @@ def add_distributed_args(group: argparse._ArgumentGroup) -> None:
 
 
 def add_shapes_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--num_samples", type=int, default=20000, help="pairs per epoch")
-    group.add_argument("--image_size", type=int, default=32)
+    group.add_argument("--num_samples", type=positive_int, default=20000, help="pairs per epoch")
+    group.add_argument("--image_size", type=positive_int, default=32)
 
 
-def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name_flag: str) -> argparse.Namespace:
     """Parse with DeepSpeed's own flags (--deepspeed, --deepspeed_config) added, or a stand-in that says how to get
-    them, and check the flags every training script shares."""
+    them, and check the flags every training script shares, the output folders included (`name_flag`: the flag of
+    the checkpoint name)."""
     try:
         import deepspeed
     except ImportError:
@@ -234,7 +287,22 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
         p.error("choose one of --fp16 and --bf16")
     if args.wds and len(args.wds.split(",")) != 2:
         p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
+    check_device(p, args.device)
+    check_output_folders(p, args, name_flag)
     return args
+
+
+def check_output_folders(p: argparse.ArgumentParser, args: argparse.Namespace, name_flag: str) -> None:
+    """An argparse error unless the checkpoint's folder and the log folder can be written."""
+    name = getattr(args, name_flag)
+    if not name or name.endswith(("/", os.sep)):
+        p.error(f"--{name_flag} {name!r} is not a file name")
+    check_writable(p, f"--{name_flag}", Path(name).parent)
+    check_writable(p, "--output_dir" if args.output_dir else f"--{name_flag} (its -logs folder)", log_dir(args, name))
+
+
+def log_dir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.output_dir or f"{name}-logs")
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -248,26 +316,24 @@ def builtin_shapes(args: argparse.Namespace, image_size: int | None = None,
                          exclude=HELD_OUT)
 
 
-def sample_captions(args: argparse.Namespace, limit: int = 20000) -> list[str]:
-    """Captions to train a BPE on: the first `limit` of the training data."""
+def sample_captions(args: argparse.Namespace, limit: int = 20000) -> tuple[list[str], int]:
+    """Captions to train a BPE on, from the first `limit` samples of the training data, and the number of those
+    whose caption could not be read (skipped)."""
     if args.image_text_folder is None:
         shapes = builtin_shapes(args)
-        return [shapes.caption(i) for i in range(min(limit, len(shapes)))]
+        return [shapes.caption(i) for i in range(min(limit, len(shapes)))], 0
     if args.wds:
         import webdataset as wds
 
-        caption_key = args.wds.split(",")[1]
+        caption_key = args.wds.split(",")[1].lower()
         stream = wds.WebDataset(webdataset_source(args.image_text_folder), shardshuffle=False,
                                 handler=wds.warn_and_continue, empty_check=False)
-        captions = []
-        for sample in itertools.islice(stream, limit):
-            raw = sample.get(caption_key)
-            if raw is not None:
-                text = raw.decode("utf-8", errors="replace")
-                captions.append(json.loads(text).get("caption", "") if caption_key == "json" else text)
-        return captions
-    files = sorted(Path(args.image_text_folder).rglob("*.txt"))[:limit]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        raw = [sample.get(caption_key) for sample in itertools.islice(stream, limit)]
+        captions = [decode_caption(r, caption_key) for r in raw if r is not None]
+    else:
+        captions = [read_caption(f) for f in sorted(Path(args.image_text_folder).rglob("*.txt"))[:limit]]
+    readable = [c for c in captions if c is not None]
+    return readable, len(captions) - len(readable)
 
 
 def build_data(args: argparse.Namespace, tokenizer: Tokenizer, text_len: int, image_size: int):
@@ -286,15 +352,24 @@ def build_data(args: argparse.Namespace, tokenizer: Tokenizer, text_len: int, im
 def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first: Callable) -> Tokenizer:
     """The tokenizer the flags name, or a YouTokenToMe BPE trained on the data's captions (saved as
     <name>-bpe.model)."""
-    if args.bpe_path or args.chinese:
-        return build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
+    if args.bpe_path or args.chinese or args.hug:
+        try:
+            return build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
+        except (OSError, ValueError, ImportError) as e:
+            raise SystemExit(f"error: cannot load the tokenizer: {e}") from None
     model_file = f"{name}-bpe.model"
 
     def train_bpe() -> Tokenizer:
-        captions = [line for c in sample_captions(args) for line in c.splitlines() if line.strip()]
-        if not captions:
-            raise SystemExit(f"no captions found in {args.image_text_folder} to train a tokenizer on")
-        return YttmTokenizer.train(captions, args.bpe_vocab_size, model_file)
+        captions, unreadable = sample_captions(args)
+        lines = [line for c in captions for line in c.splitlines() if line.strip()]
+        if unreadable:
+            print(f"skipped {unreadable} unreadable captions while training the tokenizer", file=sys.stderr)
+        if not lines:
+            raise SystemExit(f"error: no captions found in {args.image_text_folder} to train a tokenizer on")
+        try:
+            return YttmTokenizer.train(lines, args.bpe_vocab_size, model_file)
+        except ValueError as e:  # e.g. a vocabulary smaller than the captions' alphabet
+            raise SystemExit(f"error: cannot train a tokenizer on the captions: {e} (--bpe_vocab_size)") from None
 
     return rank0_first(train_bpe, lambda: YttmTokenizer(model_file))
 
@@ -341,6 +416,14 @@ class Distributed:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
+    def all_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process, so that all of them stop together."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor(int(ok), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def mean(self, value: torch.Tensor) -> float:
         """A scalar tensor's mean over the processes."""
         if self.world > 1:
@@ -363,6 +446,40 @@ def setup_distributed(args: argparse.Namespace) -> Distributed:
         torch.cuda.set_device(local_rank)
     return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                        f"cuda:{local_rank}" if on_gpu else "cpu", deepspeed=True)
+
+
+@contextlib.contextmanager
+def claim_outputs(args: argparse.Namespace, name: str, dist: Distributed) -> Iterator[None]:
+    """Lock the checkpoint name and the log folder for the run inside the block, after deleting the temporary files
+    of killed runs. Rank 0 takes the locks; every process exits with the same message if another run holds them."""
+    error, locks = None, []
+    if dist.rank == 0:
+        ckpt = Path(f"{name}.safetensors")
+        try:
+            for path in (ckpt.parent / f".{ckpt.name}.lock", log_dir(args, name) / ".lock"):
+                locks.append(RunLock(path).acquire())
+        except RunLocked as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot lock the outputs of {name}: {e}"
+        else:
+            for stale in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):  # checkpoint writes that a kill interrupted
+                stale.unlink(missing_ok=True)
+    try:
+        if not dist.all_ok(error is None):
+            raise SystemExit(f"error: {error or 'another run holds the outputs (see rank 0)'}")
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def load_or_exit(flag: str, path: str, load: Callable[..., Any], **options: Any) -> Any:
+    """`load(path, **options)`, or SystemExit naming the flag when the file cannot be loaded."""
+    try:
+        return load(path, **options)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: cannot load {flag} {path}: {e}") from None
 
 
 def micro_batch_size(args: argparse.Namespace, world: int) -> int:
@@ -406,6 +523,12 @@ class Trainer:
                  write: Callable[[dict[str, Any], dict[str, torch.Tensor], dict | None], None]):
         self.args, self.model, self.dist, self.micro_batch, self.write = args, model, dist, micro_batch, write
         self.ckpt_path, self.ds_dir = Path(f"{name}.safetensors"), Path(f"{name}-ds-cp")
+        resuming = resumed is not None and "progress" in resumed.extra
+        if resuming:
+            epochs = resumed_progress(resumed.extra).epoch
+            if epochs >= args.epochs:
+                raise SystemExit(f"error: the resumed checkpoint has already trained {epochs} epochs; pass --epochs "
+                                 f"above that to train on (got --epochs {args.epochs})")
         self.extra: dict[str, Any] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
@@ -417,7 +540,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device_type, enabled=args.fp16 and not dist.deepspeed)
         self.progress = Progress()
         self.engine = None
-        resuming = resumed is not None and "progress" in resumed.extra
         if dist.deepspeed:
             import deepspeed
 
@@ -425,19 +547,20 @@ class Trainer:
                 args=args, model=model, optimizer=self.optimizer, model_parameters=self.params,
                 config=deepspeed_config(args, micro_batch))
             if resuming:
-                self.progress = Progress(**resumed.extra["progress"])
+                self.progress = resumed_progress(resumed.extra)
                 self.engine.load_checkpoint(self.ds_dir, tag=f"step{self.progress.step:09d}")
                 if self.scheduler is not None and resumed.extra.get("scheduler"):
                     self.scheduler.load_state_dict(resumed.extra["scheduler"])
         elif resuming:
             self.progress = restore_state(resumed.extra, resumed.aux, self.optimizer, self.scheduler, self.scaler)
+        self.saved_step = self.progress.step if resuming else None  # of the checkpoint on disk
+        self._reported: set[str] = set()  # kinds of bad samples already named
         self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
         self._device_type = device_type
         self.logger = None
         if dist.rank == 0:
-            self.logger = RunLogger(args.output_dir or f"{name}-logs",
-                                    config=vars(args) | {"model": model.config.to_dict()},
-                                    wandb_project=args.wandb_name, wandb_entity=args.wandb_entity)
+            self.logger = RunLogger(log_dir(args, name), config=vars(args) | {"model": model.config.to_dict()},
+                                    start_step=self.progress.step, wandb_project=args.wandb_name, wandb_entity=args.wandb_entity)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -486,6 +609,7 @@ class Trainer:
                 state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             meta, tensors = pack_state(self.optimizer, scheduler, progress, self.scaler)
+        self.saved_step = progress.step
         if self.dist.rank == 0:
             self.write(meta | self.extra, tensors, state_dict)
             keep_tagged_copy(self.ckpt_path, progress.step, self.args.keep_n_checkpoints)
@@ -497,28 +621,54 @@ class Trainer:
             desc: str, tokens_per_sample: int, after_step: Callable[[int, torch.Tensor], None] | None = None,
             after_epoch: Callable[[], None] | None = None) -> None:
         """Train until --epochs, from where a resume left off. `forward(module, text, images)` gives the loss;
-        `after_step(step, text)` runs after every optimizer step and `after_epoch()` before each epoch's save."""
+        `after_step(step, text)` runs after every optimizer step and `after_epoch()` before each epoch's save.
+
+        Raises SystemExit, before any step, if the data cannot fill one optimizer step, and as soon as a step's loss
+        is NaN or infinite, without saving: the checkpoint on disk keeps the last good state."""
         args, dist, progress = self.args, self.dist, self.progress
         tokens_per_step = args.batch_size * tokens_per_sample
         start, start_step = time.time(), progress.step
         total = None  # a stream's length is unknown
         if not isinstance(dataset, IterableDataset):
-            total = args.epochs * (len(dataset) // dist.world // self.micro_batch // args.ga_steps)
+            per_epoch = len(dataset) // dist.world // self.micro_batch // args.ga_steps
+            if per_epoch == 0:
+                raise SystemExit(f"error: an optimizer step takes --batch_size {args.batch_size} samples, but the "
+                                 f"data holds only {len(dataset)}: lower --batch_size")
+            total = args.epochs * per_epoch
+        unpaired = getattr(dataset, "unpaired_images", 0)
+        if unpaired and dist.rank == 0:
+            tqdm.write(f"skipping {unpaired} images without a caption file every epoch (counted in samples_skipped; "
+                       f"first: {dataset.first_unpaired_image})")
         bar = tqdm(total=total, disable=dist.rank != 0, desc=desc, initial=progress.step)
         loss_value = math.nan
+        losses, micro_batches = torch.zeros((), device=dist.device), 0  # over the micro-batches of one step
         while progress.epoch < args.epochs:
+            whole_epoch, steps_before = progress.batch_in_epoch == 0, progress.step
+            if whole_epoch and dist.rank == 0:
+                progress.samples_skipped += unpaired
+            if self.engine is None:
+                self.optimizer.zero_grad(set_to_none=True)  # an epoch's last incomplete accumulation is dropped
+            losses.zero_()
+            micro_batches = 0
             for batch in epoch_batches(dataset, args, progress, self.micro_batch, dist.rank, dist.world):
                 progress.batch_in_epoch += 1
                 progress.samples_skipped += batch.skipped
+                self._report(batch.skips)
                 if batch.text.shape[0] == 0:
                     continue
                 text, images = self.inputs(batch.text, batch.images)
                 with self.autocast():
                     loss = forward(self.module, text, images)
+                losses += loss.detach().float()
+                micro_batches += 1
                 if not self._backward(loss):
                     continue
                 progress.step += 1
-                loss_value = dist.mean(loss.detach())
+                loss_value = dist.mean(losses / micro_batches)
+                losses.zero_()
+                micro_batches = 0
+                if not math.isfinite(loss_value):
+                    self._stop_on(loss_value)
                 bar.update(1)
                 if dist.rank == 0 and progress.step % args.log_every_n_steps == 0:
                     rate = (progress.step - start_step) * tokens_per_step / (time.time() - start)
@@ -530,6 +680,10 @@ class Trainer:
                     after_step(progress.step, text)
                 if progress.step % args.save_every_n_steps == 0:
                     self.save()
+            if whole_epoch and progress.step == steps_before:
+                raise SystemExit(f"error: epoch {progress.epoch + 1} of the data gave no optimizer step of "
+                                 f"--batch_size {args.batch_size} good samples ({progress.samples_skipped} bad "
+                                 "samples skipped so far): check the data, or lower --batch_size")
             progress.epoch += 1
             progress.batch_in_epoch = 0
             if self.scheduler is not None and not math.isnan(loss_value):
@@ -540,3 +694,22 @@ class Trainer:
         bar.close()
         if dist.rank == 0:
             self.logger.close()
+
+    def _report(self, skips: tuple[Skip, ...]) -> None:
+        """Name the first skipped sample of each kind; later ones are only counted."""
+        for skip in skips:
+            if self.dist.rank == 0 and skip.reason not in self._reported:
+                self._reported.add(skip.reason)
+                tqdm.write(f"skipping samples with {skip.reason} (counted in samples_skipped; first: {skip.where})")
+
+    def _stop_on(self, loss_value: float) -> NoReturn:
+        if self.dist.rank == 0:
+            self.logger.close()
+        raise SystemExit(non_finite_loss(loss_value, self.progress.step, self.ckpt_path, self.saved_step))
+
+
+def non_finite_loss(loss_value: float, step: int, ckpt_path: Path, saved_step: int | None) -> str:
+    """The message that stops a run whose loss became NaN or infinite."""
+    kept = f"{ckpt_path} keeps step {saved_step}" if saved_step is not None else "no checkpoint was written"
+    return (f"error: the loss became {loss_value} at step {step}; stopped without saving: {kept}. Lower "
+            "--learning_rate, or train in fp32 or bf16 rather than fp16")

@@ -1,6 +1,7 @@
 import io
 import json
 import random
+import re
 import warnings
 
 import numpy as np
@@ -14,7 +15,12 @@ from torch.utils.data import DataLoader
 
 from engine import data
 from engine.data import (
+    EMPTY_CAPTION,
+    MISSING_PART,
+    UNREADABLE_CAPTION,
+    UNREADABLE_IMAGE,
     Batch,
+    Skip,
     TextImageFolder,
     WebDatasetStream,
     collate,
@@ -243,7 +249,9 @@ def test_folder_samples_and_bad_samples(folder, tokenizer):
     for i in range(len(ds)):
         sample = ds[i]
         if key_of(ds, i) in BAD:
-            assert sample is None, key_of(ds, i)
+            reason = EMPTY_CAPTION if key_of(ds, i) == "bad/empty" else \
+                UNREADABLE_CAPTION if key_of(ds, i) == "bad/latin" else UNREADABLE_IMAGE
+            assert sample.reason == reason and key_of(ds, i) in sample.where, key_of(ds, i)
             continue
         tokens, image = sample
         assert tokens.shape == (6,) and tokens.dtype == torch.long
@@ -283,11 +291,11 @@ def test_folder_randomness_is_seeded_by_epoch_and_index(folder, tokenizer):
     assert not torch.equal(make_folder(folder, tokenizer, seed=1)[good[0]][1], first[0][1])
 
 
-def test_folder_over_long_caption_names_the_file(folder, tokenizer):
+def test_folder_over_long_caption_is_skipped_and_named(folder, tokenizer):
     (folder / "a/cat.txt").write_text("a red cat of one photo two three\n")
     ds = TextImageFolder(folder, tokenizer=tokenizer, text_len=4, image_size=8)
-    with pytest.raises(ValueError, match=r"a/cat\.txt.*--truncate_captions"):
-        ds[keys_index(ds, "a/cat")]
+    skip = ds[keys_index(ds, "a/cat")]
+    assert "--truncate_captions" in skip.reason and skip.where.endswith("a/cat.txt")
     ds = TextImageFolder(folder, tokenizer=tokenizer, text_len=4, image_size=8, truncate_captions=True)
     assert tokenizer.decode(ds[keys_index(ds, "a/cat")][0]) == "a red cat of"
 
@@ -307,7 +315,7 @@ def test_folder_errors(tmp_path, tokenizer):
 
 
 def test_collate_all_bad():
-    batch = collate([None, None])
+    batch = collate([Skip("x", "a"), Skip("y", "b")])
     assert batch.skipped == 2 and len(batch.text) == 0 and len(batch.images) == 0
 
 
@@ -348,7 +356,7 @@ def make_stream(urls, tokenizer, **kw):
 
 def sample_ids(tokenizer, samples):
     """Sample ids of the good samples, and the count of bad ones."""
-    good = [s for s in samples if s is not None]
+    good = [s for s in samples if not isinstance(s, Skip)]
     return [int(tokenizer.decode(t).split()[-1][1:]) for t, _ in good], len(samples) - len(good)
 
 
@@ -378,10 +386,10 @@ def test_stream_in_process_is_deterministic(shards, tokenizer, caption_key):
     first = list(stream)
     ids, bad = sample_ids(tokenizer, first)
     assert sorted(ids) == GOOD_IDS and bad == 2
-    tokens, image = next(s for s in first if s is not None)
+    tokens, image = next(s for s in first if not isinstance(s, Skip))
     assert tokens.shape == (4,) and image.shape == (3, 8, 8)
     again = list(stream)
-    assert all((a is None and b is None) or torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert all(a == b if isinstance(a, Skip) else torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     stream.set_epoch(1)
     ids_next, _ = sample_ids(tokenizer, list(stream))
     assert sorted(ids_next) == GOOD_IDS and ids_next != ids
@@ -413,11 +421,11 @@ def test_stream_ranks_are_disjoint(shards, tokenizer, monkeypatch, world_size):
     assert sorted(seen) == GOOD_IDS and bad == 2
 
 
-def test_stream_over_long_caption_names_the_sample(shards, tokenizer):
+def test_stream_over_long_caption_is_skipped_and_named(shards, tokenizer):
     stream = make_stream(str(shards / "00000.tar"), tokenizer, caption_key="json")
     stream._preprocess = data._Preprocess(tokenizer, 2, 8, False, 0.75, False)
-    with pytest.raises(ValueError, match=r"'00000000\d' of .*00000\.tar.*--truncate_captions"):
-        list(stream)
+    skips = [s for s in stream if isinstance(s, Skip) and "--truncate_captions" in s.reason]
+    assert len(skips) == PER_SHARD and all(re.search(r"'00000000\d' of .*00000\.tar", s.where) for s in skips)
 
 
 def test_stream_bad_json_and_missing_image(tmp_path, tokenizer):
@@ -427,6 +435,8 @@ def test_stream_bad_json_and_missing_image(tmp_path, tokenizer):
         sink.write({"__key__": "k1", "jpg": encode(noise_image(), "JPEG"), "json": b"{not json"})
         sink.write({"__key__": "k2", "jpg": encode(noise_image(), "JPEG"), "json": {"caption": None}})
         sink.write({"__key__": "k3", "png": encode(noise_image(), "PNG"), "json": {"caption": "a s3"}})
-    assert list(make_stream(str(path), tokenizer, caption_key="json")) == [None] * 4
+    skips = list(make_stream(str(path), tokenizer, caption_key="json"))
+    assert sorted((s.reason, s.where.split("'")[1]) for s in skips) == [
+        (MISSING_PART, "k3"), (UNREADABLE_CAPTION, "k0"), (UNREADABLE_CAPTION, "k1"), (UNREADABLE_CAPTION, "k2")]
     png_ok = list(make_stream(str(path), tokenizer, img_key="jpg;png", caption_key="json"))
     assert sample_ids(tokenizer, png_ok) == ([3], 3)

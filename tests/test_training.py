@@ -64,7 +64,7 @@ def test_folder_training_skips_bad_samples(tmp_path, folder, vae_path, monkeypat
                 "--epochs", "2", "--output_dir", "logs", *TINY_MODEL])
     rows = metrics(tmp_path / "logs")
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)  # 14 pairs, batches of 7, 2 epochs
-    assert rows[-1]["samples_skipped"] == 4  # the corrupt image and the empty caption, twice
+    assert rows[-1]["samples_skipped"] == 6  # the corrupt image, the empty caption and the lonely image, twice
     ckpt = load_dalle(tmp_path / "dalle.safetensors")
     assert ckpt.extra["progress"]["step"] == 4 and ckpt.tokenizer is not None
 
