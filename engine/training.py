@@ -285,6 +285,10 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
         args.distributed_backend = "deepspeed"
     if args.fp16 and args.bf16:
         p.error("choose one of --fp16 and --bf16")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if args.deepspeed else 1  # set by the deepspeed launcher
+    if args.batch_size % (args.ga_steps * world):
+        p.error(f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes ({args.ga_steps} x "
+                f"{world})")
     if args.wds and len(args.wds.split(",")) != 2:
         p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
     check_device(p, args.device)

@@ -165,6 +165,7 @@ def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path):
 
     # Resuming takes the VAE and tokenizer from the checkpoint, and continues mid-epoch where it stopped.
     assert run_shapes(cut, "--dalle_path", "dalle.safetensors").wait() == 0
+    assert [r["step"] for r in metrics(cut / "dalle-logs")] == list(range(1, 13))  # no step logged twice
     resumed = losses(cut / "dalle-logs")
     for step in range(saved + 1, 13):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
