@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_device(p, args.device)
     check_output_folders(p, args, "vae_output_file_name")
+    if not Path(args.image_folder).is_dir():
+        p.error(f"--image_folder {args.image_folder!r} does not exist or is not a folder")
     if args.temp_min > args.starting_temp:
         p.error(f"--temp_min {args.temp_min} is above --starting_temp {args.starting_temp}")
     try:  # the model flags, checked before any work
@@ -108,7 +110,10 @@ def train(args: argparse.Namespace) -> None:
     resumed = load_or_exit("--vae_path", args.vae_path, load_vae) if args.vae_path else None
     vae = resumed.model if resumed is not None else DiscreteVAE(vae_config(args))
     vae.to(args.device).train()
-    dataset = ImageFolder(args.image_folder, image_size=vae.image_size, transparent=vae.channels == 4)
+    try:
+        dataset = ImageFolder(args.image_folder, image_size=vae.image_size, transparent=vae.channels == 4)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --image_folder: {e}") from None
     if len(dataset) < args.batch_size:
         raise SystemExit(f"error: a step takes --batch_size {args.batch_size} images, but {args.image_folder} holds "
                          f"only {len(dataset)}: lower --batch_size")

@@ -293,7 +293,24 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
         p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
     check_device(p, args.device)
     check_output_folders(p, args, name_flag)
+    if args.image_text_folder is not None:
+        try:
+            webdataset_source(args.image_text_folder) if args.wds else check_folder(args.image_text_folder)
+        except FileNotFoundError as e:
+            p.error(f"--image_text_folder: {e}")
+    if getattr(args, "deepspeed_config", None):
+        try:
+            config = json.loads(Path(args.deepspeed_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            p.error(f"--deepspeed_config {args.deepspeed_config}: not a readable JSON file ({e})")
+        if not isinstance(config, dict):
+            p.error(f"--deepspeed_config {args.deepspeed_config}: not a JSON object")
     return args
+
+
+def check_folder(folder: str) -> None:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder!r} does not exist or is not a folder")
 
 
 def check_output_folders(p: argparse.ArgumentParser, args: argparse.Namespace, name_flag: str) -> None:
@@ -346,11 +363,14 @@ def build_data(args: argparse.Namespace, tokenizer: Tokenizer, text_len: int, im
                   truncate_captions=args.truncate_captions, resize_ratio=args.resize_ratio, seed=args.seed)
     if args.image_text_folder is None:
         return TokenizedShapes(builtin_shapes(args, image_size), tokenizer, text_len, args.truncate_captions)
-    if args.wds:
-        keys = args.wds.split(",")
-        return WebDatasetStream(webdataset_source(args.image_text_folder), img_key=keys[0], caption_key=keys[1],
-                                **common)
-    return TextImageFolder(args.image_text_folder, **common)
+    try:
+        if args.wds:
+            keys = args.wds.split(",")
+            return WebDatasetStream(webdataset_source(args.image_text_folder), img_key=keys[0], caption_key=keys[1],
+                                    **common)
+        return TextImageFolder(args.image_text_folder, **common)
+    except (OSError, ValueError) as e:  # e.g. a folder without a single image-caption pair
+        raise SystemExit(f"error: --image_text_folder: {e}") from None
 
 
 def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first: Callable) -> Tokenizer:

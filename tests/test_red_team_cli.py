@@ -101,6 +101,11 @@ TRAIN_FLAGS = [
     (["--dalle_output_file_name", f"{READ_ONLY}/dalle"], "--dalle_output_file_name"),
     (["--dalle_output_file_name", "vae.safetensors/dalle"], "not a folder"),
     (["--output_dir", READ_ONLY], "--output_dir"),
+    (["--image_text_folder", "missing"], "--image_text_folder"),
+    (["--image_text_folder", "vae.safetensors"], "not a folder"),
+    (["--image_text_folder", "missing.tar", "--wds", "jpg,txt"], "does not exist"),
+    (["--deepspeed_config", "vae.safetensors"], "not a readable JSON file"),
+    (["--deepspeed_config", "data/0.txt"], "not a readable JSON file"),
 ]
 
 
@@ -134,6 +139,7 @@ def test_train_shapes_flags(workdir, capsys, flags, message):
     (["--seed", "99999999999999999999999"], "--seed"),
     (["--device", "meta"], "--device"),
     (["--vae_output_file_name", f"{READ_ONLY}/vae"], "--vae_output_file_name"),
+    (["--image_folder", "missing"], "--image_folder"),
 ])
 def test_train_vae_flags(workdir, capsys, flags, message):
     before = files_under(workdir)

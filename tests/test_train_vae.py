@@ -52,5 +52,5 @@ def test_train_vae_skips_bad_images_and_resumes_exactly(tmp_path, images, monkey
 def test_train_vae_rejects_an_empty_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(SystemExit, match="no images"):
         train_vae.main(["--image_folder", str(tmp_path / "empty"), *TINY])
