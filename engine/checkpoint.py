@@ -3,14 +3,24 @@
 One safetensors file holds the model config, the weights, the VAE (class, config and weights, under `vae.`) and
 the tokenizer (its model-file bytes), so sampling needs nothing else. Loading never unpickles anything, and every
 write goes to a temporary file that is renamed over the target, so a crash mid-save keeps the previous file.
+
+Loading checks a file before building anything from it: the stored configs are typed JSON objects with bounded
+sizes, the model they describe, built on the meta device, must have exactly the header's tensor names and shapes,
+and its weights must be finite. A bad file gives a CheckpointError, or FileNotFoundError, or (a DALLE-pytorch
+pickle that could run code) UnsafePickleError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import tempfile
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +32,22 @@ from safetensors.torch import load_file, save_file
 from engine.clip import CLIP, CLIPConfig
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
+from engine.formats import (
+    CheckpointError,
+    build_on_meta,
+    check_config_ints,
+    check_finite,
+    check_footprint,
+    check_tensors,
+    file_format,
+)
 from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
 from engine.tokenizers import Tokenizer, tokenizer_from_bytes
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.vqgan import VQGanConfig, VQGanVAE
 
 FORMAT = "dalle-engine/1"
+_TMP_SUFFIX = ".tmp"  # of the temporary file a save writes before renaming it over the checkpoint
 _TOKENIZER_KEY = "__tokenizer__"
 _AUX_PREFIX = "__aux__."  # extra tensors, e.g. optimizer state for resuming; reserved keys start with "__"
 VAE_CLASSES: dict[str, tuple[type, type]] = {
@@ -35,10 +55,6 @@ VAE_CLASSES: dict[str, tuple[type, type]] = {
     "VQGanVAE": (VQGanVAE, VQGanConfig),
     "OpenAIDiscreteVAE": (OpenAIDiscreteVAE, OpenAIDVAEConfig),
 }
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable checkpoint of the expected kind."""
 
 
 @dataclass
@@ -102,16 +118,17 @@ def _vae_metadata(vae: torch.nn.Module) -> dict[str, str]:
     return {"vae_class": name, "vae_config": json.dumps(dataclasses.asdict(vae.config))}
 
 
+def canonical_names(module: torch.nn.Module) -> dict[str, str]:
+    """Each state-dict name -> the first name of the tensor it aliases. Weight-shared modules hand out the same
+    tensor object under every name, on the meta device too (where storage pointers are all 0)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(t), name) for name, t in module.state_dict(keep_vars=True).items()}
+
+
 def _unique_items(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with weight-shared tensors kept once, under their first name."""
-    seen: set[tuple] = set()
-    items = {}
-    for name, t in module.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        if key not in seen:
-            seen.add(key)
-            items[name] = t
-    return items
+    names = canonical_names(module)
+    return {name: t for name, t in module.state_dict(keep_vars=True).items() if names[name] == name}
 
 
 def _unique_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None):
@@ -123,12 +140,13 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ext
     path = Path(path)
     metadata = {"format": FORMAT, **metadata, "extra": json.dumps(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's files are private (0600); a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,6 +156,19 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ext
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of saves to `path` that never finished (the process was killed mid-save). Only safe to
+    delete when no other process can be saving to `path`."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"))
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -151,62 +182,51 @@ def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu", **da
 
     if is_dalle_pytorch_checkpoint(path):
         return load_dalle_pytorch(path, device, **dalle_pytorch_options)
-    metadata, tensors = _read(path, "dalle")
-    config = DALLEConfig.from_dict(json.loads(metadata["config"]))
-    vae = _build_vae(metadata) if "vae_class" in metadata else None
-    model = DALLE(config, vae)
-    _load_state(model, tensors, path)
-    tokenizer = None
-    if _TOKENIZER_KEY in tensors:
-        tokenizer = tokenizer_from_bytes(metadata["tokenizer_kind"], tensors[_TOKENIZER_KEY].numpy().tobytes())
-    return Checkpoint(model.to(device), tokenizer, json.loads(metadata["extra"]), _aux_from(tensors))
+    metadata, shapes = _read_header(path, "dalle")
+    config = _config(DALLEConfig, metadata, "config", path)
+    build_vae = _vae_builder(metadata, path) if "vae_class" in metadata else lambda: None
+    model, tensors = _build_and_load(lambda: DALLE(config, build_vae()), shapes, path)
+    return Checkpoint(model.to(device), _tokenizer(metadata, tensors, path), _json_object(metadata, "extra", path),
+                      _aux_from(tensors))
 
 
 def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """A checkpoint written by ``save_clip``."""
-    metadata, tensors = _read(path, "clip")
-    model = CLIP(CLIPConfig.from_dict(json.loads(metadata["config"])))
-    _load_state(model, tensors, path)
-    tokenizer = None
-    if _TOKENIZER_KEY in tensors:
-        tokenizer = tokenizer_from_bytes(metadata["tokenizer_kind"], tensors[_TOKENIZER_KEY].numpy().tobytes())
-    return Checkpoint(model.to(device), tokenizer, json.loads(metadata["extra"]), _aux_from(tensors))
+    metadata, shapes = _read_header(path, "clip")
+    config = _config(CLIPConfig, metadata, "config", path)
+    model, tensors = _build_and_load(lambda: CLIP(config), shapes, path)
+    return Checkpoint(model.to(device), _tokenizer(metadata, tensors, path), _json_object(metadata, "extra", path),
+                      _aux_from(tensors))
 
 
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    metadata, tensors = _read(path, "vae")
-    vae = _build_vae(metadata)
-    _load_state(vae, tensors, path)
-    return Checkpoint(vae.to(device), None, json.loads(metadata["extra"]), _aux_from(tensors))
+    metadata, shapes = _read_header(path, "vae")
+    vae, tensors = _build_and_load(_vae_builder(metadata, path), shapes, path)
+    return Checkpoint(vae.to(device), None, _json_object(metadata, "extra", path), _aux_from(tensors))
 
 
 def _aux_from(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(_AUX_PREFIX):]: v for k, v in tensors.items() if k.startswith(_AUX_PREFIX)}
 
 
-def _build_vae(metadata: dict[str, str]) -> torch.nn.Module:
-    name = metadata["vae_class"]
-    if name not in VAE_CLASSES:
-        raise CheckpointError(f"checkpoint holds a VAE of unknown class {name}; known: {', '.join(VAE_CLASSES)}")
-    vae_cls, config_cls = VAE_CLASSES[name]
-    return vae_cls(config_cls(**json.loads(metadata["vae_config"])))
-
-
-def _read(path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _read_header(path, kind: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The metadata and the tensor shapes of a checkpoint of ``kind``, read from its header alone (no tensor data)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK":
+    found = file_format(path)
+    if found in ("zip", "pickle"):
         raise CheckpointError(
             f"{path} is a PyTorch pickle (torch.save) file, not a dalle-engine checkpoint; "
             "pickles are never loaded because they can execute code"
         )
+    if found != "safetensors":
+        raise CheckpointError(f"{path} is not a readable dalle-engine checkpoint (truncated or corrupt?): "
+                              "it has no valid safetensors header")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(path)
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable dalle-engine checkpoint (truncated or corrupt?): {e}") from e
     if metadata.get("format") != FORMAT:
@@ -214,18 +234,107 @@ def _read(path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
                               f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
     if metadata.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {metadata.get('kind')!r} checkpoint, expected a {kind!r} one")
-    return metadata, tensors
+    return metadata, shapes
 
 
-def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    expected = _unique_items(module)
+def _json_object(metadata: dict[str, str], key: str, path) -> dict[str, Any]:
+    try:
+        value = json.loads(metadata[key])
+    except KeyError:
+        raise CheckpointError(f"{path}: its metadata lacks {key!r}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: its metadata {key!r} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: its metadata {key!r} must be a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def _config(cls: type, metadata: dict[str, str], key: str, path) -> Any:
+    """The dataclass ``cls`` from the JSON object ``metadata[key]``, every field checked against its annotation."""
+    values = _json_object(metadata, key, path)
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name not in hints:
+            raise CheckpointError(f"{path}: {key} has an unknown field {name!r} (not a {cls.__name__} field)")
+        if not _json_fits(value, hints[name]):
+            raise CheckpointError(f"{path}: {key} field {name!r} must be {_describe(hints[name])}, got {value!r}")
+    check_config_ints(values, path, key)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid {key}: {e}") from e
+
+
+def _json_fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value is of a config field's type (tuples arrive as lists)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return any(_json_fits(value, a) for a in args)
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_json_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_json_fits, value, args))
+    if annotation is float:  # JSON's NaN and Infinity would slip past the configs' range checks
+        return type(value) is int or (type(value) is float and math.isfinite(value))
+    return type(value) is annotation  # bool, int, str, None: bool is not an int here
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return " or ".join(map(_describe, typing.get_args(annotation)))
+    if typing.get_origin(annotation) is tuple:
+        return "a list"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(annotation, "null")
+
+
+def _vae_builder(metadata: dict[str, str], path) -> Callable[[], torch.nn.Module]:
+    name = metadata.get("vae_class")
+    if name not in VAE_CLASSES:
+        raise CheckpointError(f"{path} holds a VAE of unknown class {name!r}; known: {', '.join(VAE_CLASSES)}")
+    vae_cls, config_cls = VAE_CLASSES[name]
+    return functools.partial(vae_cls, _config(config_cls, metadata, "vae_config", path))
+
+
+def _build_and_load(build: Callable[[], torch.nn.Module], shapes: dict[str, tuple[int, ...]],
+                    path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model ``build`` makes, with the file's weights, and all the file's tensors. The model is first built on the
+    meta device and checked against the file's header, so a config that does not match the tensors (e.g. declares a
+    far larger model) is refused before any memory is allocated for it."""
+    meta = build_on_meta(build, len(shapes), path)
+    names = _check_state(meta, shapes, path)
+    check_footprint(meta, Path(path).stat().st_size, path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable dalle-engine checkpoint (truncated or corrupt?): {e}") from e
+    weights = {name: tensors[name] for name in names}
+    check_finite(weights, path)
+    model = build()
+    model.load_state_dict(weights, strict=False)
+    return model, tensors
+
+
+def _check_state(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path) -> list[str]:
+    """The stored names that fill ``module``'s state dict; raise unless the file's tensors (reserved ``__`` keys
+    aside) are exactly the module's, each stored once, with its shapes."""
+    expected = {name: tuple(t.shape) for name, t in _unique_items(module).items()}
     aliases = set(module.state_dict()) - set(expected)  # weight-shared names, filled through their first name
-    weights = {k: v for k, v in tensors.items() if not k.startswith("__") and k not in aliases}
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its own config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for name, t in weights.items():
-        if expected[name].shape != t.shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
-    module.load_state_dict(weights, strict=False)
+    stored = {k: v for k, v in shapes.items() if not k.startswith("__") and k not in aliases}
+    check_tensors(expected, stored, path, "its own config")
+    return list(stored)
+
+
+def _tokenizer(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path) -> Tokenizer | None:
+    data = tensors.get(_TOKENIZER_KEY)
+    if data is None:
+        return None
+    kind = metadata.get("tokenizer_kind")
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise CheckpointError(f"{path}: its tokenizer must be stored as bytes (a 1-D uint8 tensor), got "
+                              f"{data.dtype} of shape {tuple(data.shape)}")
+    try:
+        return tokenizer_from_bytes(kind, data.numpy().tobytes())
+    except (ValueError, ImportError) as e:
+        raise CheckpointError(f"{path}: cannot load its {kind!r} tokenizer: {e}") from e

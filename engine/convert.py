@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import zipfile
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError, save_dalle, save_vae
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                                       hug=args.hug, chinese=args.chinese)
             save_dalle(args.out, ckpt.model, ckpt.tokenizer,
                        extra={**ckpt.extra, "converted_from": str(Path(args.dalle_path).resolve())})
-    except (OSError, ValueError, pickle.UnpicklingError) as e:  # UnsafePickleError included
+    # What bad input files raise (the loaders turn most into CheckpointError, a ValueError; UnsafePickleError is an
+    # UnpicklingError); the rest are programming errors and keep their traceback.
+    except (OSError, ValueError, pickle.UnpicklingError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as e:
         kind = "checkpoint" if isinstance(e, CheckpointError) else "file"
         raise SystemExit(f"error: cannot convert this {kind}: {e}") from None
     print(f"wrote {args.out}")

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import Checkpoint, CheckpointError
+from engine.checkpoint import Checkpoint, CheckpointError, canonical_names
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
+from engine.formats import build_on_meta, check_config_ints, check_finite, check_footprint, file_format
 from engine.tokenizers import build_tokenizer
 from engine.unpickle import safe_load
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
@@ -60,9 +61,7 @@ def is_dalle_pytorch_checkpoint(path: str | os.PathLike) -> bool:
         return (path / _AUX_FILE).is_file()
     if not path.is_file():
         return _deepspeed_dir(path).is_dir()
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"  # torch.save's zip archive, or its legacy raw pickle
+    return file_format(path) in ("zip", "pickle")  # torch.save's zip archive, or its legacy raw pickle
 
 
 def load_dalle_pytorch(
@@ -84,25 +83,41 @@ def load_dalle_pytorch(
     ``vqgan_model_path`` supplies the VQGAN weights only if the checkpoint lacks them. ``conv_centered`` overrides
     the conv_like semantics picked from the checkpoint's version (centred before 1.5.0).
     """
-    tokenizer = build_tokenizer(bpe_path=bpe_path, hug=hug, chinese=chinese)
+    try:
+        tokenizer = build_tokenizer(bpe_path=bpe_path, hug=hug, chinese=chinese)
+    except ValueError as e:  # the file names itself in the message
+        raise CheckpointError(f"cannot build the tokenizer for {path}: {e}") from e
     meta, weights, extra = _read(Path(path))
     hparams = meta.get("hparams")
     if not isinstance(hparams, dict) or not isinstance(weights, dict):
         raise CheckpointError(f"{path} is not a DALLE-pytorch dalle.pt: it lacks the hparams or weights dict")
+    if bad := [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]:
+        raise CheckpointError(f"{path}: its weights dict holds something other than named tensors, e.g. {bad[0]!r}")
     weights = {k: v for k, v in weights.items() if not _SKIPPED.fullmatch(k)}
+    check_finite(weights, path)
 
     vae_class = meta.get("vae_class_name") or _guess_vae_class(meta, weights)
-    vae = _build_vae(vae_class, meta.get("vae_params"), weights, vqgan_model_path, vqgan_config_path, path)
-    config = _config(hparams, weights, vae, meta.get("version"), conv_centered, path)
-    model = DALLE(config, vae)
-    _load_weights(model, weights, path)
+    vae_cls, vae_config = _vae(vae_class, meta.get("vae_params"), weights, vqgan_model_path, vqgan_config_path, path)
+    config = _config(hparams, weights, vae_config, meta.get("version"), conv_centered, path)
+    # Checked on the meta device first: the hparams may describe a model far larger than the weights.
+    meta_model = build_on_meta(lambda: DALLE(config, vae_cls(vae_config)), len(weights), path)
+    _match_weights(meta_model, weights, path)
+    check_footprint(meta_model, sum(t.numel() * t.element_size() for t in weights.values()), path)
+    model = DALLE(config, vae_cls(vae_config))
+    model.load_state_dict(_match_weights(model, weights, path), strict=False)
     if tokenizer.vocab_size != config.num_text_tokens:
         raise CheckpointError(
             f"{path} was trained with a {config.num_text_tokens}-token vocabulary but the {type(tokenizer).__name__} "
             f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with (--bpe_path, --hug, --chinese)"
         )
-    extra.update(dalle_pytorch_version=meta.get("version"), epoch=meta.get("epoch"), vae_class_name=vae_class)
+    extra.update(dalle_pytorch_version=_plain(meta.get("version")), epoch=_plain(meta.get("epoch")),
+                 vae_class_name=vae_class)
     return Checkpoint(model.to(device), tokenizer, extra)
+
+
+def _plain(value: Any) -> str | int | float | None:
+    """A metadata value as JSON stores it: ``extra`` is written into converted checkpoints."""
+    return value if value is None or isinstance(value, (str, int, float)) else str(value)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -129,7 +144,7 @@ def _read(path: Path) -> tuple[dict, Any, dict[str, Any]]:
     latest = path / "latest"
     if not latest.is_file():
         raise CheckpointError(f"{path} is not a DeepSpeed checkpoint folder: it has no 'latest' tag file")
-    tag = latest.read_text().strip()
+    tag = latest.read_bytes().decode("utf-8", errors="replace").strip()
     step = path / tag
     if not (step / _MODEL_STATES).is_file():
         if any(step.glob("zero_pp_rank_*_model_states.pt")):  # ZeRO-3 keeps only per-rank parameter shards
@@ -154,7 +169,10 @@ def _zero_stage(ds_config: Any) -> int | None:
     if not isinstance(ds_config, dict) or "zero_optimization" not in ds_config:
         return None
     zero = ds_config["zero_optimization"]
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else int(bool(zero))  # legacy: true = stage 1
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else bool(zero)  # legacy: true = stage 1
+    if isinstance(stage, int) or (isinstance(stage, str) and stage.isdecimal()):
+        return int(stage)
+    return None  # unreadable: the weights' names and shapes will tell
 
 
 def _zero_message(path: Path, stage: int) -> str:
@@ -176,23 +194,25 @@ def _guess_vae_class(meta: dict, weights: dict) -> str:
     return "OpenAIDiscreteVAE"
 
 
-def _build_vae(name: str, vae_params: dict | None, weights: dict, vqgan_model_path, vqgan_config_path, path):
+def _vae(name: str, vae_params: Any, weights: dict, vqgan_model_path, vqgan_config_path, path) -> tuple[type, Any]:
+    """The VAE's class and config."""
     if name == "DiscreteVAE":
-        if not isinstance(vae_params, dict):
-            raise CheckpointError(f"{path} holds a DiscreteVAE but no vae_params to rebuild it from")
+        if not isinstance(vae_params, dict) or not all(isinstance(k, str) for k in vae_params):
+            raise CheckpointError(f"{path} holds a DiscreteVAE but no vae_params dict to rebuild it from")
+        check_config_ints(vae_params, path, "vae_params")
         try:
-            return DiscreteVAE(DiscreteVAEConfig(**vae_params))
+            return DiscreteVAE, DiscreteVAEConfig(**vae_params)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: unsupported DiscreteVAE vae_params {vae_params}: {e}") from e
     if name == "VQGanVAE":
-        return _build_vqgan(weights, vqgan_model_path, vqgan_config_path, path)
+        return VQGanVAE, _vqgan_config(weights, vqgan_model_path, vqgan_config_path, path)
     if name == "OpenAIDiscreteVAE":
         try:
             from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
         except ImportError as e:
             raise CheckpointError(f"{path} was trained on OpenAI's dVAE, which this installation cannot load "
                                   f"(engine.openai_dvae: {e})") from e
-        return OpenAIDiscreteVAE(openai_config(weights, OpenAIDVAEConfig, path))
+        return OpenAIDiscreteVAE, openai_config(weights, OpenAIDVAEConfig, path)
     raise CheckpointError(f"{path} holds a VAE of unknown class {name!r}")
 
 
@@ -204,6 +224,8 @@ def openai_config(weights: dict, config_cls: type, path) -> Any:
         dec_out = weights["vae.dec.blocks.output.conv.w"]
     except KeyError as e:
         raise CheckpointError(f"{path} holds an OpenAIDiscreteVAE without its weight {e}") from None
+    if enc_in.dim() != 4 or dec_in.dim() != 4 or dec_out.dim() != 4:
+        raise CheckpointError(f"{path}: its OpenAIDiscreteVAE's input and output convolutions are not 4-D")
     groups = {k.split(".")[3] for k in weights if k.startswith("vae.enc.blocks.group_")}
     blocks = {k.split(".")[4] for k in weights if k.startswith("vae.enc.blocks.group_1.block_")}
     return config_cls(n_hid=enc_in.shape[0], input_channels=enc_in.shape[1], vocab_size=dec_in.shape[1],
@@ -211,14 +233,14 @@ def openai_config(weights: dict, config_cls: type, path) -> Any:
                       n_blk_per_group=len(blocks), image_size=256)
 
 
-def _build_vqgan(weights: dict, model_path, config_path, path) -> VQGanVAE:
+def _vqgan_config(weights: dict, model_path, config_path, path) -> VQGanConfig:
     # DALLE-pytorch fixes the VQGAN's image size at 256 and stores the taming module under vae.model.
     if not any(k.startswith("vae.model.") for k in weights):
         if model_path is None or config_path is None:
             raise CheckpointError(f"{path} holds no VQGAN weights; pass --vqgan_model_path and --vqgan_config_path")
         vae = VQGanVAE.from_taming(model_path, config_path, image_size=256)
         weights.update({f"vae.model.{k}": v for k, v in vae.state_dict().items()})
-        return vae
+        return vae.config
     config = VQGanConfig.from_yaml(config_path, image_size=256) if config_path else VQGanConfig(image_size=256)
     if config_path is None:  # the default must fit the stored weights exactly; checked on shapes alone
         with torch.device("meta"):
@@ -227,10 +249,13 @@ def _build_vqgan(weights: dict, model_path, config_path, path) -> VQGanVAE:
         if stored != expected:
             raise CheckpointError(f"{path} was trained with a custom VQGAN whose config it does not hold; pass its "
                                   "yaml with --vqgan_config_path (and --vqgan_model_path)")
-    return VQGanVAE(config)
+    return config
 
 
-def _config(hparams: dict, weights: dict, vae, version: Any, conv_centered: bool | None, path) -> DALLEConfig:
+def _config(hparams: dict, weights: dict, vae_config: Any, version: Any, conv_centered: bool | None,
+            path) -> DALLEConfig:
+    if not all(isinstance(k, str) for k in hparams):
+        raise CheckpointError(f"{path}: its hparams have names that are not strings")
     unknown = sorted(set(hparams) - set(_HPARAMS) - set(_IGNORED_HPARAMS))
     if unknown:
         raise CheckpointError(f"{path}: unsupported DALLE hparams {unknown}")
@@ -238,12 +263,7 @@ def _config(hparams: dict, weights: dict, vae, version: Any, conv_centered: bool
     for name in ("dim", "depth"):
         if name not in values:
             raise CheckpointError(f"{path}: hparams lack the required {name!r}")
-    values["attn_types"] = values.get("attn_types") or ("full",)
-    # train_dalle.py keeps its CLI's ids as strings; only which layers share an id matters.
-    for name in ("shared_attn_ids", "shared_ff_ids"):
-        if values.get(name) is not None:
-            ids = list(values[name])
-            values[name] = tuple(ids.index(i) for i in ids)
+    check_config_ints(values, path, "hparams")
     ff_hops = {len(m[5]) // 3 for k in weights if (m := _LAYER.fullmatch(k)) and m[6] == "net.0.weight"}
     shifted = bool(ff_hops) and min(ff_hops) > 2  # token shift adds wrappers around FF: >= 3 hops, else 2
     # hparams before August 2021 omit these; the class defaults changed since, the weights tell.
@@ -252,16 +272,22 @@ def _config(hparams: dict, weights: dict, vae, version: Any, conv_centered: bool
     if values["shift_tokens"] != shifted:
         raise CheckpointError(f"{path}: hparams say shift_tokens={values['shift_tokens']} but the weights' layout "
                               f"says {shifted}")
-    values["conv_centered"] = _conv_centered(version, conv_centered, values["attn_types"], path)
     try:
-        config = DALLEConfig(num_image_tokens=vae.num_tokens, image_fmap_size=vae.fmap_size, **values)
+        values["attn_types"] = values.get("attn_types") or ("full",)
+        # train_dalle.py keeps its CLI's ids as strings; only which layers share an id matters.
+        for name in ("shared_attn_ids", "shared_ff_ids"):
+            if values.get(name) is not None:
+                first: dict[Any, int] = {}
+                values[name] = tuple(first.setdefault(i, n) for n, i in enumerate(values[name]))
+        values["conv_centered"] = _conv_centered(version, conv_centered, values["attn_types"], path)
+        config = DALLEConfig(num_image_tokens=vae_config.num_tokens, image_fmap_size=vae_config.fmap_size, **values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: hparams this engine cannot build: {e}") from e
     reversible = any(k.startswith("transformer.layers.blocks.") for k in weights)
     if reversible != config.reversible:
         raise CheckpointError(f"{path}: hparams say reversible={config.reversible} but the weights are laid out "
                               f"{'reversibly' if reversible else 'sequentially'}")
-    text_rows = weights.get("text_emb.weight", weights.get("text_emb.linear.weight"))
+    text_rows = weights.get("text_emb.weight", weights.get("text_emb.linear.weight"))  # tensors, checked above
     if text_rows is not None and text_rows.shape[0] == config.num_text_tokens:
         raise CheckpointError(f"{path} predates DALLE-pytorch 0.9.0 (no per-position padding tokens), whose masked "
                               "text padding this engine does not implement")
@@ -306,17 +332,6 @@ def _engine_name(key: str, vae_class: type) -> str | None:
     return {"transformer.pos_emb": "transformer.rotary"}.get(key, key)
 
 
-def _canonical_names(module: torch.nn.Module) -> dict[str, str]:
-    """Each state-dict name -> the first name of the tensor it aliases (weight-shared modules appear under every
-    layer that uses them)."""
-    first: dict[tuple, str] = {}
-    names = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        names[name] = first.setdefault(key, name)
-    return names
-
-
 def _fit(value: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor | None:
     """``value`` reshaped to ``target``'s layout and dtype, or None if it does not fit."""
     if name == "transformer.rotary":
@@ -324,14 +339,16 @@ def _fit(value: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor |
         # image grid inside axial/conv attention and is taken from the engine's own table.
         value = value.reshape(-1, value.shape[-1])
         if value.shape[0] == target.shape[0] - 1:
-            value = torch.cat([value.to(target.dtype), target[-1:]])
+            value = torch.cat([value.to(target), target[-1:]])
     elif value.numel() == target.numel() and value.ndim != target.ndim:  # LayerScale (1, 1, dim), axial tables
         value = value.reshape(target.shape)
-    return value.to(target.dtype) if value.shape == target.shape else None
+    return value.to(target) if value.shape == target.shape else None  # target's dtype and device (meta: no data)
 
 
-def _load_weights(model: DALLE, weights: dict[str, torch.Tensor], path) -> None:
-    canonical = _canonical_names(model)
+def _match_weights(model: DALLE, weights: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` that ``weights`` fill, each parameter and persistent buffer exactly once; on a
+    meta-device model, a check of names and shapes that reads no tensor data."""
+    canonical = canonical_names(model)
     targets = model.state_dict()
     sources: dict[str, str] = {}  # engine name -> the checkpoint key that filled it
     values: dict[str, torch.Tensor] = {}
@@ -347,7 +364,7 @@ def _load_weights(model: DALLE, weights: dict[str, torch.Tensor], path) -> None:
             mismatched.append(f"{key} {tuple(value.shape)} vs {name} {tuple(targets[name].shape)}")
         elif name not in values:
             sources[name], values[name] = key, fitted
-        elif not torch.equal(values[name], fitted):
+        elif not fitted.is_meta and not torch.equal(values[name], fitted):
             raise CheckpointError(f"{path}: {key} and {sources[name]} should be one shared tensor ({name}) but "
                                   "differ; do shared_attn_ids / shared_ff_ids / share_input_output_emb match?")
     missing = sorted(set(canonical.values()) - set(values))
@@ -355,4 +372,4 @@ def _load_weights(model: DALLE, weights: dict[str, torch.Tensor], path) -> None:
         raise CheckpointError(f"{path} does not match the model its hparams describe: missing {missing[:8]}, "
                               f"unexpected {sorted(unexpected)[:8]}, wrong shapes {mismatched[:8]} "
                               f"({len(missing)} / {len(unexpected)} / {len(mismatched)} in all)")
-    model.load_state_dict(values, strict=False)
+    return values

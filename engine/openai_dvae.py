@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import help_field
+from engine.formats import CheckpointError, build_on_meta, check_config_ints, check_finite, check_tensors
 from engine.unpickle import PickleStub, safe_load
 from engine.vae import ConfiguredVAE
 
 LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: pixels live in [eps, 1 - eps] for the logit-Laplace loss
+_MAX_NESTING = 16  # module levels in a pickled dall_e model (it has 4); deeper is not one, and would recurse deeply
 OPENAI_URLS = ("https://cdn.openai.com/dall-e/encoder.pkl", "https://cdn.openai.com/dall-e/decoder.pkl")
 
 
@@ -190,8 +192,6 @@ class OpenAIDiscreteVAE(ConfiguredVAE):
     def from_openai(cls, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,
                     image_size: int | None = None) -> OpenAIDiscreteVAE:
         """OpenAI's ``encoder.pkl`` and ``decoder.pkl``, read without running pickled code (see engine.unpickle)."""
-        from engine.checkpoint import CheckpointError  # not at module level: engine.checkpoint imports this module
-
         if absent := [os.fspath(p) for p in (encoder_path, decoder_path) if not os.path.isfile(p)]:
             raise FileNotFoundError(f"OpenAI dVAE file(s) not found: {', '.join(absent)}. Download them from "
                                     f"{' and '.join(OPENAI_URLS)} (this library never downloads anything)")
@@ -201,23 +201,23 @@ class OpenAIDiscreteVAE(ConfiguredVAE):
             if enc[name] != dec[name]:
                 raise CheckpointError(f"{encoder_path} and {decoder_path} do not belong together: "
                                       f"{name} is {enc[name]} in the encoder but {dec[name]} in the decoder")
-        config = OpenAIDVAEConfig(
-            n_hid=enc["n_hid"], n_blk_per_group=enc["n_blk_per_group"], vocab_size=enc["vocab_size"],
-            input_channels=enc["input_channels"], group_count=enc["group_count"], n_init=dec["n_init"],
-            output_channels=dec["output_channels"],
-            **({} if image_size is None else {"image_size": image_size}))
+        sizes = dict(n_hid=enc["n_hid"], n_blk_per_group=enc["n_blk_per_group"], vocab_size=enc["vocab_size"],
+                     input_channels=enc["input_channels"], group_count=enc["group_count"], n_init=dec["n_init"],
+                     output_channels=dec["output_channels"])
+        check_config_ints(sizes, encoder_path, "the pickled modules'")
+        try:
+            config = OpenAIDVAEConfig(**sizes, **({} if image_size is None else {"image_size": image_size}))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{encoder_path}, {decoder_path}: the pickled modules' sizes are invalid: {e}") from e
+        # Checked on the meta device first, so attributes that do not fit the tensors allocate nothing.
+        meta = build_on_meta(lambda: cls(config), len(enc_state) + len(dec_state), encoder_path)
+        for module, state, path in ((meta.enc, enc_state, encoder_path), (meta.dec, dec_state, decoder_path)):
+            check_tensors({k: t.shape for k, t in module.state_dict().items()}, {k: t.shape for k, t in state.items()},
+                          path, "its own attributes")
+            check_finite(state, path)
         vae = cls(config)
-        for module, state, path in ((vae.enc, enc_state, encoder_path), (vae.dec, dec_state, decoder_path)):
-            expected = module.state_dict()
-            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            if missing or unexpected:
-                raise CheckpointError(f"{path} does not match its own attributes: missing {missing[:5]}, "
-                                      f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
-            for name, t in state.items():
-                if t.shape != expected[name].shape:
-                    raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, "
-                                          f"expected {tuple(expected[name].shape)}")
-            module.load_state_dict(state)
+        vae.enc.load_state_dict(enc_state)
+        vae.dec.load_state_dict(dec_state)
         return vae.eval()
 
     def _dtype(self) -> torch.dtype:
@@ -253,8 +253,6 @@ class OpenAIDiscreteVAE(ConfiguredVAE):
 def _read_module(path: str | os.PathLike, class_name: str,
                  own_attrs: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A pickled dall_e module's attributes (n_hid, vocab_size, ...) and its tensors under state-dict names."""
-    from engine.checkpoint import CheckpointError
-
     obj = safe_load(path)
     found = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if found != class_name or not isinstance(getattr(obj, "state", None), dict):
@@ -270,15 +268,19 @@ def _read_module(path: str | os.PathLike, class_name: str,
 
 def _collect(stub: Any, prefix: str, out: dict[str, Tensor], path: str | os.PathLike) -> None:
     """Walk the stubbed module tree (each stub's state is the module's __dict__) as nn.Module.state_dict does."""
-    from engine.checkpoint import CheckpointError
-
     state = stub.state if isinstance(stub, PickleStub) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{os.fspath(path)}: {prefix or 'the top level'} is not a pickled module")
+    if not isinstance(state, dict) or prefix.count(".") > _MAX_NESTING:
+        raise CheckpointError(f"{os.fspath(path)}: {prefix or 'the top level'} is not a pickled dall_e module")
+    for table in ("_parameters", "_buffers", "_modules"):
+        entries = state.get(table) or {}
+        if not isinstance(entries, dict) or not all(isinstance(name, str) for name in entries):
+            raise CheckpointError(f"{os.fspath(path)}: {table} of {prefix or 'the top level'} is not a dict by name")
     for table in ("_parameters", "_buffers"):
         for name, t in (state.get(table) or {}).items():
-            if t is not None:
+            if isinstance(t, Tensor):
                 out[prefix + name] = t
+            elif t is not None:
+                raise CheckpointError(f"{os.fspath(path)}: {prefix}{name} is a {type(t).__name__}, not a tensor")
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
             _collect(child, f"{prefix}{name}.", out, path)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import io
 import os
+import re
 import tempfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,6 +38,12 @@ def _read_file(path: PathLike, what: str, hint: str) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found at {str(path)!r}; {hint}")
     return path.read_bytes()
+
+
+def _is_rust_panic(error: BaseException) -> bool:
+    """pyo3 turns a panic inside the Rust ``tokenizers`` library (crafted JSON can trigger some) into
+    ``pyo3_runtime.PanicException``, a BaseException, so that it is no ordinary ``except Exception``."""
+    return type(error).__module__ == "pyo3_runtime" and type(error).__name__ == "PanicException"
 
 
 def _abbreviate(text: str, limit: int = 60) -> str:
@@ -107,9 +116,17 @@ class Tokenizer(ABC):
 
     @classmethod
     def from_bytes(cls: type[_T], data: bytes) -> _T:
+        """Raises ValueError for bytes that are not a valid model file of this kind."""
         tokenizer = cls.__new__(cls)
         tokenizer._load(data)
         return tokenizer
+
+    def _load_file(self, path: PathLike, what: str, hint: str) -> None:
+        data = _read_file(path, what, hint)
+        try:
+            self._load(data)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from e
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -126,15 +143,76 @@ def _youtokentome() -> Any:
     return youtokentome
 
 
+_YTTM_SPACE = 0x2581  # "▁", which yttm's encoder looks up at the start of every word
+_YTTM_MAX_SYMBOLS = 1 << 24  # characters over all tokens, which yttm's loader materialises (4 bytes each, twice)
+_YTTM_NUMBER = re.compile(rb"-?[0-9]{1,10}")
+
+
+def _check_yttm_model(data: bytes) -> None:
+    """Raise ValueError unless ``data`` is a YouTokenToMe model that youtokentome (1.0.6) loads and uses safely.
+
+    Its C++ loader (``BPEState::load``, ``BaseEncoder::fill_from_state``) checks nothing: a count beyond the data
+    makes it allocate without bound, and an id used before it is defined or a missing "▁" makes a map lookup throw;
+    both abort the interpreter. The format: "n m", then n lines "codepoint id", then m merge rules "x y z" (tokens x
+    and y make token z; earlier rules first), then the special ids "unk pad bos eos" (-1: unused), all decimal
+    integers separated by whitespace. Every model that yttm trains passes.
+    """
+    fields = data.split()  # ASCII whitespace, as C++'s >> skips it
+    if not all(_YTTM_NUMBER.fullmatch(f) for f in fields):
+        raise ValueError("not a YouTokenToMe model: it holds something other than whitespace-separated integers")
+    numbers = [int(f) for f in fields]
+    if len(numbers) < 6:
+        raise ValueError(f"not a YouTokenToMe model: it holds only {len(numbers)} numbers")
+    n_chars, n_rules = numbers[:2]
+    if n_chars < 1 or n_rules < 0 or len(numbers) != 2 + 2 * n_chars + 3 * n_rules + 4:
+        raise ValueError(f"truncated or corrupt YouTokenToMe model: it declares {n_chars} characters and {n_rules} "
+                         f"rules but holds {len(numbers)} numbers")
+    chars, rules, specials = numbers[2:2 + 2 * n_chars], numbers[2 + 2 * n_chars:-4], numbers[-4:]
+    codepoints, char_ids = chars[0::2], chars[1::2]
+    if any(not 0 <= c <= 0x10FFFF or 0xD800 <= c <= 0xDFFF for c in codepoints):
+        raise ValueError("YouTokenToMe model: a character is not a Unicode code point")
+    if len(set(codepoints)) != n_chars or _YTTM_SPACE not in codepoints:
+        raise ValueError("YouTokenToMe model: its characters repeat or lack the word start '▁'")
+    unk = specials[0]
+    if unk < 0 or any(s < -1 for s in specials):
+        raise ValueError(f"YouTokenToMe model: invalid special ids (unk, pad, bos, eos) {specials}; unk must be set")
+    ids = [*char_ids, *rules[2::3], *(s for s in specials if s != -1)]
+    if sorted(ids) != list(range(len(ids))):
+        raise ValueError(f"YouTokenToMe model: its {len(ids)} token ids repeat or leave gaps")
+    if 0 not in specials:  # DALL-E pads with id 0; yttm's encoder also marks merged-away positions with 0
+        raise ValueError("YouTokenToMe model: id 0 must be a special token (pad)")
+    _check_yttm_rules(char_ids, rules)
+
+
+def _check_yttm_rules(char_ids: list[int], rules: list[int]) -> None:
+    """Every rule merges two tokens defined before it (by a character or an earlier rule), no pair twice, and all
+    tokens together spell at most _YTTM_MAX_SYMBOLS characters."""
+    lengths = dict.fromkeys(char_ids, 1)  # token id -> characters it spells
+    pairs: set[tuple[int, int]] = set()
+    total = len(char_ids)
+    for i in range(0, len(rules), 3):
+        x, y, z = rules[i:i + 3]
+        if x not in lengths or y not in lengths:
+            raise ValueError(f"YouTokenToMe model: rule {i // 3} merges {x} and {y}, not both defined before it")
+        if (x, y) in pairs:
+            raise ValueError(f"YouTokenToMe model: rule {i // 3} merges {x} and {y} again")
+        pairs.add((x, y))
+        lengths[z] = lengths[x] + lengths[y]
+        total += lengths[z]
+        if total > _YTTM_MAX_SYMBOLS:
+            raise ValueError(f"YouTokenToMe model: its tokens spell more than {_YTTM_MAX_SYMBOLS} characters")
+
+
 class YttmTokenizer(Tokenizer):
     """YouTokenToMe BPE model (``--bpe_path X``). yttm reserves PAD=0, so the padding rule holds."""
 
     kind = "yttm"
 
     def __init__(self, model_path: PathLike) -> None:
-        self._load(_read_file(model_path, "YouTokenToMe BPE model", "pass --bpe_path <model file>"))
+        self._load_file(model_path, "YouTokenToMe BPE model", "pass --bpe_path <model file>")
 
     def _load(self, data: bytes) -> None:
+        _check_yttm_model(data)  # before yttm sees it: its loader aborts the interpreter on bad input
         # yttm only loads from a path; the model is read into memory, so the temporary file can go right away.
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bpe.model"
@@ -172,10 +250,15 @@ class HugTokenizer(Tokenizer):
     kind = "hug"
 
     def __init__(self, json_path: PathLike) -> None:
-        self._load(_read_file(json_path, "HuggingFace tokenizer JSON", "pass --bpe_path <tokenizer.json> --hug"))
+        self._load_file(json_path, "HuggingFace tokenizer JSON", "pass --bpe_path <tokenizer.json> --hug")
 
     def _load(self, data: bytes) -> None:
-        self._tokenizer = HFTokenizer.from_str(data.decode("utf-8"))
+        try:
+            self._tokenizer = HFTokenizer.from_str(data.decode("utf-8"))
+        except BaseException as e:  # the bindings raise bare Exception for any JSON they cannot build, or a panic
+            if not isinstance(e, Exception) and not _is_rust_panic(e):
+                raise
+            raise ValueError(f"not a valid HuggingFace tokenizer JSON: {e}") from e
         self._data = data
         self.vocab_size = self._tokenizer.get_vocab_size()
 
@@ -189,6 +272,7 @@ class HugTokenizer(Tokenizer):
 _CLIP_VOCAB_NAMES = ("bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.txt")
 _CLIP_VOCAB_PACKAGES = ("clip", "open_clip", "dalle_pytorch")
 _CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI's CLIP uses only the first 48,894 merges of the file
+_CLIP_MAX_BYTES = 64 << 20  # CLIP's merges file is 1.4 MB unpacked
 _CLIP_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
@@ -231,6 +315,21 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def _gunzip(data: bytes) -> bytes:
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        text = f.read(_CLIP_MAX_BYTES + 1)
+    if len(text) > _CLIP_MAX_BYTES:  # a gzip bomb, not a merges file
+        raise ValueError(f"not a valid CLIP BPE merges file: it unpacks to more than {_CLIP_MAX_BYTES} bytes")
+    return text
+
+
+def _check_merges(merges: list[tuple[str, ...]], symbols: set[str]) -> None:
+    """Each merge joins two strings of byte-level symbols ("</w>" is made of some), so that every token decodes."""
+    for merge in merges:
+        if len(merge) != 2 or not set("".join(merge)) <= symbols:
+            raise ValueError(f"not a valid CLIP BPE merges file: bad merge line {_abbreviate(' '.join(merge))!r}")
+
+
 class SimpleTokenizer(Tokenizer):
     """OpenAI CLIP byte-level BPE with DALLE-pytorch semantics (the default tokenizer).
 
@@ -243,15 +342,19 @@ class SimpleTokenizer(Tokenizer):
 
     def __init__(self, bpe_path: PathLike | None = None) -> None:
         path = _find_clip_vocab() if bpe_path is None else bpe_path
-        self._load(_read_file(path, "CLIP BPE merges file", "pass --bpe_path <bpe_simple_vocab_16e6.txt[.gz]>"))
+        self._load_file(path, "CLIP BPE merges file", "pass --bpe_path <bpe_simple_vocab_16e6.txt[.gz]>")
 
     def _load(self, data: bytes) -> None:
-        text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
+        try:
+            text = (_gunzip(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # gzip's errors, then UTF-8's
+            raise ValueError(f"not a valid CLIP BPE merges file: {e}") from e
         lines = text.split("\n")[1 : _CLIP_NUM_MERGES + 1]  # line 0 is a "#version" header
         merges = [tuple(line.split()) for line in lines if line.strip()]
 
         self._byte_encoder = _bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+        _check_merges(merges, set(self._byte_decoder))
         symbols = list(self._byte_encoder.values())
         vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -316,14 +419,24 @@ class ChineseTokenizer(Tokenizer):
 
     def __init__(self, vocab_path: PathLike) -> None:
         hint = "pass chinese_vocab_path (CLI: --chinese --bpe_path <vocab.txt>)"
-        self._load(_read_file(vocab_path, "bert-base-chinese vocab.txt", hint))
+        self._load_file(vocab_path, "bert-base-chinese vocab.txt", hint)
 
     def _load(self, data: bytes) -> None:
-        lines = data.decode("utf-8").split("\n")
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not a valid vocab.txt (UTF-8, one token a line): {e}") from e
         if lines[-1] == "":
             lines.pop()
         vocab = {token.rstrip("\r"): i for i, token in enumerate(lines)}
-        self._tokenizer = BertWordPieceTokenizer(vocab, handle_chinese_chars=True, lowercase=True)
+        if len(vocab) != len(lines):  # a repeated token would leave its first id unused
+            raise ValueError("not a valid vocab.txt: a token appears twice")
+        try:
+            self._tokenizer = BertWordPieceTokenizer(vocab, handle_chinese_chars=True, lowercase=True)
+        except BaseException as e:  # e.g. TypeError for a vocabulary without [SEP]; or a panic, as HugTokenizer's
+            if not isinstance(e, Exception) and not _is_rust_panic(e):
+                raise
+            raise ValueError(f"not a valid bert vocab.txt: {e}") from e
         self._data = data
         self.vocab_size = self._tokenizer.get_vocab_size()
 

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+from engine.checkpoint import stale_temporaries
 from engine.cli import check_device, check_writable, fraction, non_negative_int, positive_float, positive_int, rng_seed
 from engine.run_lock import RunLock, RunLocked
 from engine.data import (
@@ -487,7 +488,7 @@ def claim_outputs(args: argparse.Namespace, name: str, dist: Distributed) -> Ite
         except OSError as e:
             error = f"cannot lock the outputs of {name}: {e}"
         else:
-            for stale in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):  # checkpoint writes that a kill interrupted
+            for stale in stale_temporaries(ckpt):  # the lock is ours, so no live run is writing them
                 stale.unlink(missing_ok=True)
     try:
         if not dist.all_ok(error is None):

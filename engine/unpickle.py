@@ -8,7 +8,9 @@ unpickled.
 
 Two layers: a static scan of every global the pickle names (so refusals name the culprit and stubs can be made
 for the exact names found), then ``torch.load(weights_only=True)`` with only those stubs added, so torch's own
-restricted unpickler still enforces what may be called and built. The one exception is a legacy-format (non-zip)
+restricted unpickler still enforces what may be called and built. In a zip archive every pickle member is scanned,
+and archives whose member names collide ignoring case are refused: torch looks members up ignoring case, so it
+could otherwise read a pickle other than the one scanned. The one exception is a legacy-format (non-zip)
 file of pickled modules: it records each module's class as a persistent id, which weights_only refuses, so it is
 read by torch's legacy loader through a ``pickle.Unpickler`` whose ``find_class`` hands out only what the scan
 admitted (the pickle documentation's "restricting globals").
@@ -17,11 +19,13 @@ admitted (the pickle documentation's "restricting globals").
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import functools
 import io
 import os
 import pickle
 import pickletools
+import struct
 import types
 import typing
 import warnings
@@ -29,6 +33,8 @@ import zipfile
 from typing import IO, Any
 
 import torch
+
+from engine.formats import CheckpointError, Format, file_format
 
 # Bookkeeping that Lightning checkpoints pickle next to the weights; replaced by inert stubs, never imported.
 STUB_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.")
@@ -70,9 +76,19 @@ _TENSOR_GLOBALS = frozenset({
     "_codecs.encode",  # protocol-2 pickles store bytes as _codecs.encode(str, "latin1")
 })
 
+# What torch.load raises, besides UnpicklingError, on a malformed file: its zip reader's RuntimeError, and whatever
+# the pickle's opcodes make the unpickler do wrong (a short stream, a tensor rebuilt from the wrong arguments, ...).
+_MALFORMED = (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError,
+              struct.error, zipfile.BadZipFile)
+
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A checkpoint that names a global outside the allow-list (it could run code when unpickled)."""
+
+
+class NotATorchFileError(pickle.UnpicklingError, CheckpointError):
+    """A file that is not a readable ``torch.save`` file: malformed, truncated, or something else entirely. Also a
+    CheckpointError, so callers of the checkpoint loaders need catch only that."""
 
 
 class PickleStub:
@@ -99,8 +115,10 @@ def stub_class(module: str, name: str) -> type[PickleStub]:
 
 def safe_load(path: str | os.PathLike) -> Any:
     """Load a ``torch.save`` file (zip or legacy format) onto the CPU, refusing anything but data (see module doc)."""
+    found = file_format(path)
+    names, problem = _pickle_globals(path, found)
     stubs, refused = [], []
-    for module, name in sorted(_pickle_globals(path)):
+    for module, name in sorted(names):
         full = f"{module}.{name}"
         if full.startswith(STUB_PREFIXES) or full in STUB_NAMES:
             stubs.append(stub_class(module, name))
@@ -111,13 +129,19 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"refusing to unpickle {os.fspath(path)}: it references {', '.join(refused)}, which could run code "
             "(only tensors, containers, Lightning/OmegaConf/NumPy bookkeeping and OpenAI dVAE modules are allowed)"
         )
-    if not zipfile.is_zipfile(path) and any(f"{s.__module__}.{s.__qualname__}" in STUB_NAMES for s in stubs):
-        return _load_legacy_modules(path, stubs)
-    with torch.serialization.safe_globals([*stubs, *_EXTRA_GLOBALS]):
-        try:
+    if problem is not None:
+        raise NotATorchFileError(f"{os.fspath(path)} is not a readable torch.save file: {problem}")
+    try:
+        if found == "pickle" and any(f"{s.__module__}.{s.__qualname__}" in STUB_NAMES for s in stubs):
+            return _load_legacy_modules(path, stubs)
+        with torch.serialization.safe_globals([*stubs, *_EXTRA_GLOBALS]):
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafePickleError(f"refusing to unpickle {os.fspath(path)}: {e}") from e
+    except UnsafePickleError:
+        raise
+    except pickle.UnpicklingError as e:  # torch's weights_only unpickler refusing something
+        raise UnsafePickleError(f"refusing to unpickle {os.fspath(path)}: {e}") from e
+    except _MALFORMED as e:
+        raise NotATorchFileError(f"{os.fspath(path)} is not a readable torch.save file: {e}") from e
 
 
 def _load_legacy_modules(path: str | os.PathLike, stubs: list[type[PickleStub]]) -> Any:
@@ -147,30 +171,60 @@ def _is_dtype_or_storage(module: str, name: str) -> bool:
     return module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
 
 
-def _pickle_globals(path: str | os.PathLike) -> set[tuple[str, str]]:
-    """(module, name) of every GLOBAL / INST opcode, mapped to Python 3 names as the unpickler will see them."""
+def _pickle_globals(path: str | os.PathLike, found: Format) -> tuple[set[tuple[str, str]], str | None]:
+    """(module, name) of every GLOBAL / INST opcode, mapped to Python 3 names as the unpickler will see them, and
+    what makes the pickles unreadable (None: nothing). The globals met before a malformed spot are kept, so that a
+    refusal still names them."""
+    if found == "safetensors":
+        raise NotATorchFileError(f"{os.fspath(path)} is a safetensors file, not a torch.save file")
+    if found not in ("zip", "pickle"):
+        raise NotATorchFileError(f"{os.fspath(path)} is not a readable torch.save file")
+    names: set[tuple[str, str]] = set()
     try:
-        if zipfile.is_zipfile(path):
+        if found == "pickle":
+            with open(path, "rb") as f:
+                _scan(f, 4, path, names)  # legacy format: magic number, protocol, sys info, then the object
+        else:
             with zipfile.ZipFile(path) as archive:
-                records = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-                if len(records) != 1:
-                    raise pickle.UnpicklingError(f"{os.fspath(path)} is a zip file but not a torch.save archive")
-                return _scan(io.BytesIO(archive.read(records[0])), pickles=1)
-        with open(path, "rb") as f:
-            return _scan(f, pickles=4)  # legacy format: magic number, protocol, sys info, then the object
+                for member in _archive_pickles(archive, path):
+                    _scan(io.BytesIO(archive.read(member)), 1, path, names)
+    except NotATorchFileError:
+        raise
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise pickle.UnpicklingError(f"{os.fspath(path)} is not a readable torch.save file: {e}") from e
+        return names, str(e)
+    return names, None
 
 
-def _scan(f: IO[bytes], pickles: int) -> set[tuple[str, str]]:
-    found = set()
+def _archive_pickles(archive: zipfile.ZipFile, path: str | os.PathLike) -> list[str]:
+    """The members of a torch.save archive that torch could unpickle, i.e. all of them named ``*.pkl``."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.load's own test; anything else it would read as a legacy pickle
+            raise NotATorchFileError(f"{os.fspath(path)} is a zip file but not a torch.save archive")
+    names = archive.namelist()
+    folded = [n.lower().replace("\\", "/") for n in names]
+    counts = collections.Counter(folded)
+    if clashes := sorted(n for n, f in zip(names, folded) if counts[f] > 1):
+        raise UnsafePickleError(f"refusing to unpickle {os.fspath(path)}: its members {clashes} have the same name "
+                                "ignoring case, and torch, which looks members up ignoring case, might read an "
+                                "unchecked one")
+    if sum(f.endswith("/data.pkl") and f.count("/") == 1 for f in folded) != 1:
+        raise NotATorchFileError(f"{os.fspath(path)} is a zip file but not a torch.save archive (no data.pkl)")
+    if compressed := [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]:
+        # torch.save stores every member as is; a compressed one could inflate far beyond the file's size
+        raise NotATorchFileError(f"{os.fspath(path)} is not a torch.save archive: it compresses {compressed[:3]}")
+    return [n for n, f in zip(names, folded) if f.endswith(".pkl")]
+
+
+def _scan(f: IO[bytes], pickles: int, path: str | os.PathLike, names: set[tuple[str, str]]) -> None:
     for _ in range(pickles):
         for op, arg, _pos in pickletools.genops(f):
             if op.name in ("GLOBAL", "INST"):
-                found.add(_python3_name(*arg.split(" ", 1)))
-            elif op.name == "STACK_GLOBAL":
-                raise ValueError("pickle protocol >= 4 is not supported (torch.save writes protocol 2)")
-    return found
+                names.add(_python3_name(*arg.split(" ", 1)))
+            elif op.name in ("STACK_GLOBAL", "EXT1", "EXT2", "EXT4"):
+                raise UnsafePickleError(
+                    f"refusing to unpickle {os.fspath(path)}: it names objects by {op.name}, which cannot be checked "
+                    "before unpickling (torch.save writes pickle protocol 2, which names them by GLOBAL)"
+                )
 
 
 def _python3_name(module: str, name: str) -> tuple[str, str]:

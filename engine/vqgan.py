@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import help_field
+from engine.formats import CheckpointError, build_on_meta, check_finite, check_tensors
 from engine.unpickle import safe_load
 from engine.vae import ConfiguredVAE
 
@@ -85,19 +86,40 @@ class VQGanConfig:
         """Read taming's model yaml (``model.target`` a ``VQModel`` or ``GumbelVQ``; ``model.params``)."""
         import yaml  # only needed here (PyYAML comes with webdataset)
 
-        with open(path) as f:
-            model = (yaml.safe_load(f) or {}).get("model") or {}
-        target, params = str(model.get("target", "")), model.get("params") or {}
+        with open(path, encoding="utf-8") as f:
+            try:
+                document = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(document, dict):
+            raise ValueError(f"{path} is not a taming config: it holds a {type(document).__name__}, not a mapping")
+        model = _mapping(document, "model", path)
+        target, params = str(model.get("target", "")), _mapping(model, "params", path)
         if not target.endswith(("VQModel", "GumbelVQ")) or "ddconfig" not in params:
             raise ValueError(f"{path} is not a taming VQModel / GumbelVQ config (model.target = {target!r})")
         if params.get("remap"):
             raise ValueError(f"{path}: remapped codebooks (params.remap) are not supported")
-        dd = dict(params["ddconfig"])
+        dd = _mapping(params, "ddconfig", path)
         known = {f.name for f in dataclasses.fields(cls)} - {"embed_dim", "n_embed", "gumbel", "image_size"}
-        if unknown := sorted(set(dd) - known):
+        if unknown := sorted(map(str, set(dd) - known)):
             raise ValueError(f"{path}: unsupported ddconfig keys {unknown}")
-        return cls(embed_dim=params["embed_dim"], n_embed=params["n_embed"], gumbel=target.endswith("GumbelVQ"),
-                   image_size=image_size, **dd)
+        try:
+            return cls(embed_dim=params["embed_dim"], n_embed=params["n_embed"], gumbel=target.endswith("GumbelVQ"),
+                       image_size=image_size, **dd)
+        except KeyError as e:
+            raise ValueError(f"{path}: model.params lacks {e}") from None
+        except TypeError as e:  # e.g. a number where a list belongs
+            raise ValueError(f"{path}: invalid taming config: {e}") from e
+
+
+def _mapping(parent: dict, key: str, path: str | os.PathLike) -> dict:
+    """``parent[key]`` of a parsed YAML document, which must be a mapping (absent or null: empty)."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {key!r} must be a mapping, got a {type(value).__name__}")
+    return value
 
 
 # --- building blocks (taming/modules/diffusionmodules/model.py) ----------------------------------------------------
@@ -290,23 +312,20 @@ class VQGanVAE(ConfiguredVAE):
     def from_taming(cls, model_path: str | os.PathLike, config_path: str | os.PathLike,
                     image_size: int | None = None) -> VQGanVAE:
         """A taming ``.ckpt`` (Lightning checkpoint or bare state dict) and its yaml; `loss.*` weights are dropped."""
-        from engine.checkpoint import CheckpointError  # not at module level: engine.checkpoint imports this module
-
-        vae = cls(VQGanConfig.from_yaml(config_path, image_size=image_size))
+        config = VQGanConfig.from_yaml(config_path, image_size=image_size)
         ckpt = safe_load(model_path)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise CheckpointError(f"{model_path} holds no state dict (got {type(ckpt).__name__})")
+        if bad := [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]:
+            raise CheckpointError(f"{model_path}: its state dict holds something other than named tensors: {bad[0]!r}")
         state = {k: v for k, v in state.items() if not k.startswith("loss.")}
-        expected = vae.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"{model_path} does not match {config_path}: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
-        for name, t in state.items():
-            if t.shape != expected[name].shape:
-                raise CheckpointError(f"{model_path}: {name} has shape {tuple(t.shape)}, "
-                                      f"expected {tuple(expected[name].shape)} from {config_path}")
+        # Checked on the meta device first, so a mismatched yaml allocates nothing.
+        expected = build_on_meta(lambda: cls(config), len(state), model_path).state_dict()
+        check_tensors({k: t.shape for k, t in expected.items()}, {k: t.shape for k, t in state.items()}, model_path,
+                      os.fspath(config_path))
+        check_finite(state, model_path)
+        vae = cls(config)
         vae.load_state_dict(state)
         return vae.eval()
 
