@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.checkpoint import CheckpointError, load_clip, load_dalle
+from engine.checkpoint import load_clip, load_dalle
+from engine.cli import check_device, check_writable, number, positive_float, positive_int, rng_seed
 from engine.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, RADII, SHAPES, SIZES, ShapeSpec
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
@@ -267,20 +269,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dalle_path", required=True, help="checkpoint written by train.py")
     p.add_argument("--clip_path", default=None,
                    help="a CLIP checkpoint (train_clip.py): also report accuracy after reranking by its scores")
-    p.add_argument("--images_per_prompt", type=int, default=8, help="samples per prompt: the reranking budget")
-    p.add_argument("--seed", type=int, default=0, help="picks the prompts' sizes and positions and the samples")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--top_k", type=float, default=0.9, help="top-k threshold, as a fraction of the vocabulary")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cond_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--images_per_prompt", type=positive_int, default=8,
+                   help="samples per prompt: the reranking budget")
+    p.add_argument("--seed", type=rng_seed, default=0, help="picks the prompts' sizes and positions and the samples")
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--top_k", type=number(float, lambda x: 0 <= x < 1, "a fraction in [0, 1)"), default=0.9,
+                   help="top-k threshold, as a fraction of the vocabulary")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--cond_scale", type=number(float, math.isfinite, "a finite number"), default=1.0,
+                   help="classifier-free guidance scale (1 = off)")
     p.add_argument("--truncate_captions", action="store_true", help="truncate prompts longer than the model's text")
     p.add_argument("--json", default=None, help="write the figures and arguments to this file")
     p.add_argument("--save_dir", default=None, help="write a PNG grid of each prompt's images here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    for name in ("images_per_prompt", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    check_device(p, args.device)
+    if args.json:
+        check_writable(p, "--json", Path(args.json).parent)
+    if args.save_dir:
+        check_writable(p, "--save_dir", args.save_dir)
     return args
 
 
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         ckpt = load_dalle(args.dalle_path, device=args.device)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
     if ckpt.tokenizer is None:
         raise SystemExit("error: the checkpoint stores no tokenizer")
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.clip_path is not None:
         try:
             clip_ckpt = load_clip(args.clip_path, device=args.device)
-        except (CheckpointError, FileNotFoundError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise SystemExit(f"error: {e}") from None
         clip, clip_tokenizer = clip_ckpt.model.eval(), clip_ckpt.tokenizer  # None: the DALL-E's
     trained, held_out = demo_prompts(args.seed)

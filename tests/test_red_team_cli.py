@@ -182,6 +182,22 @@ def test_generate_flags(dalle_ckpt, capsys, flags, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--images_per_prompt", "0"], "--images_per_prompt"),
+    (["--top_k", "1.5"], "--top_k"),
+    (["--temperature", "0"], "--temperature"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "meta"], "--device"),
+    (["--json", f"{READ_ONLY}/eval.json"], "--json"),
+    (["--dalle_path", "data/0.png"], "0.png"),
+    (["--clip_path", "vae.safetensors"], "'vae'"),
+])
+def test_eval_demo_flags(dalle_ckpt, capsys, flags, message):
+    from engine import eval_demo
+
+    assert message in refused(eval_demo.main, ["--dalle_path", str(dalle_ckpt), *flags], capsys)
+
+
 # --- runs that would train nothing, or lie about it ---------------------------------------------------------------
 
 
