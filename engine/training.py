@@ -666,7 +666,7 @@ class Trainer:
                        f"first: {dataset.first_unpaired_image})")
         bar = tqdm(total=total, disable=dist.rank != 0, desc=desc, initial=progress.step)
         loss_value = math.nan
-        losses, micro_batches = torch.zeros((), device=dist.device), 0  # over the micro-batches of one step
+        losses = torch.zeros((), device=dist.device)  # summed over the micro-batches of one step
         while progress.epoch < args.epochs:
             whole_epoch, steps_before = progress.batch_in_epoch == 0, progress.step
             if whole_epoch and dist.rank == 0:
