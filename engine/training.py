@@ -693,6 +693,7 @@ class Trainer:
                 losses.zero_()
                 micro_batches = 0
                 if not math.isfinite(loss_value):
+                    bar.close()  # before the message, which would otherwise be followed by the bar
                     self._stop_on(loss_value)
                 bar.update(1)
                 if dist.rank == 0 and progress.step % args.log_every_n_steps == 0:
