@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -272,29 +273,73 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext()
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """A kernel's launch settings. dK/dV and dQ walk one block plan, so they share their tile sizes."""
+
+    block_m: int  # queries per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+def _arch(q: torch.Tensor) -> int | None:
+    """The compute capability the kernels are compiled for (90 for sm_90), None in the interpreter."""
+    if q.is_cuda:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return 10 * major + minor
+    if _interpreting():
+        return None
+    return triton.runtime.driver.active.get_current_target().arch  # compiled ahead of time: kernels.triton.static
+
+
+def launch_tiles(kernel: str, q: torch.Tensor, precision: str, block_m: int = 0, block_n: int = 0) -> Tiles:
+    """The settings of ``kernel`` ("fwd", "dkdv" or "dq") for ``q``'s dtype and head dim on its GPU, chosen from the
+    static report (``bench/gpu_static.py``): no spills, tensor-core products, no duplicated MMA work, and as many
+    blocks per SM as that leaves. ``block_m`` / ``block_n`` (non-zero) force the tile sizes."""
+    head_dim, arch = q.shape[-1], _arch(q)
+    exact_fp32 = q.dtype == torch.float32 and precision == "ieee"
+    if exact_fp32:  # products on CUDA cores: fp32 tiles twice the size of 16-bit ones, operands in registers
+        tiles = Tiles(32, 32, 4, 2) if head_dim <= 64 else Tiles(32, 32, 4, 1)
+    elif kernel == "fwd":
+        tiles = Tiles(64, 64, 4, 3) if head_dim <= 64 else Tiles(64, 64, 8, 2)
+    else:
+        tiles = Tiles(64, 64, 4, 2) if head_dim <= 64 else Tiles(64, 64, 8, 2)
+    del arch
+    return replace(tiles, block_m=block_m or tiles.block_m, block_n=block_n or tiles.block_n)
+
+
 def _setup(q: torch.Tensor, pattern: str, text_len: int, fmap_size: int, kernel_size: int, dilation: int,
-           block_m: int, block_n: int) -> tuple[BlockPlan, tuple[int, int, int, int], dict]:
+           tiles: Tiles) -> tuple[BlockPlan, tuple[int, int, int, int], dict]:
     """The block plan, the in-kernel mask's runtime scalars and the compile-time constants of one call."""
     plan = block_plan(pattern, q.shape[2], text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
-                      dilation=dilation, block_m=block_m, block_n=block_n, device=str(q.device))
+                      dilation=dilation, block_m=tiles.block_m, block_n=tiles.block_n, device=str(q.device))
     reach = (kernel_size - 1) * dilation if pattern == "conv_like" else (kernel_size // 2) * dilation
     head_dim = q.shape[-1]
-    # The interpreter multiplies raw bf16 bit patterns in tl.dot (kernels.md §6.2): upcast tiles there.
-    upcast = q.dtype == torch.bfloat16 and _interpreting()
-    const = dict(PATTERN=_PATTERN_CODES[pattern], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), UPCAST=upcast,
-                 # fp32 inputs get exact fp32 products like torch matmul, not TF32.
-                 PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-                 num_warps=8 if head_dim > 64 else 4)
+    const = dict(PATTERN=_PATTERN_CODES[pattern], HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), UPCAST=_upcast(q), PRECISION=_precision(q))
     return plan, (text_len, fmap_size, reach, dilation), const
 
 
+def _upcast(q: torch.Tensor) -> bool:
+    """The interpreter multiplies raw bf16 bit patterns in tl.dot (kernels.md §6.2): upcast tiles there."""
+    return q.dtype == torch.bfloat16 and _interpreting()
+
+
+def _precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision: fp32 inputs take TF32 tensor cores when PyTorch's matmuls may (its
+    ``allow_tf32`` / ``set_float32_matmul_precision("high")``), else exact fp32 products like torch's."""
+    exact = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return "ieee" if exact or _upcast(q) or _interpreting() else "tf32"
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, text_len: int, fmap_size: int,
-             kernel_size: int, dilation: int, scale: float, block_m: int, block_n: int
+             kernel_size: int, dilation: int, scale: float, block_m: int = 0, block_n: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last(x) for x in (q, k, v))
     batch, heads, seq, head_dim = q.shape
-    plan, mask_args, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, block_m, block_n)
+    tiles = launch_tiles("fwd", q, _precision(q), block_m, block_n)
+    plan, mask_args, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, tiles)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
     with _device_guard(q):
@@ -304,40 +349,43 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, te
             plan.kv_indices.stride(0),
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             heads, seq, scale * _LOG2E, *mask_args,
-            num_stages=3 if head_dim <= 64 else 2, **const,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **const,
         )
     return out, lse
 
 
 def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, pattern: str, text_len: int, fmap_size: int, kernel_size: int, dilation: int,
-              scale: float, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              scale: float, block_m: int = 0, block_n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, grad_out = (_unit_last(x) for x in (q, k, v, out, grad_out))
     batch, heads, seq, head_dim = q.shape
-    plan, mask_args, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, block_m, block_n)
+    dkdv = launch_tiles("dkdv", q, _precision(q), block_m, block_n)
+    dq = launch_tiles("dq", q, _precision(q), block_m, block_n)
+    # dK/dV walk the transposed plan of the same tiles as dQ: one plan serves both.
+    plan, mask_args, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, dq)
     delta = torch.empty_like(lse)
-    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    dq_out, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     scalars = (heads, seq, scale * _LOG2E, scale, *mask_args)
     with _device_guard(q):
-        _bwd_preprocess_kernel[(triton.cdiv(seq, block_m), batch * heads)](
+        _bwd_preprocess_kernel[(triton.cdiv(seq, dq.block_m), batch * heads)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=const["BLOCK_D"],
+            HEAD_DIM=head_dim, BLOCK_M=dq.block_m, BLOCK_D=const["BLOCK_D"],
         )
         _bwd_dkdv_kernel[(plan.k_bounds.numel() - 1, batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
             plan.q_bounds, plan.k_bounds, plan.q_counts, plan.q_indices, plan.q_full.view(torch.uint8),
             plan.q_indices.stride(0),
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *scalars,
-            num_stages=2, **const,
+            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **const,
         )
         _bwd_dq_kernel[(plan.q_bounds.numel() - 1, batch * heads)](
-            q, k, v, grad_out, lse, delta, dq,
+            q, k, v, grad_out, lse, delta, dq_out,
             plan.q_bounds, plan.k_bounds, plan.kv_counts, plan.kv_indices, plan.kv_full.view(torch.uint8),
             plan.kv_indices.stride(0),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *scalars,
-            num_stages=2, **const,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq_out), *scalars,
+            num_warps=dq.num_warps, num_stages=dq.num_stages, **const,
         )
-    return dq, dk, dv
+    return dq_out, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,8 +451,8 @@ def sparse_attention(
     kernel_size: int = 5,
     dilation: int = 1,
     scale: float | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to a DALL-E pattern; same contract as ``kernels.reference.sparse_attention``.
 
@@ -413,7 +461,8 @@ def sparse_attention(
             under ``TRITON_INTERPRET=1``); ``dim_head`` at most 128.
         pattern, text_len, fmap_size, kernel_size, dilation: the pattern and geometry (``kernels.masks``).
         scale: score scale, default ``dim_head ** -0.5``.
-        block_m, block_n: query / key tile sizes, powers of two >= 16.
+        block_m, block_n: query / key tile sizes, powers of two >= 16 (default: ``launch_tiles``'s choice for the
+            GPU, dtype and head dim).
 
     Returns:
         ``(batch, heads, seq, dim_head)`` in the input dtype.
@@ -433,7 +482,7 @@ def sparse_attention(
     if order is not None:  # axial_col: pad to the full grid, run as axial_row in column-major order
         q, k, v = (F.pad(x, (0, 0, 0, order.numel() - seq)).index_select(2, order) for x in (q, k, v))
     out, _ = sparse_attention_fwd(q, k, v, pattern, text_len, fmap_size, kernel_size, dilation, scale,
-                                  block_m, block_n)
+                                  block_m or 0, block_n or 0)
     if order is not None:  # the order is its own inverse
         out = out.index_select(2, order[:seq])
     return out
