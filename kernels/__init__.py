@@ -6,10 +6,13 @@ the public entry points: each checks its arguments once and dispatches to an imp
 - ``triton``: block-sparse Triton kernels, for CUDA tensors (``kernels/triton``);
 - ``cpp``: the C++ CPU kernels (``csrc/``, ``kernels.cpp``), for CPU tensors when the extension is built;
 - ``sdpa``: PyTorch's fused dense causal attention, for the ``full`` pattern, where nothing is sparse;
+- ``flex``: compiled FlexAttention (``kernels.flex``), for CUDA tensors where the Triton kernels failed;
 - ``reference``: the exact pure-PyTorch implementation (``kernels.reference``), the fallback everywhere.
 
-``backend=`` or the ``DALLE_ENGINE_ATTENTION`` environment variable forces one (e.g. ``reference``). Mask helpers live
-in ``masks``.
+A Triton or FlexAttention kernel that fails to compile or launch on the GPU at hand falls back, in eager mode, to the
+next backend with one warning, and stays skipped on that device for the rest of the process (``kernels.fallback``).
+``backend=`` or the ``DALLE_ENGINE_ATTENTION`` environment variable forces one (e.g. ``reference``), without
+fallback. Mask helpers live in ``masks``.
 """
 
 from __future__ import annotations
@@ -20,30 +23,53 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import cpp, masks, reference
+from . import cpp, fallback, flex, masks, reference
 from . import triton as triton_kernels
 from .masks import PATTERNS, block_layout, dense_mask
 
 __all__ = ["BACKENDS", "PATTERNS", "block_layout", "choose_backend", "decode_attention", "dense_mask", "masks",
            "reference", "sparse_attention"]
 
-BACKENDS = ("auto", "reference", "sdpa", "cpp", "triton")
+BACKENDS = ("auto", "reference", "sdpa", "cpp", "triton", "flex")
+_IMPLEMENTATIONS = {"reference": reference, "cpp": cpp, "triton": triton_kernels, "flex": flex}
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_no_cpp = False
+_warned_no_triton = False
+
+
+def _requested(backend: str | None) -> str:
+    backend = backend or os.environ.get("DALLE_ENGINE_ATTENTION", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    return backend
+
+
+def _on_gpu(q: torch.Tensor) -> bool:
+    """Whether q is where the Triton kernels run (a function of its own so tests can drive GPU dispatch on a CPU)."""
+    return q.is_cuda
 
 
 def choose_backend(q: torch.Tensor, pattern: str, backend: str | None = None) -> str:
     """The implementation ``sparse_attention`` runs for ``q`` and ``pattern`` (``backend``: a forced choice)."""
-    global _warned_no_cpp
-    backend = backend or os.environ.get("DALLE_ENGINE_ATTENTION", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    global _warned_no_cpp, _warned_no_triton
+    backend = _requested(backend)
     if backend != "auto":
         return backend
     if pattern == "full":
         return "sdpa"
-    if q.is_cuda and triton_kernels.available() and q.dtype in _TRITON_DTYPES and q.shape[-1] <= 128:
-        return "triton"
+    if _on_gpu(q):
+        if q.dtype in _TRITON_DTYPES and q.shape[-1] <= 128:
+            if triton_kernels.available() and not fallback.broken("triton", q.device):
+                return "triton"
+            # Inductor compiles FlexAttention with Triton too; eager mode only, as kernels.flex caches its masks.
+            if (triton_kernels.available() and flex.available() and not fallback.broken("flex", q.device)
+                    and not torch.compiler.is_compiling()):
+                return "flex"
+        if not triton_kernels.available() and not _warned_no_triton and not torch.compiler.is_compiling():
+            _warned_no_triton = True
+            warnings.warn("Triton is not installed; attention on GPU tensors uses the slower pure-PyTorch reference",
+                          stacklevel=3)
+        return "reference"
     if q.device.type == "cpu":
         if cpp.available():
             return "cpp"
@@ -55,14 +81,19 @@ def choose_backend(q: torch.Tensor, pattern: str, backend: str | None = None) ->
 
 
 def choose_decode_backend(q: torch.Tensor, backend: str | None = None) -> str:
-    """The implementation ``decode_attention`` runs for ``q`` (``backend``: a forced choice; ``sdpa`` means auto,
-    as decoding has no dense fast path of its own)."""
-    backend = backend or os.environ.get("DALLE_ENGINE_ATTENTION", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend not in ("auto", "sdpa"):
-        return backend
-    return choose_backend(q, "axial_row")  # decoding reads a sparse key set for every pattern, full included
+    """The implementation ``decode_attention`` runs for ``q`` (``backend``: a forced choice; ``sdpa`` and ``flex``
+    mean auto, as decoding has no dense fast path of its own and FlexAttention nothing for a single query)."""
+    requested = _requested(backend)
+    if requested not in ("auto", "sdpa", "flex"):
+        return requested
+    chosen = choose_backend(q, "axial_row", "auto")  # decoding reads a sparse key set for every pattern, full included
+    return "reference" if chosen == "flex" else chosen
+
+
+def _falls_back(chosen: str, auto: bool) -> bool:
+    """Whether a kernel failure of ``chosen`` falls back: for a backend dispatch chose (a forced one raises), in
+    eager mode (compiled graphs call the kernels that the eager calls before them chose)."""
+    return auto and chosen in ("triton", "flex") and not torch.compiler.is_compiling()
 
 
 def sparse_attention(
@@ -101,9 +132,18 @@ def sparse_attention(
         if pattern != "full":
             raise ValueError(f"the sdpa backend computes only the full pattern, not {pattern!r}")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    implementation = {"reference": reference, "cpp": cpp, "triton": triton_kernels}[chosen]
-    return implementation.sparse_attention(q, k, v, pattern=pattern, text_len=text_len, fmap_size=fmap_size,
-                                           kernel_size=kernel_size, dilation=dilation, scale=scale)
+    implementation = _IMPLEMENTATIONS[chosen]
+    kwargs = dict(pattern=pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
+                  dilation=dilation, scale=scale)
+    if _falls_back(chosen, _requested(backend) == "auto"):
+        def run():
+            out = implementation.sparse_attention(q, k, v, **kwargs)
+            fallback.check_backward_once((chosen, str(q.device), pattern, q.dtype, q.shape[-1]), out, (q, k, v))
+            return out
+
+        out = fallback.guarded(chosen, q.device, run, lambda: choose_backend(q, pattern, backend))
+        return sparse_attention(q, k, v, backend=backend, **kwargs) if out is None else out  # the next in line
+    return implementation.sparse_attention(q, k, v, **kwargs)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -161,7 +201,13 @@ def decode_attention(
     if isinstance(pos, int) and not 0 <= pos < k_cache.shape[2]:
         raise ValueError(f"pos must lie in [0, {k_cache.shape[2]}), got {pos}")
     chosen = choose_decode_backend(q, backend)
-    implementation = {"reference": reference, "cpp": cpp, "triton": triton_kernels}[chosen]
-    return implementation.decode_attention(q, k_cache, v_cache, pos, pattern=pattern, text_len=text_len,
-                                           fmap_size=fmap_size, kernel_size=kernel_size, dilation=dilation,
-                                           scale=scale)
+    implementation = _IMPLEMENTATIONS[chosen]
+    kwargs = dict(pattern=pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
+                  dilation=dilation, scale=scale)
+    if _falls_back(chosen, _requested(backend) in ("auto", "sdpa", "flex")):
+        def run():
+            return implementation.decode_attention(q, k_cache, v_cache, pos, **kwargs)
+
+        out = fallback.guarded(chosen, q.device, run, lambda: choose_decode_backend(q, backend))
+        return decode_attention(q, k_cache, v_cache, pos, backend=backend, **kwargs) if out is None else out
+    return implementation.decode_attention(q, k_cache, v_cache, pos, **kwargs)
