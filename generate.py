@@ -8,6 +8,9 @@ generated, and each folder is written under a temporary name and renamed into pl
 all. With --rerank, 0.jpg is the image the model finds most likely given its caption. With --clip_path, every image is
 scored by that CLIP and they are written best first (0.jpg: the highest CLIP score); --keep K writes only the best K
 of the --num_images candidates (by the model's likelihood when there is no CLIP).
+
+On a GPU the model samples in bf16 by default (in fp16 if it was trained in fp16; fp32 where the GPU lacks bf16), on
+a CPU in fp32; --precision chooses, and settings.json records it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from engine.cli import (
     rng_seed,
 )
 from engine.data import load_image, random_resized_crop
+from engine.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 from engine.tokenizers import build_tokenizer
 
 MAX_NAME_BYTES = 100
@@ -102,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tens of seconds per batch size; worth it for many images")
     p.add_argument("--outputs_dir", default="./outputs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_sampling_precision_arg(p)
     vqgan = p.add_argument_group("a DALLE-pytorch dalle.pt trained on a VQGAN other than taming's ImageNet f16-1024")
     vqgan.add_argument("--vqgan_config_path", default=None, help="the VQGAN's yaml (the dalle.pt holds its weights)")
     vqgan.add_argument("--vqgan_model_path", default=None, help="its .ckpt, if the dalle.pt lacks the weights")
@@ -163,7 +168,7 @@ def unique_name(name: str, used: set[str], max_bytes: int = MAX_NAME_BYTES) -> s
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # rounded in fp32, whatever the model's
 
 
 def save_jpg(image: torch.Tensor, path: Path) -> None:
@@ -200,6 +205,7 @@ def load_prime(path: str, size: int, channels: int) -> torch.Tensor:
 
 
 def load_model(args: argparse.Namespace):
+    """The model, its tokenizer and the precision it was trained in (None if the checkpoint does not say)."""
     try:
         ckpt = load_dalle(args.dalle_path, device=args.device, bpe_path=args.bpe_path, hug=args.hug,
                           chinese=args.chinese, vqgan_model_path=args.vqgan_model_path,
@@ -220,7 +226,7 @@ def load_model(args: argparse.Namespace):
     if tokenizer.vocab_size > model.config.num_text_tokens:
         fail(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.num_text_tokens}: "
              "it is not the tokenizer the model was trained with")
-    return model, tokenizer
+    return model, tokenizer, ckpt.extra.get("precision")
 
 
 def caption_ids(prompt: str, tokenizer, length: int, truncate: bool, whose: str) -> torch.Tensor:
@@ -326,7 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     outputs_dir = Path(args.outputs_dir)
 
     # Everything is checked before anything is generated or written.
-    model, tokenizer = load_model(args)
+    model, tokenizer, trained = load_model(args)
+    precision = sampling_precision(args.precision, torch.device(args.device).type, gpu_bf16_supported(args.device),
+                                   trained)
+    if precision != "fp32":
+        # The weights themselves, not autocast: the KV cache and the decode kernels take the weights' dtype, and
+        # half-size weights halve the memory traffic of every decode step (as bench/generate.py measures).
+        model.to(DTYPES[precision])
     c = model.config
     texts = encode_prompts(prompts, tokenizer, c.text_seq_len, args)
     prime, num_init = None, None
@@ -381,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
             cond_scale=args.cond_scale, img=None if prime is None else str(Path(args.img).resolve()),
             num_init_img_tokens=num_init, truncate_captions=args.truncate_captions, gentxt=args.gentxt,
             rerank=args.rerank, clip=None if clip is None else str(Path(args.clip_path).resolve()), keep=args.keep,
-            use_cache=not args.no_cache, compile=step_fn is not None,
+            use_cache=not args.no_cache, compile=step_fn is not None, precision=precision,
             images=[f"{i}.jpg" for i in range(len(images))], scores=scores.tolist(),  # log p(image | caption)
             clip_scores=None if similarities is None else similarities[order].tolist(),
             elapsed_s=round(elapsed, 3), images_per_s=round(args.num_images / elapsed, 3),  # candidates, CLIP included

@@ -6,9 +6,9 @@
     python train_clip.py --visual_patch_size 8                             # built-in shapes data, 32 px
 
 Data, tokenizer (a YouTokenToMe BPE trained on the captions unless --bpe_path), feedback (progress bar,
-metrics.jsonl, TensorBoard), bad-sample skipping, DeepSpeed and exact resumes work as in train.py. The checkpoint
-(<name>.safetensors, read by engine.load_clip) holds the model, its tokenizer and the training state: pass it back as
---clip_path to resume where it stopped.
+metrics.jsonl, TensorBoard), bad-sample skipping, DeepSpeed, precision (bf16 by default on a GPU) and exact resumes
+work as in train.py. The checkpoint (<name>.safetensors, read by engine.load_clip) holds the model, its tokenizer and
+the training state: pass it back as --clip_path to resume where it stopped.
 
 The contrastive loss, like DALLE-pytorch's CLIP's, draws a caption's negatives from the other images of its process's
 micro-batch (--batch_size / (--ga_steps x processes)): gradient accumulation and more processes add none.

@@ -5,6 +5,9 @@
 
 Unreadable images are skipped and counted. Every --save_every_n_steps the checkpoint (<name>.safetensors, with the
 optimizer, scheduler, temperature and data position) is replaced atomically.
+
+On a GPU it trains under bf16 autocast (fp16 with loss scaling where the GPU lacks bf16), on a CPU in fp32; --fp32,
+--bf16 or --fp16 choose. The precision is printed at start and kept in metrics.jsonl and the checkpoint's extra.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from engine.cli import (
     positive_float,
     positive_int,
     rng_seed,
+)
+from engine.precision import (
+    add_precision_args,
+    autocast,
+    describe,
+    gpu_bf16_supported,
+    requested_precision,
+    training_precision,
 )
 from engine.training import (
     Distributed,
@@ -75,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=non_negative_int, default=2)
     p.add_argument("--seed", type=rng_seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_precision_args(p)
     args = p.parse_args(argv)
+    args.precision = requested_precision(p, args)
     check_device(p, args.device)
     check_output_folders(p, args, "vae_output_file_name")
     if not Path(args.image_folder).is_dir():
@@ -118,12 +131,16 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: a step takes --batch_size {args.batch_size} images, but {args.image_folder} holds "
                          f"only {len(dataset)}: lower --batch_size")
 
+    device_type = torch.device(args.device).type
+    precision = training_precision(args.precision, device_type, gpu_bf16_supported(args.device))
+    print(describe(precision, args.precision, device_type), flush=True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay_rate)
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")  # disabled: backward and step as they are
     progress = Progress()
     temp = args.starting_temp
     if resumed is not None and "progress" in resumed.extra:
-        progress = restore_state(resumed.extra, resumed.aux, optimizer, scheduler)
+        progress = restore_state(resumed.extra, resumed.aux, optimizer, scheduler, scaler)
         temp = resumed.extra.get("temperature")
         if not isinstance(temp, float) or not temp > 0:
             raise SystemExit(f"error: --vae_path {args.vae_path} holds a damaged temperature: {temp!r}")
@@ -132,13 +149,14 @@ def train(args: argparse.Namespace) -> None:
                              f"--epochs above that to train on (got --epochs {args.epochs})")
     saved_step = progress.step if resumed is not None else None
 
-    logger = RunLogger(log_dir(args, name), config=vars(args), start_step=progress.step)
+    logger = RunLogger(log_dir(args, name), config=vars(args) | {"precision": precision}, start_step=progress.step,
+                       fields={"precision": precision})
 
     def save() -> None:
         nonlocal saved_step
         saved_step = progress.step
-        meta, tensors = pack_state(optimizer, scheduler, progress)
-        save_vae(ckpt_path, vae, extra={**meta, "temperature": temp}, aux=tensors)
+        meta, tensors = pack_state(optimizer, scheduler, progress, scaler)
+        save_vae(ckpt_path, vae, extra={**meta, "temperature": temp, "precision": precision}, aux=tensors)
         keep_tagged_copy(ckpt_path, progress.step, args.keep_n_checkpoints)
 
     bar = tqdm(desc="vae", initial=progress.step)
@@ -155,13 +173,15 @@ def train(args: argparse.Namespace) -> None:
             if len(images) == 0:
                 continue
             images = images.to(args.device)
-            loss, recons = vae(images, return_loss=True, return_recons=True, temp=temp)
+            with autocast(device_type, precision):
+                loss, recons = vae(images, return_loss=True, return_recons=True, temp=temp)
             if not torch.isfinite(loss):
                 logger.close()
                 raise SystemExit(non_finite_loss(loss.item(), progress.step + 1, ckpt_path, saved_step))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skipped, with a smaller scale, when fp16 gradients overflowed
+            scaler.update()
             progress.step += 1
             bar.update(1)
             if progress.step % 100 == 0:  # DALLE-pytorch's schedule: decay and anneal every 100 steps

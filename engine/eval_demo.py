@@ -11,6 +11,8 @@ It also measures reranking at a fixed sample budget: each prompt's samples are c
 ranker scores highest in each group is kept, and the accuracy of the kept images is reported for every n up to
 --images_per_prompt (n = 1 is plain sampling). The rankers are the DALL-E's own likelihood of each image given its
 caption and, with ``--clip_path``, a CLIP.
+
+On a GPU the DALL-E samples in bf16 by default, as in generate.py (``--precision``); the JSON report records it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from PIL import Image
 
 from engine.checkpoint import load_clip, load_dalle
 from engine.cli import check_device, check_writable, number, positive_float, positive_int, rng_seed
+from engine.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 from engine.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, RADII, SHAPES, SIZES, ShapeSpec
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
@@ -216,7 +219,7 @@ def evaluate(
             text[start:start + batch_size].to(device), filter_thres=filter_thres, temperature=temperature,
             cond_scale=cond_scale, seed=seed + start, return_scores=True,
         )
-        batches.append(images.cpu())
+        batches.append(images.float().cpu())  # a model cast to bf16/fp16 decodes in its dtype
         likelihoods.append(likelihood.float().cpu())
     images = torch.cat(batches).view(len(prompts), images_per_prompt, *batches[0].shape[1:])
     rankers = {"likelihood": torch.cat(likelihoods).view(len(prompts), images_per_prompt)}
@@ -282,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the figures and arguments to this file")
     p.add_argument("--save_dir", default=None, help="write a PNG grid of each prompt's images here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_sampling_precision_arg(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
     if args.json:
@@ -321,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt.tokenizer is None:
         raise SystemExit("error: the checkpoint stores no tokenizer")
     model = ckpt.model.eval()
+    precision = sampling_precision(args.precision, torch.device(args.device).type, gpu_bf16_supported(args.device),
+                                   ckpt.extra.get("precision"))
+    if precision != "fp32":
+        model.to(DTYPES[precision])  # the weights, not autocast: the KV cache takes their dtype (see generate.py)
     clip = clip_tokenizer = None
     if args.clip_path is not None:
         try:
@@ -353,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f"; best 1 of {n} by CLIP: {result['rerank']['clip'][n]:.3f}"
         print(line)
     if args.json:
-        report = {"args": vars(args), "held_out_combinations": sorted(HELD_OUT),
+        report = {"args": vars(args), "precision": precision, "held_out_combinations": sorted(HELD_OUT),
                   "trained_accuracy": headline["trained"], "held_out_accuracy": headline["held_out"], **groups}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,14 @@ from tqdm import tqdm
 
 from engine.checkpoint import stale_temporaries
 from engine.cli import check_device, check_writable, fraction, non_negative_int, positive_float, positive_int, rng_seed
+from engine.precision import (
+    DTYPES,
+    add_precision_args,
+    describe,
+    gpu_bf16_supported,
+    requested_precision,
+    training_precision,
+)
 from engine.run_lock import RunLock, RunLocked
 from engine.data import (
     Skip,
@@ -142,15 +150,18 @@ def keep_tagged_copy(path: Path, step: int, keep_n: int | None) -> None:
 
 
 class RunLogger:
-    """Metrics to `metrics.jsonl` and TensorBoard; sample images as JPEGs (and to TensorBoard).
+    """Metrics to `metrics.jsonl` and TensorBoard; sample images as JPEGs (and to TensorBoard). `fields` (e.g. the
+    precision) go into every metrics.jsonl record as they are, not plotted.
 
     A run that starts at optimizer step `start_step` (that of the checkpoint it resumes, else 0) first drops what an
     earlier run logged after that step, so the metrics of a resumed run continue without repeated steps.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, config: dict[str, Any], start_step: int = 0,
-                 tensorboard: bool = True, wandb_project: str | None = None, wandb_entity: str | None = None):
+                 tensorboard: bool = True, wandb_project: str | None = None, wandb_entity: str | None = None,
+                 fields: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
+        self.fields = fields or {}
         (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
         _drop_metrics_after(self.out_dir / "metrics.jsonl", start_step)
         self.metrics = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -168,7 +179,7 @@ class RunLogger:
             self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, config=config)
 
     def scalars(self, step: int, **values: float) -> None:
-        self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.metrics.write(json.dumps({"step": step, "time": time.time(), **self.fields, **values}) + "\n")
         self.metrics.flush()
         for name, value in values.items():
             if self.tb is not None:
@@ -242,8 +253,7 @@ def add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--learning_rate", type=positive_float, default=3e-4)
     group.add_argument("--clip_grad_norm", type=positive_float, default=0.5)
     group.add_argument("--lr_decay", action="store_true", help="halve the learning rate when the loss plateaus")
-    group.add_argument("--fp16", action="store_true")
-    group.add_argument("--bf16", action="store_true")
+    add_precision_args(group)
     group.add_argument("--seed", type=rng_seed, default=0)
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -284,8 +294,7 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
     args = p.parse_args(argv)
     if args.deepspeed:
         args.distributed_backend = "deepspeed"
-    if args.fp16 and args.bf16:
-        p.error("choose one of --fp16 and --bf16")
+    args.precision = requested_precision(p, args)  # "auto" until the device decides (Trainer)
     world = int(os.environ.get("WORLD_SIZE", "1")) if args.deepspeed else 1  # set by the deepspeed launcher
     if args.batch_size % (args.ga_steps * world):
         p.error(f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes ({args.ga_steps} x "
@@ -514,14 +523,14 @@ def micro_batch_size(args: argparse.Namespace, world: int) -> int:
     return args.batch_size // (args.ga_steps * world)
 
 
-def deepspeed_config(args: argparse.Namespace, micro_batch: int) -> dict:
+def deepspeed_config(args: argparse.Namespace, micro_batch: int, precision: str) -> dict:
     config = {
         "train_batch_size": args.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": args.ga_steps,
         "gradient_clipping": args.clip_grad_norm,
-        "fp16": {"enabled": args.fp16},
-        "bf16": {"enabled": args.bf16},
+        "fp16": {"enabled": precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
         "zero_optimization": {"stage": args.zero_stage},
         "steps_per_print": 10**9,
     }
@@ -536,11 +545,13 @@ def deepspeed_config(args: argparse.Namespace, micro_batch: int) -> dict:
 
 class Trainer:
     """The optimisation side of a run, with or without DeepSpeed: Adam with gradient accumulation, clipping, mixed
-    precision and (--lr_decay) a plateau schedule; the epoch loop with its progress bar and metrics; checkpoints that
-    resume exactly (optimizer, scheduler, RNG and data position).
+    precision (`self.precision`: the flag's, else bf16 or fp16 on a GPU, fp32 on a CPU) and (--lr_decay) a plateau
+    schedule; the epoch loop with its progress bar and metrics; checkpoints that resume exactly (optimizer, scheduler,
+    RNG and data position).
 
     `write(extra, aux, state_dict)` writes the checkpoint `<name>.safetensors` on rank 0; `state_dict` is None, or
-    the weights gathered from ZeRO-3 shards. `self.extra` is merged into every checkpoint's extra.
+    the weights gathered from ZeRO-3 shards. `self.extra` (the precision, at least) is merged into every
+    checkpoint's extra; every metrics.jsonl record names the precision too.
     """
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module, dist: Distributed, *, name: str,
@@ -554,15 +565,16 @@ class Trainer:
             if epochs >= args.epochs:
                 raise SystemExit(f"error: the resumed checkpoint has already trained {epochs} epochs; pass --epochs "
                                  f"above that to train on (got --epochs {args.epochs})")
-        self.extra: dict[str, Any] = {}
+        device_type = torch.device(dist.device).type
+        self.precision = training_precision(args.precision, device_type, gpu_bf16_supported(dist.device))
+        self.extra: dict[str, Any] = {"precision": self.precision}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
         self.scheduler = None
         if args.lr_decay:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=0.5,
                                                                         patience=10, cooldown=10, min_lr=1e-6)
-        device_type = torch.device(dist.device).type
-        self.scaler = torch.amp.GradScaler(device_type, enabled=args.fp16 and not dist.deepspeed)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=self.precision == "fp16" and not dist.deepspeed)
         self.progress = Progress()
         self.engine = None
         if dist.deepspeed:
@@ -570,7 +582,7 @@ class Trainer:
 
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 args=args, model=model, optimizer=self.optimizer, model_parameters=self.params,
-                config=deepspeed_config(args, micro_batch))
+                config=deepspeed_config(args, micro_batch, self.precision))
             if resuming:
                 self.progress = resumed_progress(resumed.extra)
                 self.engine.load_checkpoint(self.ds_dir, tag=f"step{self.progress.step:09d}")
@@ -580,12 +592,15 @@ class Trainer:
             self.progress = restore_state(resumed.extra, resumed.aux, self.optimizer, self.scheduler, self.scaler)
         self.saved_step = self.progress.step if resuming else None  # of the checkpoint on disk
         self._reported: set[str] = set()  # kinds of bad samples already named
-        self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+        self.amp_dtype = None if self.precision == "fp32" else DTYPES[self.precision]
         self._device_type = device_type
         self.logger = None
         if dist.rank == 0:
-            self.logger = RunLogger(log_dir(args, name), config=vars(args) | {"model": model.config.to_dict()},
-                                    start_step=self.progress.step, wandb_project=args.wandb_name, wandb_entity=args.wandb_entity)
+            print(describe(self.precision, args.precision, device_type, deepspeed=dist.deepspeed), flush=True)
+            self.logger = RunLogger(log_dir(args, name),
+                                    config=vars(args) | {"model": model.config.to_dict(), "precision": self.precision},
+                                    start_step=self.progress.step, wandb_project=args.wandb_name,
+                                    wandb_entity=args.wandb_entity, fields={"precision": self.precision})
 
     @property
     def module(self) -> torch.nn.Module:
@@ -738,4 +753,4 @@ def non_finite_loss(loss_value: float, step: int, ckpt_path: Path, saved_step: i
     """The message that stops a run whose loss became NaN or infinite."""
     kept = f"{ckpt_path} keeps step {saved_step}" if saved_step is not None else "no checkpoint was written"
     return (f"error: the loss became {loss_value} at step {step}; stopped without saving: {kept}. Lower "
-            "--learning_rate, or train in fp32 or bf16 rather than fp16")
+            "--learning_rate, or train with --bf16 or --fp32 rather than --fp16")
