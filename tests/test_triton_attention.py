@@ -122,6 +122,18 @@ def test_caption_257_default_tiles(pattern: str) -> None:
     check(Case(1, 1, 257 + 16, 32, 257, 4, 3), pattern, torch.float16, seed=4)
 
 
+GPU_TILES = sorted(set(triton_attention._TILES.values()), key=str)
+
+
+@pytest.mark.parametrize("tiles", GPU_TILES, ids=lambda t: "/".join(f"{x.block_m}x{x.block_n}" for x in t))
+def test_every_gpu_tile_configuration(tiles, monkeypatch) -> None:
+    """Each (fwd, dK/dV, dQ) setting a GPU launches, dK/dV and dQ on plans of different tile shapes."""
+    monkeypatch.setattr(triton_attention, "launch_tiles",
+                        lambda kernel, q, precision, block_m=0, block_n=0: tiles[("fwd", "dkdv", "dq").index(kernel)])
+    case = Case(1, 1, 9 + 11 * 11 - 3, 24, 9, 11, 3)  # 3 tiles of 128, ragged text and grid ends
+    check(case._replace(block_m=0, block_n=0), "conv_like", torch.float32, seed=21)
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("kernel_size", [3, 4, 5, 7])
 @pytest.mark.parametrize("pattern", CONV_PATTERNS)
@@ -163,7 +175,7 @@ def test_strided_inputs_and_public_entry_point() -> None:
     qkv = torch.stack([q, k, v], dim=3).requires_grad_()  # (b, h, s, 3, d): q, k, v share a strided buffer
     out = sparse_attention(*qkv.unbind(3), pattern="axial_row", **case.geometry)
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
-    want = run(triton_fn(case, "axial_row"), [q, k, v, grad], backward=True)
+    want = run(triton_fn(case._replace(block_m=0, block_n=0), "axial_row"), [q, k, v, grad], backward=True)
     assert torch.equal(out, want[0]) and torch.equal(dqkv, torch.stack(want[1:], dim=3))
 
 

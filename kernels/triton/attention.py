@@ -293,19 +293,34 @@ def _arch(q: torch.Tensor) -> int | None:
     return triton.runtime.driver.active.get_current_target().arch  # compiled ahead of time: kernels.triton.static
 
 
+# (architecture family, products, head_dim > 64) -> (fwd, dK/dV, dQ) settings, read off bench/gpu_static.py: no
+# spills, 16-bit and TF32 products on tensor cores, no MMA work repeated across warps (8 warps need 128 rows in the
+# product whose result feeds the next one: 2 warpgroups x 64 on sm_90, 8 warps x 16 on sm_80), then the most
+# blocks per SM. Exact fp32 runs on CUDA cores, where the register file limits the tiles.
+_TILES = {
+    (90, "16-bit", False): (Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
+    (90, "16-bit", True): (Tiles(64, 64, 8, 2), Tiles(32, 128, 8, 2), Tiles(128, 32, 8, 2)),
+    (80, "16-bit", False): (Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+    (80, "16-bit", True): (Tiles(64, 64, 8, 2), Tiles(64, 64, 8, 2), Tiles(64, 64, 8, 2)),
+    (90, "tf32", False): (Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1)),
+    (90, "tf32", True): (Tiles(64, 32, 8, 2), Tiles(32, 128, 8, 1), Tiles(128, 32, 8, 1)),
+    (80, "tf32", False): (Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1)),
+    (80, "tf32", True): (Tiles(64, 32, 8, 2), Tiles(64, 64, 8, 1), Tiles(64, 64, 8, 1)),
+    (90, "fp32", False): (Tiles(32, 32, 4, 2), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1)),
+    (90, "fp32", True): (Tiles(32, 32, 4, 2), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1)),
+    (80, "fp32", False): (Tiles(32, 32, 4, 2), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1)),
+    (80, "fp32", True): (Tiles(32, 16, 4, 2), Tiles(32, 32, 8, 1), Tiles(32, 16, 4, 1)),
+}
+_KERNELS = ("fwd", "dkdv", "dq")
+
+
 def launch_tiles(kernel: str, q: torch.Tensor, precision: str, block_m: int = 0, block_n: int = 0) -> Tiles:
-    """The settings of ``kernel`` ("fwd", "dkdv" or "dq") for ``q``'s dtype and head dim on its GPU, chosen from the
-    static report (``bench/gpu_static.py``): no spills, tensor-core products, no duplicated MMA work, and as many
-    blocks per SM as that leaves. ``block_m`` / ``block_n`` (non-zero) force the tile sizes."""
-    head_dim, arch = q.shape[-1], _arch(q)
-    exact_fp32 = q.dtype == torch.float32 and precision == "ieee"
-    if exact_fp32:  # products on CUDA cores: fp32 tiles twice the size of 16-bit ones, operands in registers
-        tiles = Tiles(32, 32, 4, 2) if head_dim <= 64 else Tiles(32, 32, 4, 1)
-    elif kernel == "fwd":
-        tiles = Tiles(64, 64, 4, 3) if head_dim <= 64 else Tiles(64, 64, 8, 2)
-    else:
-        tiles = Tiles(64, 64, 4, 2) if head_dim <= 64 else Tiles(64, 64, 8, 2)
-    del arch
+    """The settings of ``kernel`` ("fwd", "dkdv" or "dq") for ``q``'s dtype and head dim on its GPU (``_TILES``;
+    sm_8x GPUs take sm_80's, later ones sm_90's; the interpreter sm_90's). ``block_m`` / ``block_n`` (non-zero)
+    force the tile sizes."""
+    arch = _arch(q) or 90
+    products = "16-bit" if q.dtype != torch.float32 else "tf32" if precision == "tf32" else "fp32"
+    tiles = _TILES[90 if arch >= 90 else 80, products, q.shape[-1] > 64][_KERNELS.index(kernel)]
     return replace(tiles, block_m=block_m or tiles.block_m, block_n=block_n or tiles.block_n)
 
 
@@ -361,8 +376,10 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     batch, heads, seq, head_dim = q.shape
     dkdv = launch_tiles("dkdv", q, _precision(q), block_m, block_n)
     dq = launch_tiles("dq", q, _precision(q), block_m, block_n)
-    # dK/dV walk the transposed plan of the same tiles as dQ: one plan serves both.
-    plan, mask_args, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, dq)
+    # Each kernel walks the plan of its own tiles (dK/dV its transpose): their best shapes differ, as the product
+    # whose result feeds the next one needs as many rows as its warps cover (16 each) to avoid repeating work.
+    plan_k, mask_args, const_k = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, dkdv)
+    plan, _, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, dq)
     delta = torch.empty_like(lse)
     dq_out, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     scalars = (heads, seq, scale * _LOG2E, scale, *mask_args)
@@ -371,12 +388,12 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq,
             HEAD_DIM=head_dim, BLOCK_M=dq.block_m, BLOCK_D=const["BLOCK_D"],
         )
-        _bwd_dkdv_kernel[(plan.k_bounds.numel() - 1, batch * heads)](
+        _bwd_dkdv_kernel[(plan_k.k_bounds.numel() - 1, batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
-            plan.q_bounds, plan.k_bounds, plan.q_counts, plan.q_indices, plan.q_full.view(torch.uint8),
-            plan.q_indices.stride(0),
+            plan_k.q_bounds, plan_k.k_bounds, plan_k.q_counts, plan_k.q_indices, plan_k.q_full.view(torch.uint8),
+            plan_k.q_indices.stride(0),
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *scalars,
-            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **const,
+            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **const_k,
         )
         _bwd_dq_kernel[(plan.q_bounds.numel() - 1, batch * heads)](
             q, k, v, grad_out, lse, delta, dq_out,

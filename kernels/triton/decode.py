@@ -206,8 +206,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: 
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             heads, scale * _LOG2E, text_len, fmap_size, row_up, col_left, col_right, step,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=block_c,
-            # 8 warps keep a 64 x 128 fp32 K/V tile pair in registers (4 spill on sm_90).
-            NUM_SPLITS=splits, num_warps=8 if head_dim > 64 else 4,
+            # 8 warps keep a 64 x 128 fp32 K/V tile pair in registers (4 spill); 80 and 96 fit in 4 (8 spill on sm_80).
+            NUM_SPLITS=splits, num_warps=8 if head_dim > 96 else 4,
         )
         if splits > 1:
             _combine_kernel[(batch * heads,)](*parts, out, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
