@@ -312,6 +312,7 @@ _TILES = {
     (80, "fp32", True): (Tiles(32, 16, 4, 2), Tiles(32, 32, 8, 1), Tiles(32, 16, 4, 1)),
 }
 _KERNELS = ("fwd", "dkdv", "dq")
+_PRE_ROWS = 32  # rows per program of the delta = rowsum(dO * O) pass: 2 x 32 x 128 fp32 values fit 4 warps' registers
 
 
 def launch_tiles(kernel: str, q: torch.Tensor, precision: str, block_m: int = 0, block_n: int = 0) -> Tiles:
@@ -384,9 +385,9 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dq_out, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     scalars = (heads, seq, scale * _LOG2E, scale, *mask_args)
     with _device_guard(q):
-        _bwd_preprocess_kernel[(triton.cdiv(seq, dq.block_m), batch * heads)](
+        _bwd_preprocess_kernel[(triton.cdiv(seq, _PRE_ROWS), batch * heads)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq,
-            HEAD_DIM=head_dim, BLOCK_M=dq.block_m, BLOCK_D=const["BLOCK_D"],
+            HEAD_DIM=head_dim, BLOCK_M=_PRE_ROWS, BLOCK_D=const["BLOCK_D"],
         )
         _bwd_dkdv_kernel[(plan_k.k_bounds.numel() - 1, batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
