@@ -5,6 +5,7 @@ and forward+backward (protocol: ``kernels.md`` §10).
     python bench/attn.py                  # CPU quick set: text 256 + 32x32 grid, 8 heads, batch 1, fp32 (~1 minute)
     python bench/attn.py --full           # CPU: the whole matrix
     python bench/attn.py --device cuda    # GPU: the whole matrix, batch 8, bf16, CUDA events, cold L2
+    python bench/attn.py --device cuda --text_len 257 --fmap_size 32 --seq 1280   # the model's training geometry
     python bench/attn.py --text_len 16 --fmap_size 4 --heads 1 --iters 1 --no_flex   # smoke test
 
 Useful TFLOP/s count only the allowed mask elements: ``4 * d * nnz * B * H`` for the forward and 3.5x that for
@@ -52,17 +53,24 @@ class Geometry:
     heads: int
     dim_head: int
     kernel_size: int
+    seq_len: int | None = None  # default: the whole grid; the model's input stops one image token short
 
     @property
     def seq(self) -> int:
-        return self.text_len + self.fmap_size ** 2
+        return self.seq_len or self.text_len + self.fmap_size ** 2
 
     @property
     def label(self) -> str:
-        return f"{self.text_len}+{self.fmap_size}x{self.fmap_size} b{self.batch} h{self.heads}"
+        return f"{grid_label(self.text_len, self.fmap_size, self.seq)} b{self.batch} h{self.heads}"
 
     def mask_args(self) -> dict[str, int]:
         return dict(text_len=self.text_len, fmap_size=self.fmap_size, kernel_size=self.kernel_size)
+
+
+def grid_label(text_len: int, fmap_size: int, seq: int) -> str:
+    """e.g. "256+32x32", or "257+32x32 (1280)" for a sequence that stops short of the whole grid."""
+    label = f"{text_len}+{fmap_size}x{fmap_size}"
+    return label if seq == text_len + fmap_size ** 2 else f"{label} ({seq})"
 
 
 @dataclass
@@ -371,7 +379,7 @@ def table(rows: list[Row]) -> str:
             "ours x (fwd)", "ours x (fwd+bwd)", "peak MiB (fwd / fwd+bwd)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 7]
     for r in rows:
-        geometry = f"{r.text_len}+{r.fmap_size}x{r.fmap_size}, b{r.batch} h{r.heads}"
+        geometry = f"{grid_label(r.text_len, r.fmap_size, r.seq)}, b{r.batch} h{r.heads}"
         if r.error:
             cells = [f"error: {r.error}"] + [""] * 6
         else:
@@ -400,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", help="comma-separated head counts (default 8; 8,16 with --full)")
     p.add_argument("--text_len", type=int, help="one geometry instead of the defaults: caption length ...")
     p.add_argument("--fmap_size", type=int, help="... and image grid side")
+    p.add_argument("--seq", type=int, help="sequence length with --text_len (default text_len + fmap_size^2; the "
+                                           "model trains on text 257 + 1023 image tokens = 1280)")
     p.add_argument("--batch", type=int, help="default 1 on CPU, 8 on CUDA")
     p.add_argument("--dim_head", type=int, default=64)
     p.add_argument("--kernel_size", type=int, default=5, help="conv_like window")
@@ -413,6 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.text_len is None) != (args.fmap_size is None):
         p.error("--text_len and --fmap_size go together")
+    if args.seq is not None and args.text_len is None:
+        p.error("--seq needs --text_len and --fmap_size")
     cuda = args.device.startswith("cuda")
     args.full = args.full or cuda
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -442,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, checks = [], []
     for text_len, fmap_size in args.grids:
         for heads in args.heads:
-            geom = Geometry(text_len, fmap_size, args.batch, heads, args.dim_head, args.kernel_size)
+            geom = Geometry(text_len, fmap_size, args.batch, heads, args.dim_head, args.kernel_size, args.seq)
             for pattern in args.patterns:
                 print(f"{pattern:10s} {geom.label} ...", file=sys.stderr, flush=True)
                 case_rows, check = bench_case(pattern, geom, args, device, dtype, timer)

@@ -6,8 +6,9 @@ attention) against the naive sampler (one full forward pass per token), in one r
     python bench/generate.py --configs small --patterns full --batches 1 --positions 2   # smoke test
 
 Configurations (``CONFIGS``): "small" is dim 256, depth 4, 8 heads x 32, caption 64 + 16x16 image tokens; "large" is
-dim 1024, depth 24, 16 heads x 64, caption 256 + 32x32. Each runs with full attention in every layer ("full") and
-with DALLE-pytorch's sparse mix (axial_row, axial_col, axial_row, conv_like; "sparse").
+dim 1024, depth 24, 16 heads x 64, caption 256 + 32x32; "tiny" (caption 8 + 4x4) is a smoke test. Each runs with
+full attention in every layer ("full") and with DALLE-pytorch's sparse mix (axial_row, axial_col, axial_row,
+conv_like; "sparse").
 
 Every cached step timed is first checked against the full forward pass (its logits). ms/step is the median
 decode-step time at a few positions spread over the image (a cached step's cost barely depends on the position; a
@@ -39,6 +40,8 @@ from engine.dalle import DALLE  # noqa: E402
 from kernels import masks  # noqa: E402
 
 CONFIGS = {
+    "tiny": dict(num_text_tokens=100, text_seq_len=8, num_image_tokens=32, image_fmap_size=4, dim=32, depth=2,
+                 heads=2, dim_head=16),  # a smoke test
     "small": dict(num_text_tokens=10000, text_seq_len=64, num_image_tokens=512, image_fmap_size=16, dim=256, depth=4,
                   heads=8, dim_head=32),
     "large": dict(num_text_tokens=10000, text_seq_len=256, num_image_tokens=8192, image_fmap_size=32, dim=1024,

@@ -3,6 +3,8 @@ this engine against DALLE-pytorch 1.6.6 at identical configurations, in one run.
 
     pip install --no-deps dalle-pytorch==1.6.6 rotary-embedding-torch axial_positional_embedding   # the peer
     python bench/train.py [--steps 5] [--json bench/train.json]
+    python bench/train.py --device cuda --bf16 --cases 0 --batch 16 --no_peer   # GPU: DALL-E geometry, bf16 autocast
+    python bench/train.py --tiny --steps 1                                      # smoke test (text 8 + 4x4 grid)
 
 Both models use DALLE-pytorch's train_dalle.py defaults for what a configuration does not name (no rotary, no
 token shift, 10,000 text tokens) and its DiscreteVAE defaults (512 codes) at 128 px.
@@ -15,7 +17,7 @@ import json
 import sys
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,9 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment  # noqa: E402
+from bench.common import environment, synchronize  # noqa: E402
 from engine.config import DALLEConfig  # noqa: E402
 from engine.dalle import DALLE  # noqa: E402
+from engine.precision import autocast  # noqa: E402
 from engine.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
 
 
@@ -52,6 +55,8 @@ CASES = (
     Case("text 256 + 32x32, axial/conv, batch 2", 256, 2, ("axial_row", "axial_col", "axial_row", "conv_like"), 2),
     Case("text 64 + 16x16, full, batch 8", 64, 3, ("full",), 8),
 )
+TINY = Case("text 8 + 4x4, axial/conv, batch 2", 8, 2, CASES[0].attn_types, 2, dim=32, depth=2, heads=2,
+            dim_head=16, image_size=16, num_text_tokens=100)
 
 
 def import_dalle_pytorch():
@@ -91,47 +96,86 @@ def build_peer(case: Case, dalle_pytorch):
                                shift_tokens=False)
 
 
-def tokens_per_second(model: torch.nn.Module, case: Case, steps: int, warmup: int = 2) -> float:
+def tokens_per_second(model: torch.nn.Module, case: Case, steps: int, device: torch.device, precision: str,
+                      warmup: int = 2) -> tuple[float, float | None]:
+    """Tokens/s of whole optimizer steps and, on CUDA, the peak memory (MiB) they allocate."""
     gen = torch.Generator().manual_seed(0)
-    text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen)
-    images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen)
+    text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen).to(device)
+    images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen).to(device)
+    model.to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     for i in range(warmup + steps):
         if i == warmup:
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-        loss = model(text, images, return_loss=True)
+        with autocast(device.type, precision):
+            loss = model(text, images, return_loss=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return steps * case.batch * case.tokens / (time.perf_counter() - start)
+    synchronize(device)
+    rate = steps * case.batch * case.tokens / (time.perf_counter() - start)
+    return rate, torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, as train.py on a GPU (default: fp32)")
+    p.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
+    p.add_argument("--batch", type=int, help="override every case's batch size")
+    p.add_argument("--tiny", action="store_true", help="only a tiny case (text 8 + 4x4 grid): a smoke test")
+    p.add_argument("--no_peer", action="store_true", help="measure this engine only, even with DALLE-pytorch")
     p.add_argument("--json", default=str(ROOT / "bench" / "train.json"))
-    args = p.parse_args()
-    try:
-        dalle_pytorch = import_dalle_pytorch()
-    except ImportError:
-        dalle_pytorch = None
-        print("DALLE-pytorch is not installed: measuring this engine only (see the docstring to add it)")
+    args = p.parse_args(argv)
+    if args.cases and not all(i.isdigit() and int(i) < len(CASES) for i in args.cases.split(",")):
+        p.error(f"--cases takes indices from 0 to {len(CASES) - 1}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device, precision = torch.device(args.device), "bf16" if args.bf16 else "fp32"
+    cases = [TINY] if args.tiny else [CASES[int(i)] for i in args.cases.split(",")] if args.cases else list(CASES)
+    if args.batch:
+        cases = [replace(c, batch=args.batch, name=c.name.rsplit(", batch", 1)[0] + f", batch {args.batch}")
+                 for c in cases]
+    dalle_pytorch = None
+    if not args.no_peer:
+        try:
+            dalle_pytorch = import_dalle_pytorch()
+        except ImportError:
+            print("DALLE-pytorch is not installed: measuring this engine only (see the docstring to add it)")
 
     rows = []
-    for case in CASES:
+    for case in cases:
         torch.manual_seed(0)
-        ours = tokens_per_second(build_ours(case), case, args.steps)
-        peer = tokens_per_second(build_peer(case, dalle_pytorch), case, args.steps) if dalle_pytorch else None
-        rows.append({"case": case.name, "tokens_per_step": case.batch * case.tokens, "ours_tokens_per_s": ours,
-                     "dalle_pytorch_tokens_per_s": peer, "speedup": ours / peer if peer else None})
+        ours, peak = tokens_per_second(build_ours(case), case, args.steps, device, precision, args.warmup)
+        peer, peer_error = None, None
+        if dalle_pytorch:
+            try:  # an optional peer: its failure is recorded, not fatal
+                peer, _ = tokens_per_second(build_peer(case, dalle_pytorch), case, args.steps, device, precision,
+                                            args.warmup)
+            except Exception as error:
+                peer_error = f"{type(error).__name__}: {error}"[:200]
+        rows.append({"case": case.name, "model": f"dim {case.dim}, depth {case.depth}, {case.heads} heads x "
+                     f"{case.dim_head}", "tokens_per_step": case.batch * case.tokens, "ours_tokens_per_s": ours,
+                     "ours_step_ms": 1e3 * case.batch * case.tokens / ours, "ours_peak_mib": peak,
+                     "dalle_pytorch_tokens_per_s": peer, "dalle_pytorch_error": peer_error,
+                     "speedup": ours / peer if peer else None})
 
     print(f"\n{'configuration':42s} {'ours tok/s':>11s} {'DALLE-pytorch':>14s} {'speedup':>8s}")
     for r in rows:
         peer = f"{r['dalle_pytorch_tokens_per_s']:14.0f}" if r["dalle_pytorch_tokens_per_s"] else f"{'-':>14s}"
         ratio = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8s}"
         print(f"{r['case']:42s} {r['ours_tokens_per_s']:11.0f} {peer} {ratio}")
-    result = {"benchmark": "train_throughput", "steps": args.steps, **environment(torch.device("cpu")), "results": rows}
+    result = {"benchmark": "train_throughput", "steps": args.steps, "precision": precision, **environment(device),
+              "results": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 
