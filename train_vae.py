@@ -45,6 +45,7 @@ from engine.training import (
     Progress,
     RunLogger,
     check_output_folders,
+    check_unfinished,
     claim_outputs,
     keep_tagged_copy,
     load_or_exit,
@@ -52,6 +53,7 @@ from engine.training import (
     non_finite_loss,
     pack_state,
     restore_state,
+    too_few_samples,
 )
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
@@ -69,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr_decay_rate", type=fraction, default=0.98, help="multiplies the lr every 100 steps")
     p.add_argument("--starting_temp", type=positive_float, default=1.0)
     p.add_argument("--temp_min", type=positive_float, default=0.5)
-    p.add_argument("--anneal_rate", type=non_negative_float, default=1e-6, help="every 100 steps temp *= exp(-rate * step)")
+    p.add_argument("--anneal_rate", type=non_negative_float, default=1e-6,
+                   help="every 100 steps temp *= exp(-rate * step)")
     p.add_argument("--num_images_save", type=positive_int, default=4)
     p.add_argument("--num_tokens", type=positive_int, default=8192)
     p.add_argument("--num_layers", type=positive_int, default=3)
@@ -82,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_every_n_steps", type=positive_int, default=100)
     p.add_argument("--keep_n_checkpoints", type=positive_int, default=None)
     p.add_argument("--log_every_n_steps", type=positive_int, default=10)
-    p.add_argument("--sample_every_n_steps", type=non_negative_int, default=100, help="0 disables reconstruction images")
+    p.add_argument("--sample_every_n_steps", type=non_negative_int, default=100,
+                   help="0 disables reconstruction images")
     p.add_argument("--num_workers", type=non_negative_int, default=2)
     p.add_argument("--seed", type=rng_seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,8 +132,7 @@ def train(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --image_folder: {e}") from None
     if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: a step takes --batch_size {args.batch_size} images, but {args.image_folder} holds "
-                         f"only {len(dataset)}: lower --batch_size")
+        raise SystemExit(too_few_samples(args.batch_size, len(dataset), args.image_folder))
 
     device_type = torch.device(args.device).type
     precision = training_precision(args.precision, device_type, gpu_bf16_supported(args.device))
@@ -144,9 +147,7 @@ def train(args: argparse.Namespace) -> None:
         temp = resumed.extra.get("temperature")
         if not isinstance(temp, float) or not temp > 0:
             raise SystemExit(f"error: --vae_path {args.vae_path} holds a damaged temperature: {temp!r}")
-        if progress.epoch >= args.epochs:
-            raise SystemExit(f"error: --vae_path {args.vae_path} has already trained {progress.epoch} epochs; pass "
-                             f"--epochs above that to train on (got --epochs {args.epochs})")
+        check_unfinished(progress, args.epochs, f"--vae_path {args.vae_path}")
     saved_step = progress.step if resumed is not None else None
 
     logger = RunLogger(log_dir(args, name), config=vars(args) | {"precision": precision}, start_step=progress.step,

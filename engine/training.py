@@ -26,16 +26,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from engine.checkpoint import stale_temporaries
-from engine.cli import check_device, check_writable, fraction, non_negative_int, positive_float, positive_int, rng_seed
-from engine.precision import (
-    DTYPES,
-    add_precision_args,
-    describe,
-    gpu_bf16_supported,
-    requested_precision,
-    training_precision,
+from engine.cli import (
+    check_device,
+    check_writable,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    rng_seed,
 )
-from engine.run_lock import RunLock, RunLocked
 from engine.data import (
     Skip,
     TextImageFolder,
@@ -46,6 +45,15 @@ from engine.data import (
     read_caption,
     webdataset_source,
 )
+from engine.precision import (
+    DTYPES,
+    add_precision_args,
+    describe,
+    gpu_bf16_supported,
+    requested_precision,
+    training_precision,
+)
+from engine.run_lock import RunLock, RunLocked
 from engine.shapes import HELD_OUT, ShapesDataset
 from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
 
@@ -107,6 +115,19 @@ def resumed_progress(extra: dict[str, Any]) -> Progress:
             and all(type(v) is int and v >= 0 for v in stored.values())):
         raise SystemExit(f"error: the checkpoint's training progress is damaged: {stored!r}")
     return Progress(**stored)
+
+
+def check_unfinished(progress: Progress, epochs: int, source: str) -> None:
+    """SystemExit if a resumed run already trained `epochs`: it would train nothing, yet seem to succeed."""
+    if progress.epoch >= epochs:
+        raise SystemExit(f"error: {source} has already trained {progress.epoch} epochs; pass --epochs above that to "
+                         f"train on (got --epochs {epochs})")
+
+
+def too_few_samples(batch_size: int, available: int, source: str) -> str:
+    """The message that stops a run whose data cannot fill one optimizer step."""
+    return (f"error: an optimizer step takes --batch_size {batch_size} samples, but {source} holds only {available}: "
+            "lower --batch_size")
 
 
 def restore_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -242,7 +263,8 @@ def add_tokenizer_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--bpe_path", default=None, help="YouTokenToMe model (or tokenizer JSON with --hug)")
     group.add_argument("--hug", action="store_true")
     group.add_argument("--chinese", action="store_true")
-    group.add_argument("--bpe_vocab_size", type=positive_int, default=8000, help="vocabulary of a BPE trained on the captions")
+    group.add_argument("--bpe_vocab_size", type=positive_int, default=8000,
+                       help="vocabulary of a BPE trained on the captions")
     group.add_argument("--num_workers", type=non_negative_int, default=2)
 
 
@@ -261,7 +283,8 @@ def add_run_args(group: argparse._ArgumentGroup) -> None:
 def add_output_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--output_dir", default=None, help="logs, metrics and samples (default: <name>-logs)")
     group.add_argument("--save_every_n_steps", type=positive_int, default=1000)
-    group.add_argument("--keep_n_checkpoints", type=positive_int, default=None, help="also keep the last N step checkpoints")
+    group.add_argument("--keep_n_checkpoints", type=positive_int, default=None,
+                       help="also keep the last N step checkpoints")
     group.add_argument("--log_every_n_steps", type=positive_int, default=10)
 
 
@@ -296,31 +319,30 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
         args.distributed_backend = "deepspeed"
     args.precision = requested_precision(p, args)  # "auto" until the device decides (Trainer)
     world = int(os.environ.get("WORLD_SIZE", "1")) if args.deepspeed else 1  # set by the deepspeed launcher
-    if args.batch_size % (args.ga_steps * world):
-        p.error(f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes ({args.ga_steps} x "
-                f"{world})")
+    if (why := _indivisible_batch(args, world)) is not None:
+        p.error(why)
     if args.wds and len(args.wds.split(",")) != 2:
         p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
     check_device(p, args.device)
     check_output_folders(p, args, name_flag)
-    if args.image_text_folder is not None:
+    folder = args.image_text_folder
+    if folder is not None and not args.wds and not Path(folder).is_dir():
+        p.error(f"--image_text_folder: {folder!r} does not exist or is not a folder")
+    if folder is not None and args.wds:
         try:
-            webdataset_source(args.image_text_folder) if args.wds else check_folder(args.image_text_folder)
+            webdataset_source(folder)
         except FileNotFoundError as e:
             p.error(f"--image_text_folder: {e}")
+    args.deepspeed_overrides = {}  # a --deepspeed_config file's settings, read once here
     if getattr(args, "deepspeed_config", None):
         try:
-            config = json.loads(Path(args.deepspeed_config).read_text(encoding="utf-8"))
+            args.deepspeed_overrides = json.loads(Path(args.deepspeed_config).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             p.error(f"--deepspeed_config {args.deepspeed_config}: not a readable JSON file ({e})")
-        if not isinstance(config, dict):
+        if not isinstance(args.deepspeed_overrides, dict):
             p.error(f"--deepspeed_config {args.deepspeed_config}: not a JSON object")
+        args.deepspeed_config = None  # deepspeed.initialize refuses a config given twice
     return args
-
-
-def check_folder(folder: str) -> None:
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder!r} does not exist or is not a folder")
 
 
 def check_output_folders(p: argparse.ArgumentParser, args: argparse.Namespace, name_flag: str) -> None:
@@ -517,10 +539,16 @@ def load_or_exit(flag: str, path: str, load: Callable[..., Any], **options: Any)
 
 
 def micro_batch_size(args: argparse.Namespace, world: int) -> int:
-    if args.batch_size % (args.ga_steps * world):
-        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes "
-                         f"({args.ga_steps} x {world})")
+    if (why := _indivisible_batch(args, world)) is not None:
+        raise SystemExit(f"error: {why}")
     return args.batch_size // (args.ga_steps * world)
+
+
+def _indivisible_batch(args: argparse.Namespace, world: int) -> str | None:
+    if args.batch_size % (args.ga_steps * world):
+        return (f"--batch_size {args.batch_size} must be divisible by --ga_steps x processes ({args.ga_steps} x "
+                f"{world})")
+    return None
 
 
 def deepspeed_config(args: argparse.Namespace, micro_batch: int, precision: str) -> dict:
@@ -534,10 +562,7 @@ def deepspeed_config(args: argparse.Namespace, micro_batch: int, precision: str)
         "zero_optimization": {"stage": args.zero_stage},
         "steps_per_print": 10**9,
     }
-    if args.deepspeed_config:  # a user's JSON overrides the built-in settings
-        config.update(json.loads(Path(args.deepspeed_config).read_text()))
-        args.deepspeed_config = None  # deepspeed.initialize refuses a config given twice
-    return config
+    return config | args.deepspeed_overrides  # a user's --deepspeed_config overrides the built-in settings
 
 
 # --- the training loop ----------------------------------------------------------------------------------------------
@@ -560,11 +585,9 @@ class Trainer:
         self.args, self.model, self.dist, self.micro_batch, self.write = args, model, dist, micro_batch, write
         self.ckpt_path, self.ds_dir = Path(f"{name}.safetensors"), Path(f"{name}-ds-cp")
         resuming = resumed is not None and "progress" in resumed.extra
-        if resuming:
-            epochs = resumed_progress(resumed.extra).epoch
-            if epochs >= args.epochs:
-                raise SystemExit(f"error: the resumed checkpoint has already trained {epochs} epochs; pass --epochs "
-                                 f"above that to train on (got --epochs {args.epochs})")
+        resumed_at = resumed_progress(resumed.extra) if resuming else None
+        if resumed_at is not None:
+            check_unfinished(resumed_at, args.epochs, "the resumed checkpoint")
         device_type = torch.device(dist.device).type
         self.precision = training_precision(args.precision, device_type, gpu_bf16_supported(dist.device))
         self.extra: dict[str, Any] = {"precision": self.precision}
@@ -584,7 +607,7 @@ class Trainer:
                 args=args, model=model, optimizer=self.optimizer, model_parameters=self.params,
                 config=deepspeed_config(args, micro_batch, self.precision))
             if resuming:
-                self.progress = resumed_progress(resumed.extra)
+                self.progress = resumed_at
                 self.engine.load_checkpoint(self.ds_dir, tag=f"step{self.progress.step:09d}")
                 if self.scheduler is not None and resumed.extra.get("scheduler"):
                     self.scheduler.load_state_dict(resumed.extra["scheduler"])
@@ -672,8 +695,7 @@ class Trainer:
         if not isinstance(dataset, IterableDataset):
             per_epoch = len(dataset) // dist.world // self.micro_batch // args.ga_steps
             if per_epoch == 0:
-                raise SystemExit(f"error: an optimizer step takes --batch_size {args.batch_size} samples, but the "
-                                 f"data holds only {len(dataset)}: lower --batch_size")
+                raise SystemExit(too_few_samples(args.batch_size, len(dataset), "the data"))
             total = args.epochs * per_epoch
         unpaired = getattr(dataset, "unpaired_images", 0)
         if unpaired and dist.rank == 0:

@@ -66,7 +66,7 @@ def test_describe_says_why():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_deepspeed_config_takes_the_precision(precision):
-    args = argparse.Namespace(batch_size=8, ga_steps=2, clip_grad_norm=0.5, zero_stage=2, deepspeed_config=None)
+    args = argparse.Namespace(batch_size=8, ga_steps=2, clip_grad_norm=0.5, zero_stage=2, deepspeed_overrides={})
     config = deepspeed_config(args, 4, precision)
     assert config["bf16"] == {"enabled": precision == "bf16"} and config["fp16"] == {"enabled": precision == "fp16"}
 

@@ -275,7 +275,7 @@ def _device_guard(x: torch.Tensor):
 
 @dataclass(frozen=True)
 class Tiles:
-    """A kernel's launch settings. dK/dV and dQ walk one block plan, so they share their tile sizes."""
+    """A kernel's launch settings; each kernel's block plan is built from its own tile sizes."""
 
     block_m: int  # queries per tile
     block_n: int  # keys per tile

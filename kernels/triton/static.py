@@ -104,6 +104,10 @@ class Compiled:
         return found
 
 
+# Launching and benchmarking need a real GPU: the hook in compiling_for compiles every launch and never runs it.
+_COMPILE_ONLY = "the static driver compiles kernels ahead of time and cannot run or time them"
+
+
 class _StaticDriver(DriverBase):
     """Reports a GPU target to the JIT; nothing here ever reaches a device (the hook compiles, never launches)."""
 
@@ -115,7 +119,7 @@ class _StaticDriver(DriverBase):
         return False
 
     def map_python_to_cpp_type(self, ty: str) -> str:
-        raise NotImplementedError
+        raise RuntimeError(_COMPILE_ONLY)
 
     def get_current_target(self) -> GPUTarget:
         return self.target
@@ -124,7 +128,7 @@ class _StaticDriver(DriverBase):
         return torch.device("cpu")
 
     def get_benchmarker(self):
-        raise NotImplementedError
+        raise RuntimeError(_COMPILE_ONLY)
 
     def get_current_device(self) -> int:
         return 0
