@@ -6,10 +6,12 @@
 
 Parts, in order, each run as child processes with a timeout, so a hang or a CUDA crash in one never stops the others:
 
-1. correctness: tests/test_triton_gpu.py (every Triton kernel natively against float64, sharded with -k so that
-   Triton compiles in parallel), tests/test_decode.py -k cuda and tests/test_dispatch.py, all at once (--quick:
-   DALL-E's geometry, fp16 and bf16, decoding, and test_dispatch's CUDA test);
-2. attention: bench/attn.py at the model's training geometry (text 257 + 32x32, seq 1280), batch 8, 8 heads, bf16;
+1. correctness: tests/test_triton_gpu.py (every Triton kernel natively against float64 with its default tiles, and
+   every tile setting the autotuner may choose; sharded with -k so that Triton compiles in parallel),
+   tests/test_decode.py -k cuda and tests/test_dispatch.py, all at once (--quick: DALL-E's geometry, fp16 and bf16,
+   decoding, and test_dispatch's CUDA test);
+2. attention: bench/attn.py at the model's training geometry (text 257 + 32x32, seq 1280), batch 8, 8 heads, bf16,
+   our kernels' tiles chosen by the autotuner (``kernels.triton.tuning``) at their first call;
 3. sampling: bench/generate.py, the large configuration with sparse layers, decode steps against the memory floor;
 4. training: bench/train.py's first case (text 256 + 32x32) under bf16 autocast, batch 16;
 5. static (optional, not with --quick): bench/gpu_static.py --targets 90 --subset, a process per pattern, only when
@@ -17,7 +19,9 @@ Parts, in order, each run as child processes with a timeout, so a hang or a CUDA
 
 A part gets its budget or the time left before the overall deadline, whichever is less. Results: a JSON file
 (``bench/gpu-check.json``), every part's own JSON and log (``bench/gpu-check-logs/``), a dated section appended to
-``bench/RESULTS.md``, and the summary table printed last. The exit status is the first failing part's.
+``bench/RESULTS.md``, and the summary table printed last. The exit status is the first failing part's. The
+autotuner's choices (made in the attention and training parts) go to a tile cache of the run's own,
+``gpu-check-logs/attention-tiles.json``, and into the attention table.
 
 ``--dry-run`` runs every part on the CPU at tiny sizes, the Triton kernels in their interpreter (``TRITON_INTERPRET=1``
 in the child processes), and writes everything to a temporary directory, never to ``bench/RESULTS.md``.
@@ -50,8 +54,10 @@ from kernels import PATTERNS as ALL_PATTERNS  # noqa: E402
 PY = sys.executable
 # test_triton_gpu.py shards: each process compiles its own kernels, so the compiles use the machine's cores.
 SHARDS = ("test_attention and fp16", "test_attention and bf16", "test_attention and fp32", "test_attention and tf32",
-          "test_decode")
-QUICK_SHARDS = SHARDS[:2] + SHARDS[4:]
+          "test_decode", "test_tile_candidates and (fp16 or bf16)",
+          "test_tile_candidates and (fp32 or tf32)")
+QUICK_SHARDS = SHARDS[:2] + SHARDS[4:5]
+TILE_CACHE = "attention-tiles.json"  # the autotuner's choices during the run, in the logs folder
 # All parts together: make gpu-check adds the build (~1 minute) to the full run's; --quick needs none.
 DEADLINE_S = {"full": 400, "quick": 210, "dry-run": 600}
 
@@ -91,7 +97,8 @@ def parts_for(mode: str, logs: Path) -> list[Part]:
     # so that make gpu-check-quick needs no build of the C++ CPU kernels.
     other_tests = pytest_cmd("tests/test_dispatch.py", "-k", "cuda") if quick else \
         pytest_cmd("tests/test_decode.py", "tests/test_dispatch.py", "-k", "cuda or test_dispatch")
-    test_env = {"GPU_CHECK_RECORD": str(logs / "correctness-errors.jsonl")}
+    # the defaults, as a run with DALLE_ENGINE_AUTOTUNE=0 launches them; test_tile_candidates covers the others
+    test_env = {"GPU_CHECK_RECORD": str(logs / "correctness-errors.jsonl"), "DALLE_ENGINE_AUTOTUNE": "0"}
     if dry:
         test_env.update(GPU_CHECK_DRY_RUN="1")
     elif quick:
@@ -115,7 +122,7 @@ def parts_for(mode: str, logs: Path) -> list[Part]:
         # one process per pattern: the compiles use the machine's cores
         static = [["--subset", "--patterns", pattern] for pattern in ALL_PATTERNS]
     model_env = {"DALLE_ENGINE_ATTENTION": "triton"} if dry else {}
-    budgets = {"correctness": 150, "attention": 150, "sampling": 180, "training": 60, "static": 60}
+    budgets = {"correctness": 150, "attention": 180, "sampling": 180, "training": 60, "static": 60}
     if quick:
         budgets.update(correctness=90, attention=75, sampling=120, training=50)
     if dry:
@@ -258,7 +265,33 @@ def summarize_attention(logs: Path) -> tuple[dict, str, str]:
     r0 = result["rows"][0]
     title = (f"text {r0['text_len']} + {r0['fmap_size']}x{r0['fmap_size']} (seq {r0['seq']}), batch {r0['batch']}, "
              f"{r0['heads']} heads x {r0['dim_head']}, {result['dtype']}; median of {result['timing']['iters']}")
-    return figures, "fwd+bwd: " + ", ".join(shorts), f"Attention, {title}:\n\n" + "\n".join(lines)
+    tiles, tile_table = tile_choices(logs)
+    figures["tiles"] = tiles
+    return figures, "fwd+bwd: " + ", ".join(shorts), f"Attention, {title}:\n\n" + "\n".join(lines) + tile_table
+
+
+def tile_choices(logs: Path) -> tuple[list[dict], str]:
+    """The autotuner's choices made during the run (``kernels.triton.tuning``; the attention and training parts):
+    each shape's chosen setting and time against the default's."""
+    from kernels.triton.tuning import Tiles
+
+    path = logs / TILE_CACHE
+    entries = json.loads(path.read_text())["entries"] if path.exists() else {}
+    choices = []
+    lines = ["| kernel | dtype | products | head dim | batch x heads | shape | chosen | ms | default | ms |",
+             "|---|---|---|---:|---:|---|---|---:|---|---:|"]
+    for name, entry in sorted(entries.items()):
+        _, _, kernel, dtype, products, head_dim, rows, pattern, *shape = name.split("|")
+        chosen, default, ms = str(Tiles(**entry["tiles"])), entry["default"], entry["ms"]
+        choices.append({"kernel": kernel, "dtype": dtype, "products": products, "head_dim": int(head_dim[1:]),
+                        "batch_x_heads": int(rows[2:]), "shape": "|".join([pattern, *shape]), "chosen": chosen,
+                        "default": default, "ms": ms})
+        default_ms = ms.get(default) if isinstance(ms.get(default), float) else None  # or why it could not run
+        lines.append(f"| {kernel} | {dtype} | {products} | {head_dim[1:]} | {rows[2:]} | {pattern} {shape[0]} | "
+                     f"{chosen} | {ms[chosen]:.3f} | {default} | {fmt(default_ms, '.3f')} |")
+    if not choices:
+        return [], ""
+    return choices, "\n\nAttention tile settings chosen by the autotuner (median ms per launch):\n\n" + "\n".join(lines)
 
 
 def summarize_sampling(logs: Path) -> tuple[dict, str, str]:
@@ -374,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     env["gpu_state"] = {"start": gpu_state()}
     base_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DALLE_ENGINE_ATTENTION")}
     base_env["PYTHONUNBUFFERED"] = "1"  # complete logs even from a killed child
+    base_env["DALLE_ENGINE_TILE_CACHE"] = str(args.logs / TILE_CACHE)  # tuned afresh, and recorded
     if dry:
         base_env["TRITON_INTERPRET"] = "1"  # before the children import triton
     parts = parts_for(args.mode, args.logs)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pytest.mark.expression import Expression  # what -k compiles its expression with
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["correctness", "attention", "sampling", "training", "static"]
@@ -81,7 +82,8 @@ def test_gpu_modes_arguments_parse(mode: str, tmp_path: Path) -> None:
 
 
 def test_shards_run_every_gpu_test_once() -> None:
-    """gpu_check's -k shards of tests/test_triton_gpu.py: every test in exactly one (quick: all but fp32 / tf32)."""
+    """gpu_check's -k shards of tests/test_triton_gpu.py: every test in exactly one (quick: all but fp32 / tf32 and the
+    tile candidates)."""
     gpu_check = load("gpu_check")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_") and k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "--noconftest", "-p",
@@ -90,10 +92,36 @@ def test_shards_run_every_gpu_test_once() -> None:
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     assert len(ids) > 40, proc.stdout[-2000:]
 
-    def selects(shard: str, test: str) -> bool:  # -k with "and" only: every word a substring
-        return all(word in test for word in shard.split(" and "))
+    def selects(shard: str, test: str) -> bool:  # pytest's own -k matching: each word a substring of the id
+        return Expression.compile(shard).evaluate(lambda word, **_: word.lower() in test.lower())
 
     for test in ids:
         assert sum(selects(shard, test) for shard in gpu_check.SHARDS) == 1, test
         quick = sum(selects(shard, test) for shard in gpu_check.QUICK_SHARDS)
-        assert quick == (0 if re.search(r"test_attention\[.*-(fp32|tf32)\]", test) else 1), test
+        skipped = re.search(r"test_attention\[.*-(fp32|tf32)\]|test_tile_candidates", test)
+        assert quick == (0 if skipped else 1), test
+
+
+def test_the_autotuners_choices_are_reported(tmp_path: Path, monkeypatch) -> None:
+    """What the attention and training parts' autotuning chose, read from the run's tile cache as the tuner wrote it."""
+    pytest.importorskip("triton")
+    import torch
+
+    from kernels.triton import tuning
+
+    class H100Tensor:
+        is_cuda, shape, dtype, device = True, (8, 8, 1280, 64), torch.bfloat16, torch.device("cuda", 0)
+
+    gpu_check = load("gpu_check")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    key = (90, "16-bit", False)
+    default, fast = tuning.candidates("fwd", key)[:2]
+    name = tuning._entry_name("fwd", key, H100Tensor(), "axial_row|seq1280|text257|fmap32|k5|dil1")
+    tuning._TileCache(tmp_path / gpu_check.TILE_CACHE).put(name, fast, {str(default): 0.3, str(fast): 0.2}, default)
+
+    choices, table = gpu_check.tile_choices(tmp_path)
+    assert choices == [{"kernel": "fwd", "dtype": "bfloat16", "products": "16-bit", "head_dim": 64, "batch_x_heads": 64,
+                        "shape": "axial_row|seq1280|text257|fmap32|k5|dil1", "chosen": str(fast),
+                        "default": str(default), "ms": {str(default): 0.3, str(fast): 0.2}}]
+    assert f"| fwd | bfloat16 | 16-bit | 64 | 64 | axial_row seq1280 | {fast} | 0.200 | {default} | 0.300 |" in table
+    assert gpu_check.tile_choices(tmp_path / "none") == ([], "")  # a run that tuned nothing (no GPU)

@@ -42,6 +42,24 @@ def test_every_variant_of_the_subset_passes_the_gate(tmp_path):
     tf32 = [d for v in variants if v["label"].endswith("tf32") for d in v["dots"]]
     assert tf32 and all(d["lowering"] != "fma" for d in tf32)
     assert all(v["spill_stores"] == v["spill_loads"] == 0 and not v["problems"] for v in variants)
+    assert_every_tile_candidate_compiled(variants)
+
+
+def assert_every_tile_candidate_compiled(variants: list[dict]) -> None:
+    """The autotuner's candidates, each table row's default and alternatives, are among the gated variants."""
+    from kernels.triton import tuning
+
+    compiled = {(v["arch"], v["dtype"], v["head_dim"], v["label"], v["kernel"], v["blocks"], v["num_warps"],
+                 v["num_stages"]) for v in variants}
+    for arch in (80, 90):
+        for dtype, products, label in (("bf16", "16-bit", "conv_like"), ("fp32", "tf32", "conv_like tf32"),
+                                       ("fp32", "fp32", "conv_like")):
+            for head_dim in (64, 128):
+                for kernel in tuning.KERNELS:
+                    for t in tuning.candidates(kernel, (arch, products, head_dim > 64)):
+                        name = "fwd" if kernel == "fwd" else f"bwd_{kernel}"
+                        assert (arch, dtype, head_dim, label, name, f"{t.block_m}x{t.block_n}", t.num_warps,
+                                t.num_stages) in compiled, (arch, dtype, head_dim, label, kernel, str(t))
 
 
 def test_the_gate_fails_on_a_bad_configuration(tmp_path):

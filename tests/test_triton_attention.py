@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton 
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
@@ -24,6 +25,7 @@ from kernels.blocks import block_plan, kernel_order, tile_bounds  # noqa: E402
 
 pytest.importorskip("triton")
 from kernels.triton import attention as triton_attention  # noqa: E402
+from kernels.triton import tuning  # noqa: E402
 from kernels.triton import available, sparse_attention  # noqa: E402
 
 CONV_PATTERNS = ("conv_like", "conv_like_centered")
@@ -122,16 +124,27 @@ def test_caption_257_default_tiles(pattern: str) -> None:
     check(Case(1, 1, 257 + 16, 32, 257, 4, 3), pattern, torch.float16, seed=4)
 
 
-GPU_TILES = sorted(set(triton_attention._TILES.values()), key=str)
+# Every setting a GPU may launch: each table row's defaults and the alternatives its autotuner times.
+TILE_CANDIDATES = sorted({t for key in tuning.DEFAULTS for kernel in tuning.KERNELS
+                          for t in tuning.candidates(kernel, key)}, key=str)
 
 
-@pytest.mark.parametrize("tiles", GPU_TILES, ids=lambda t: "/".join(f"{x.block_m}x{x.block_n}" for x in t))
-def test_every_gpu_tile_configuration(tiles, monkeypatch) -> None:
-    """Each (fwd, dK/dV, dQ) setting a GPU launches, dK/dV and dQ on plans of different tile shapes."""
-    monkeypatch.setattr(triton_attention, "launch_tiles",
-                        lambda kernel, q, precision, block_m=0, block_n=0: tiles[("fwd", "dkdv", "dq").index(kernel)])
+@pytest.mark.parametrize("tiles", TILE_CANDIDATES, ids=str)
+def test_every_tile_candidate(tiles, monkeypatch) -> None:
+    """Forward, dK/dV and dQ with one setting; dK/dV and dQ then run on plans of another tile shape."""
+    transposed = replace(tiles, block_m=tiles.block_n, block_n=tiles.block_m)
+    chosen = {"fwd": tiles, "dkdv": tiles, "dq": transposed}
+    monkeypatch.setattr(tuning, "choose", lambda kernel, key, q, shape, launch: chosen[kernel])
     case = Case(1, 1, 9 + 11 * 11 - 3, 24, 9, 11, 3)  # 3 tiles of 128, ragged text and grid ends
     check(case._replace(block_m=0, block_n=0), "conv_like", torch.float32, seed=21)
+
+
+def test_forced_tile_sizes_are_not_tuned(monkeypatch) -> None:
+    def refuse(*args):
+        raise AssertionError("the autotuner was consulted")
+
+    monkeypatch.setattr(tuning, "choose", refuse)
+    check(RAGGED, "axial_row", torch.float16, seed=22)
 
 
 @pytest.mark.parametrize("dilation", [1, 2])

@@ -4,7 +4,8 @@ Skipped without CUDA; ``make gpu-check`` (``bench/gpu_check.py``) runs it. Cover
 (output and the q, k, v gradients) for every pattern at a ragged geometry and at DALL-E's as the model trains (bos +
 256 caption tokens + a 32 x 32 grid less its last token: text_len 257, seq 1280), in fp16, bf16, exact fp32 and fp32
 with TF32; ``kernels.triton.decode_attention`` for every pattern and dtype with one and several key splits; and a
-CUDA graph of the decode kernel replayed at new positions written into its device ``pos`` tensor.
+CUDA graph of the decode kernel replayed at new positions written into its device ``pos`` tensor; and every tile
+setting the attention autotuner may choose on this GPU (``kernels.triton.tuning``), at DALL-E's geometry.
 
 Error budget (``kernels.md`` §10.5, as ``tests/test_triton_attention.py``): the kernel's max error against float64
 may be at most twice that of plain PyTorch attention computed in the same dtype on the same device (with TF32
@@ -28,7 +29,7 @@ import torch
 
 from kernels import PATTERNS, dense_mask
 from kernels.masks import allowed
-from kernels.triton import decode_attention, sparse_attention
+from kernels.triton import decode_attention, sparse_attention, tuning
 
 DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN") == "1"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,7 +65,7 @@ if DRY_RUN:
 else:
     GEOMETRIES = {"dalle": DALLE} if os.environ.get("GPU_CHECK_QUICK") == "1" else {"ragged": RAGGED, "dalle": DALLE}
     TEST_PATTERNS, (BATCH, HEADS, DIM) = PATTERNS, (2, 2, 64)
-DECODE_GEOMETRY = TINY if DRY_RUN else DALLE
+ONE_GEOMETRY = TINY if DRY_RUN else DALLE  # where decoding and the tile candidates run
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PRECISIONS = {**{name: (dtype, False) for name, dtype in DTYPES.items()}, "tf32": (torch.float32, True)}
 
@@ -111,12 +112,10 @@ def forward_backward(attention, inputs: list[torch.Tensor]) -> list[torch.Tensor
     return [out, *torch.autograd.grad(out, (q, k, v), inputs[3])]
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("pattern", TEST_PATTERNS)
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_attention(geometry: str, pattern: str, precision: str) -> None:
-    geo, (dtype, tf32) = GEOMETRIES[geometry], PRECISIONS[precision]
-    inputs = make_inputs((BATCH, HEADS, geo.seq, DIM), dtype, 4, seed=PATTERNS.index(pattern))
+def check_attention(geo: Geometry, pattern: str, precision: str, seed: int, label: str = "") -> None:
+    """Output and gradients of ``kernels.triton.sparse_attention`` within budget of float64 attention."""
+    dtype, tf32 = PRECISIONS[precision]
+    inputs = make_inputs((BATCH, HEADS, geo.seq, DIM), dtype, 4, seed=seed)
     mask = dense_mask(pattern, geo.seq, text_len=geo.text_len, fmap_size=geo.fmap_size, device=DEVICE)
 
     def ours(q, k, v):
@@ -127,7 +126,34 @@ def test_attention(geometry: str, pattern: str, precision: str) -> None:
         plain = forward_backward(lambda q, k, v: masked_attention(q, k, v, mask), inputs)
     exact = forward_backward(lambda q, k, v: masked_attention(q, k, v, mask), [x.double() for x in inputs])
     for name, *results in zip(("out", "dq", "dk", "dv"), got, plain, exact):
-        assert_within_budget(name, *results)
+        assert_within_budget(label + name, *results)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("pattern", TEST_PATTERNS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_attention(geometry: str, pattern: str, precision: str) -> None:
+    check_attention(GEOMETRIES[geometry], pattern, precision, seed=PATTERNS.index(pattern))
+
+
+def tile_candidates() -> list[tuple[str, str, tuning.Tiles]]:
+    """(precision, kernel, setting) for every candidate the autotuner may choose on this GPU at head dim ``DIM``."""
+    arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1] if READY and \
+        DEVICE == "cuda" else 90
+    cases = []
+    for precision, (dtype, tf32) in PRECISIONS.items():
+        key = tuning.table_key(arch, dtype, "tf32" if tf32 else "ieee", DIM)
+        cases += [(precision, kernel, tiles) for kernel in tuning.KERNELS for tiles in tuning.candidates(kernel, key)]
+    return cases[:2] if DRY_RUN else cases
+
+
+@pytest.mark.parametrize("precision, kernel, tiles", tile_candidates(), ids=lambda x: str(x))
+def test_tile_candidates(precision: str, kernel: str, tiles: tuning.Tiles, monkeypatch) -> None:
+    """Each setting the autotuner may choose, at DALL-E's geometry (conv_like), the other kernels at their defaults."""
+    default = tuning.choose
+    monkeypatch.setattr(tuning, "choose", lambda k, *args: tiles if k == kernel else default(k, *args))
+    monkeypatch.setenv("DALLE_ENGINE_AUTOTUNE", "0")
+    check_attention(ONE_GEOMETRY, "conv_like", precision, seed=30, label=f"{kernel} {tiles} ")
 
 
 def decode_positions(geo: Geometry) -> list[int]:
@@ -139,7 +165,7 @@ def decode_positions(geo: Geometry) -> list[int]:
 
 def decode_check(pattern: str, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int
                  ) -> None:
-    geo = DECODE_GEOMETRY
+    geo = ONE_GEOMETRY
     mask = allowed(pattern, pos, torch.arange(geo.seq), text_len=geo.text_len, fmap_size=geo.fmap_size).to(DEVICE)
     plain = masked_attention(q[:, :, None], k, v, mask)[:, :, 0]
     exact = masked_attention(q[:, :, None].double(), k.double(), v.double(), mask)[:, :, 0]
@@ -150,7 +176,7 @@ def decode_check(pattern: str, out: torch.Tensor, q: torch.Tensor, k: torch.Tens
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pattern", TEST_PATTERNS)
 def test_decode(pattern: str, dtype: str, splits: int) -> None:
-    geo = DECODE_GEOMETRY
+    geo = ONE_GEOMETRY
     q, k, v = make_inputs((BATCH, HEADS, geo.seq, DIM), DTYPES[dtype], 3, seed=10 + PATTERNS.index(pattern))
     q = q[:, :, 0]
     for pos in decode_positions(geo):
@@ -161,7 +187,7 @@ def test_decode(pattern: str, dtype: str, splits: int) -> None:
 
 def test_decode_graph_replay() -> None:
     """One capture, replayed at each position written into the captured ``pos`` tensor (the default splits)."""
-    geo, pattern = DECODE_GEOMETRY, "conv_like"
+    geo, pattern = ONE_GEOMETRY, "conv_like"
     q, k, v = make_inputs((BATCH, HEADS, geo.seq, DIM), torch.bfloat16, 3, seed=20)
     q, pos_t = q[:, :, 0], torch.tensor(0, device=DEVICE)
 

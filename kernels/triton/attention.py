@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ import triton.language as tl
 
 from ..blocks import BlockPlan, block_plan, kernel_order
 from ..masks import check_geometry
+from . import tuning
+from .tuning import Tiles
 
 __all__ = ["sparse_attention"]
 
@@ -273,16 +276,6 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext()
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """A kernel's launch settings; each kernel's block plan is built from its own tile sizes."""
-
-    block_m: int  # queries per tile
-    block_n: int  # keys per tile
-    num_warps: int
-    num_stages: int
-
-
 def _arch(q: torch.Tensor) -> int | None:
     """The compute capability the kernels are compiled for (90 for sm_90), None in the interpreter."""
     if q.is_cuda:
@@ -293,48 +286,35 @@ def _arch(q: torch.Tensor) -> int | None:
     return triton.runtime.driver.active.get_current_target().arch  # compiled ahead of time: kernels.triton.static
 
 
-# (architecture family, products, head_dim > 64) -> (fwd, dK/dV, dQ) settings, read off bench/gpu_static.py: no
-# spills, 16-bit and TF32 products on tensor cores, no MMA work repeated across warps (8 warps need 128 rows in the
-# product whose result feeds the next one: 2 warpgroups x 64 on sm_90, 8 warps x 16 on sm_80), then the most
-# blocks per SM. Exact fp32 runs on CUDA cores, where the register file limits the tiles.
-_TILES = {
-    (90, "16-bit", False): (Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
-    (90, "16-bit", True): (Tiles(64, 64, 8, 2), Tiles(32, 128, 8, 2), Tiles(128, 32, 8, 2)),
-    (80, "16-bit", False): (Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
-    (80, "16-bit", True): (Tiles(64, 64, 8, 2), Tiles(64, 64, 8, 2), Tiles(64, 64, 8, 2)),
-    (90, "tf32", False): (Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1)),
-    (90, "tf32", True): (Tiles(64, 32, 8, 2), Tiles(32, 128, 8, 1), Tiles(128, 32, 8, 1)),
-    (80, "tf32", False): (Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1)),
-    (80, "tf32", True): (Tiles(64, 32, 8, 2), Tiles(64, 64, 8, 1), Tiles(64, 64, 8, 1)),
-    (90, "fp32", False): (Tiles(32, 32, 4, 2), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1)),
-    (90, "fp32", True): (Tiles(32, 32, 4, 2), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1)),
-    (80, "fp32", False): (Tiles(32, 32, 4, 2), Tiles(16, 16, 4, 1), Tiles(16, 16, 4, 1)),
-    (80, "fp32", True): (Tiles(32, 16, 4, 2), Tiles(32, 32, 8, 1), Tiles(32, 16, 4, 1)),
-}
-_KERNELS = ("fwd", "dkdv", "dq")
 _PRE_ROWS = 32  # rows per program of the delta = rowsum(dO * O) pass: 2 x 32 x 128 fp32 values fit 4 warps' registers
 
 
-def launch_tiles(kernel: str, q: torch.Tensor, precision: str, block_m: int = 0, block_n: int = 0) -> Tiles:
-    """The settings of ``kernel`` ("fwd", "dkdv" or "dq") for ``q``'s dtype and head dim on its GPU (``_TILES``;
-    sm_8x GPUs take sm_80's, later ones sm_90's; the interpreter sm_90's). ``block_m`` / ``block_n`` (non-zero)
-    force the tile sizes."""
-    arch = _arch(q) or 90
-    products = "16-bit" if q.dtype != torch.float32 else "tf32" if precision == "tf32" else "fp32"
-    tiles = _TILES[90 if arch >= 90 else 80, products, q.shape[-1] > 64][_KERNELS.index(kernel)]
-    return replace(tiles, block_m=block_m or tiles.block_m, block_n=block_n or tiles.block_n)
+def _tiles(kernel: str, q: torch.Tensor, geometry: tuple, block_m: int, block_n: int,
+           launch: Callable[[Tiles], object]) -> Tiles:
+    """``kernel``'s settings for this call (``kernels.triton.tuning``; the interpreter takes sm_90's table):
+    ``block_m`` / ``block_n`` (non-zero) force the tile sizes, else the autotuner chooses among its candidates."""
+    key = tuning.table_key(_arch(q) or 90, q.dtype, _precision(q), q.shape[-1])
+    if block_m or block_n:
+        default = tuning.DEFAULTS[key][tuning.KERNELS.index(kernel)]
+        return replace(default, block_m=block_m or default.block_m, block_n=block_n or default.block_n)
+    pattern, text_len, fmap_size, kernel_size, dilation, _ = geometry
+    shape = f"{pattern}|seq{q.shape[2]}|text{text_len}|fmap{fmap_size}|k{kernel_size}|dil{dilation}"
+    return tuning.choose(kernel, key, q, shape, launch)
 
 
-def _setup(q: torch.Tensor, pattern: str, text_len: int, fmap_size: int, kernel_size: int, dilation: int,
-           tiles: Tiles) -> tuple[BlockPlan, tuple[int, int, int, int], dict]:
-    """The block plan, the in-kernel mask's runtime scalars and the compile-time constants of one call."""
+def _setup(q: torch.Tensor, geometry: tuple, tiles: Tiles) -> tuple[BlockPlan, tuple[int, int, int, int], dict]:
+    """The block plan, the in-kernel mask's runtime scalars and the compile-time constants of one launch."""
+    pattern, text_len, fmap_size, kernel_size, dilation, _ = geometry
     plan = block_plan(pattern, q.shape[2], text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
                       dilation=dilation, block_m=tiles.block_m, block_n=tiles.block_n, device=str(q.device))
     reach = (kernel_size - 1) * dilation if pattern == "conv_like" else (kernel_size // 2) * dilation
-    head_dim = q.shape[-1]
-    const = dict(PATTERN=_PATTERN_CODES[pattern], HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), UPCAST=_upcast(q), PRECISION=_precision(q))
+    const = dict(PATTERN=_PATTERN_CODES[pattern], HEAD_DIM=q.shape[-1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                 BLOCK_D=_block_d(q), UPCAST=_upcast(q), PRECISION=_precision(q))
     return plan, (text_len, fmap_size, reach, dilation), const
+
+
+def _block_d(q: torch.Tensor) -> int:
+    return max(16, triton.next_power_of_2(q.shape[-1]))
 
 
 def _upcast(q: torch.Tensor) -> bool:
@@ -349,24 +329,57 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if exact or _upcast(q) or _interpreting() else "tf32"
 
 
+def _launch_fwd(q, k, v, out, lse, geometry: tuple, tiles: Tiles) -> None:
+    batch, heads, seq, _ = q.shape
+    plan, mask_args, const = _setup(q, geometry, tiles)
+    _fwd_kernel[(plan.q_bounds.numel() - 1, batch * heads)](
+        q, k, v, out, lse,
+        plan.q_bounds, plan.k_bounds, plan.kv_counts, plan.kv_indices, plan.kv_full.view(torch.uint8),
+        plan.kv_indices.stride(0),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, seq, geometry[-1] * _LOG2E, *mask_args,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **const,
+    )
+
+
+def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, geometry: tuple, tiles: Tiles) -> None:
+    """dK and dV: a program per key tile, over the transposed plan."""
+    batch, heads, seq, _ = q.shape
+    plan, mask_args, const = _setup(q, geometry, tiles)
+    _bwd_dkdv_kernel[(plan.k_bounds.numel() - 1, batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        plan.q_bounds, plan.k_bounds, plan.q_counts, plan.q_indices, plan.q_full.view(torch.uint8),
+        plan.q_indices.stride(0),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk),
+        heads, seq, geometry[-1] * _LOG2E, geometry[-1], *mask_args,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **const,
+    )
+
+
+def _launch_dq(q, k, v, grad_out, lse, delta, dq, geometry: tuple, tiles: Tiles) -> None:
+    batch, heads, seq, _ = q.shape
+    plan, mask_args, const = _setup(q, geometry, tiles)
+    _bwd_dq_kernel[(plan.q_bounds.numel() - 1, batch * heads)](
+        q, k, v, grad_out, lse, delta, dq,
+        plan.q_bounds, plan.k_bounds, plan.kv_counts, plan.kv_indices, plan.kv_full.view(torch.uint8),
+        plan.kv_indices.stride(0),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        heads, seq, geometry[-1] * _LOG2E, geometry[-1], *mask_args,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **const,
+    )
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, text_len: int, fmap_size: int,
              kernel_size: int, dilation: int, scale: float, block_m: int = 0, block_n: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last(x) for x in (q, k, v))
-    batch, heads, seq, head_dim = q.shape
-    tiles = launch_tiles("fwd", q, _precision(q), block_m, block_n)
-    plan, mask_args, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, tiles)
+    geometry = (pattern, text_len, fmap_size, kernel_size, dilation, scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     with _device_guard(q):
-        _fwd_kernel[(plan.q_bounds.numel() - 1, batch * heads)](
-            q, k, v, out, lse,
-            plan.q_bounds, plan.k_bounds, plan.kv_counts, plan.kv_indices, plan.kv_full.view(torch.uint8),
-            plan.kv_indices.stride(0),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            heads, seq, scale * _LOG2E, *mask_args,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **const,
-        )
+        tiles = _tiles("fwd", q, geometry, block_m, block_n,
+                       lambda t: _launch_fwd(q, k, v, torch.empty_like(out), torch.empty_like(lse), geometry, t))
+        _launch_fwd(q, k, v, out, lse, geometry, tiles)
     return out, lse
 
 
@@ -375,35 +388,24 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
               scale: float, block_m: int = 0, block_n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, grad_out = (_unit_last(x) for x in (q, k, v, out, grad_out))
     batch, heads, seq, head_dim = q.shape
-    dkdv = launch_tiles("dkdv", q, _precision(q), block_m, block_n)
-    dq = launch_tiles("dq", q, _precision(q), block_m, block_n)
-    # Each kernel walks the plan of its own tiles (dK/dV its transpose): their best shapes differ, as the product
-    # whose result feeds the next one needs as many rows as its warps cover (16 each) to avoid repeating work.
-    plan_k, mask_args, const_k = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, dkdv)
-    plan, _, const = _setup(q, pattern, text_len, fmap_size, kernel_size, dilation, dq)
+    geometry = (pattern, text_len, fmap_size, kernel_size, dilation, scale)
     delta = torch.empty_like(lse)
-    dq_out, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    scalars = (heads, seq, scale * _LOG2E, scale, *mask_args)
+    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    inputs = (q, k, v, grad_out, lse, delta)
     with _device_guard(q):
         _bwd_preprocess_kernel[(triton.cdiv(seq, _PRE_ROWS), batch * heads)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq,
-            HEAD_DIM=head_dim, BLOCK_M=_PRE_ROWS, BLOCK_D=const["BLOCK_D"],
+            HEAD_DIM=head_dim, BLOCK_M=_PRE_ROWS, BLOCK_D=_block_d(q),
         )
-        _bwd_dkdv_kernel[(plan_k.k_bounds.numel() - 1, batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv,
-            plan_k.q_bounds, plan_k.k_bounds, plan_k.q_counts, plan_k.q_indices, plan_k.q_full.view(torch.uint8),
-            plan_k.q_indices.stride(0),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *scalars,
-            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **const_k,
-        )
-        _bwd_dq_kernel[(plan.q_bounds.numel() - 1, batch * heads)](
-            q, k, v, grad_out, lse, delta, dq_out,
-            plan.q_bounds, plan.k_bounds, plan.kv_counts, plan.kv_indices, plan.kv_full.view(torch.uint8),
-            plan.kv_indices.stride(0),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq_out), *scalars,
-            num_warps=dq.num_warps, num_stages=dq.num_stages, **const,
-        )
-    return dq_out, dk, dv
+        # Each kernel walks the plan of its own tiles (dK/dV its transpose): their best shapes differ, as the
+        # product whose result feeds the next one needs as many rows as its warps cover (16 each).
+        tiles = _tiles("dkdv", q, geometry, block_m, block_n,
+                       lambda t: _launch_dkdv(*inputs, torch.empty_like(dk), torch.empty_like(dv), geometry, t))
+        _launch_dkdv(*inputs, dk, dv, geometry, tiles)
+        tiles = _tiles("dq", q, geometry, block_m, block_n,
+                       lambda t: _launch_dq(*inputs, torch.empty_like(dq), geometry, t))
+        _launch_dq(*inputs, dq, geometry, tiles)
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,8 +481,8 @@ def sparse_attention(
             under ``TRITON_INTERPRET=1``); ``dim_head`` at most 128.
         pattern, text_len, fmap_size, kernel_size, dilation: the pattern and geometry (``kernels.masks``).
         scale: score scale, default ``dim_head ** -0.5``.
-        block_m, block_n: query / key tile sizes, powers of two >= 16 (default: ``launch_tiles``'s choice for the
-            GPU, dtype and head dim).
+        block_m, block_n: query / key tile sizes, powers of two >= 16 (default: ``kernels.triton.tuning``'s choice
+            for the GPU, dtype, head dim and shape).
 
     Returns:
         ``(batch, heads, seq, dim_head)`` in the input dtype.
