@@ -268,6 +268,33 @@ class HugTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int, json_path: PathLike) -> HugTokenizer:
+        """A byte-level BPE trained on ``texts``, saved to ``json_path`` and loaded: what ``train.py`` trains when
+        no tokenizer is given. Captions are NFKC-normalised and lowercased, as DALL-E's were; "<pad>" is id 0.
+
+        The same texts give the same merges, and the same file byte for byte, in every process (the trainer breaks
+        ties between equally frequent pairs by their ids); ``vocab_size`` counts the 256 byte symbols and the pad.
+        """
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        if vocab_size < 257:
+            raise ValueError(f"a byte-level BPE needs a vocabulary of at least 257 (256 bytes + padding), "
+                             f"got {vocab_size}")
+        tokenizer = HFTokenizer(models.BPE())
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        data = tokenizer.to_str().encode("utf-8")
+        path = Path(json_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return cls.from_bytes(data)
+
 
 _CLIP_VOCAB_NAMES = ("bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.txt")
 _CLIP_VOCAB_PACKAGES = ("clip", "open_clip", "dalle_pytorch")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -55,7 +56,7 @@ from engine.precision import (
 )
 from engine.run_lock import RunLock, RunLocked
 from engine.shapes import HELD_OUT, ShapesDataset
-from engine.tokenizers import Tokenizer, YttmTokenizer, build_tokenizer
+from engine.tokenizers import HugTokenizer, Tokenizer, YttmTokenizer, build_tokenizer
 
 if TYPE_CHECKING:
     from engine.checkpoint import Checkpoint
@@ -264,7 +265,10 @@ def add_tokenizer_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--hug", action="store_true")
     group.add_argument("--chinese", action="store_true")
     group.add_argument("--bpe_vocab_size", type=positive_int, default=8000,
-                       help="vocabulary of a BPE trained on the captions")
+                       help="vocabulary of a BPE trained on the captions (at least 257 for the byte-level BPE)")
+    group.add_argument("--yttm", action="store_true",
+                       help="without --bpe_path, train a YouTokenToMe BPE (needs youtokentome) instead of the "
+                            "default byte-level BPE, whose merges repeat in every process")
     group.add_argument("--num_workers", type=non_negative_int, default=2)
 
 
@@ -325,6 +329,13 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
         p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
     check_device(p, args.device)
     check_output_folders(p, args, name_flag)
+    resumes = getattr(args, "dalle_path", None) or getattr(args, "clip_path", None)  # its tokenizer, if it has one
+    trains_bpe = hasattr(args, "bpe_vocab_size") and not (args.bpe_path or args.hug or args.chinese or resumes)
+    if trains_bpe and not args.yttm and args.bpe_vocab_size < 257:
+        p.error(f"--bpe_vocab_size {args.bpe_vocab_size}: the byte-level BPE trained on the captions needs at least "
+                f"257 (256 bytes + padding)")
+    if trains_bpe and args.yttm and importlib.util.find_spec("youtokentome") is None:
+        p.error("--yttm needs youtokentome: pip install Cython && pip install --no-build-isolation youtokentome")
     folder = args.image_text_folder
     if folder is not None and not args.wds and not Path(folder).is_dir():
         p.error(f"--image_text_folder: {folder!r} does not exist or is not a folder")
@@ -406,14 +417,14 @@ def build_data(args: argparse.Namespace, tokenizer: Tokenizer, text_len: int, im
 
 
 def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first: Callable) -> Tokenizer:
-    """The tokenizer the flags name, or a YouTokenToMe BPE trained on the data's captions (saved as
-    <name>-bpe.model)."""
+    """The tokenizer the flags name, or a BPE trained on the data's captions: byte-level (HuggingFace
+    ``tokenizers``, saved as <name>-bpe.json), or YouTokenToMe with ``--yttm`` (<name>-bpe.model)."""
     if args.bpe_path or args.chinese or args.hug:
         try:
             return build_tokenizer(bpe_path=args.bpe_path, hug=args.hug, chinese=args.chinese)
         except (OSError, ValueError, ImportError) as e:
             raise SystemExit(f"error: cannot load the tokenizer: {e}") from None
-    model_file = f"{name}-bpe.model"
+    kind, model_file = (YttmTokenizer, f"{name}-bpe.model") if args.yttm else (HugTokenizer, f"{name}-bpe.json")
 
     def train_bpe() -> Tokenizer:
         captions, unreadable = sample_captions(args)
@@ -423,11 +434,11 @@ def build_tokenizer_for(args: argparse.Namespace, name: str, rank0_first: Callab
         if not lines:
             raise SystemExit(f"error: no captions found in {args.image_text_folder} to train a tokenizer on")
         try:
-            return YttmTokenizer.train(lines, args.bpe_vocab_size, model_file)
+            return kind.train(lines, args.bpe_vocab_size, model_file)
         except ValueError as e:  # e.g. a vocabulary smaller than the captions' alphabet
             raise SystemExit(f"error: cannot train a tokenizer on the captions: {e} (--bpe_vocab_size)") from None
 
-    return rank0_first(train_bpe, lambda: YttmTokenizer(model_file))
+    return rank0_first(train_bpe, lambda: kind(model_file))
 
 
 def epoch_batches(dataset, args: argparse.Namespace, progress: Progress, micro_batch: int, rank: int, world: int):

@@ -20,7 +20,7 @@ from engine.vae import DiscreteVAE, DiscreteVAEConfig
 from test_checkpoint import tiny_dalle
 
 TINY_DALLE = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim_head", "16", "--text_seq_len", "8",
-              "--num_workers", "0", "--log_every_n_steps", "1", "--sample_every_n_steps", "0", "--bpe_vocab_size", "30",
+              "--num_workers", "0", "--log_every_n_steps", "1", "--sample_every_n_steps", "0", "--bpe_vocab_size", "300",
               "--truncate_captions", "--batch_size", "4", "--epochs", "1", "--output_dir", "logs"]
 TINY_VAE = ["--image_size", "16", "--num_tokens", "16", "--num_layers", "2", "--num_resnet_blocks", "0",
             "--emb_dim", "8", "--hidden_dim", "8", "--batch_size", "4", "--num_workers", "0", "--epochs", "1",

@@ -31,7 +31,7 @@ TINY_VAE = ["--image_size", "16", "--num_tokens", "16", "--num_layers", "2", "--
             "--batch_size", "4", "--num_workers", "0", "--sample_every_n_steps", "0"]
 TINY_CLIP = ["--dim_text", "32", "--dim_image", "32", "--dim_latent", "16", "--text_enc_depth", "1",
              "--visual_enc_depth", "1", "--text_heads", "1", "--visual_heads", "1", "--text_seq_len", "12",
-             "--visual_image_size", "16", "--visual_patch_size", "8", "--num_workers", "0", "--bpe_vocab_size", "40"]
+             "--visual_image_size", "16", "--visual_patch_size", "8", "--num_workers", "0", "--bpe_vocab_size", "300"]
 
 
 def refused(main, argv: list[str], capsys) -> str:

@@ -1,5 +1,8 @@
 """Tokenizers: round trips, the 0-padding rule, truncation, serialisation and CLI flag selection."""
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,11 +69,20 @@ def clip() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-@pytest.fixture(params=["yttm", "hug", "clip", "chinese"])
+@pytest.fixture(scope="module")
+def trained_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("trained") / "bpe.json"
+    HugTokenizer.train(CORPUS, vocab_size=300, json_path=path)
+    return path
+
+
+@pytest.fixture(params=["yttm", "hug", "trained", "clip", "chinese"])
 def case(request: pytest.FixtureRequest) -> tuple[Tokenizer, list[str]]:
     """Each tokenizer with captions that it round-trips exactly."""
     if request.param == "yttm":
         return YttmTokenizer(request.getfixturevalue("yttm_path")), CAPTIONS
+    if request.param == "trained":
+        return HugTokenizer(request.getfixturevalue("trained_bpe")), CAPTIONS
     if request.param == "hug":
         return HugTokenizer(request.getfixturevalue("hug_path")), CAPTIONS
     if request.param == "clip":
@@ -219,3 +231,36 @@ def test_missing_files_name_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_unknown_kind() -> None:
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
         tokenizer_from_bytes("sentencepiece", b"")
+
+
+TRAIN_IN_A_PROCESS = """
+import sys
+from engine.tokenizers import HugTokenizer
+colours, shapes, places = ["red", "green", "blue", "yellow"], ["cube", "sphere", "cone"], ["table", "floor", "shelf"]
+captions = [f"A {c} {s} on the {p}, next to a {d} {t}" for c in colours for s in shapes for p in places
+            for d in colours for t in shapes]
+HugTokenizer.train(captions, vocab_size=int(sys.argv[2]), json_path=sys.argv[1])
+"""
+
+
+def test_the_default_bpe_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """train.py's tokenizer: the same captions give the same file, whatever the hash seed or thread count."""
+    root = Path(__file__).resolve().parents[1]
+    for i, (hash_seed, threads) in enumerate([("0", "1"), ("12345", "2"), ("random", "2")]):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "RAYON_NUM_THREADS": threads, "PYTHONPATH": str(root)}
+        subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(tmp_path / f"{i}.json"), "320"], env=env,
+                       check=True, cwd=root, timeout=120)
+    files = [(tmp_path / f"{i}.json").read_bytes() for i in range(3)]
+    assert files[0] == files[1] == files[2]
+    tokenizer = HugTokenizer(tmp_path / "0.json")
+    assert 257 < tokenizer.vocab_size <= 320  # 256 bytes, the pad and the merges these few words allow
+    ids = tokenizer.encode("A RED Cube on the table")
+    assert 0 not in ids and len(ids) < len("a red cube on the table") / 2  # merged words, never the pad
+    assert tokenizer.decode(ids) == "a red cube on the table"  # NFKC-normalised and lowercased
+    assert tokenizer.decode(tokenizer.encode("ünïcödé ＡＢＣ 🙂")) == "ünïcödé abc 🙂"  # any text: bytes at worst
+
+
+def test_the_default_bpe_needs_room_for_the_bytes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 257"):
+        HugTokenizer.train(CORPUS, vocab_size=100, json_path=tmp_path / "bpe.json")
+    assert not (tmp_path / "bpe.json").exists()

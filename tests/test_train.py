@@ -14,7 +14,7 @@ def test_train_on_builtin_data_then_generate(tmp_path):
     train = [sys.executable, str(ROOT / "train.py"), "--dalle_output_file_name", "run/dalle", "--num_samples", "64",
              "--batch_size", "16", "--vae_steps", "3", "--dim", "32", "--depth", "2", "--heads", "2",
              "--dim_head", "16", "--text_seq_len", "16", "--attn_types", "axial_row,conv_like",
-             "--bpe_vocab_size", "60", "--truncate_captions", "--epochs", "1"]
+             "--bpe_vocab_size", "300", "--truncate_captions", "--epochs", "1"]
     subprocess.run(train, check=True, cwd=tmp_path, capture_output=True)
     ckpt = load_dalle(tmp_path / "run" / "dalle.safetensors")
     assert ckpt.model.config.attn_types == ("axial_row", "conv_like") and ckpt.extra["progress"]["step"] == 4

@@ -18,7 +18,7 @@ from engine.vae import DiscreteVAE, DiscreteVAEConfig
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim_head", "16", "--text_seq_len", "12",
               "--attn_types", "full,axial_row", "--num_workers", "0", "--log_every_n_steps", "1",
-              "--sample_every_n_steps", "0", "--bpe_vocab_size", "40", "--truncate_captions"]
+              "--sample_every_n_steps", "0", "--bpe_vocab_size", "300", "--truncate_captions"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
 
