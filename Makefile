@@ -25,10 +25,10 @@ DEMO_PROMPTS := a large red circle on the middle left|a small blue square at the
 demo: install
 	$(PY) train.py --dalle_output_file_name demo/dalle --epochs 1 --num_samples 30000 --batch_size 32 --learning_rate 1e-3 \
 		--dim 128 --depth 4 --heads 4 --dim_head 32 --text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like \
-		--bpe_vocab_size 300 --sample_every_n_steps 200 --num_workers 0 --no-shift_tokens
+		--bpe_vocab_size 400 --sample_every_n_steps 200 --num_workers 0 --no-shift_tokens
 	$(PY) train_clip.py --clip_output_file_name demo/clip --epochs 1 --num_samples 30000 --batch_size 64 \
 		--learning_rate 1e-3 --dim_text 128 --dim_image 128 --dim_latent 128 --text_enc_depth 2 --visual_enc_depth 2 \
-		--text_seq_len 16 --visual_image_size 32 --visual_patch_size 8 --bpe_vocab_size 300 --num_workers 0
+		--text_seq_len 16 --visual_image_size 32 --visual_patch_size 8 --bpe_vocab_size 400 --num_workers 0
 	$(PY) generate.py --dalle_path demo/dalle.safetensors --clip_path demo/clip.safetensors --text '$(DEMO_PROMPTS)' \
 		--num_images 8 --batch_size 8 --outputs_dir outputs --seed 0
 	$(PY) -m engine.eval_demo --dalle_path demo/dalle.safetensors --clip_path demo/clip.safetensors \
