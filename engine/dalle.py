@@ -212,6 +212,17 @@ class DALLE(nn.Module):
         weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
         return linear(h, weight[V:], bias[V:]) if image else linear(h, weight[:V], bias[:V])
 
+    def image_log_likelihood(self, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Each row's log p(codes | text) (batch,), summed over its image tokens, by one full forward pass: what
+        reranking and caption retrieval compare. ``codes`` is the whole image, (batch, image_seq_len)."""
+        c = self.config
+        if codes.ndim != 2 or codes.shape[1] != c.image_seq_len:
+            raise ValueError(f"image_log_likelihood needs whole images: (batch, {c.image_seq_len}) codes, "
+                             f"got {tuple(codes.shape)}")
+        x = self._hidden(text, codes, null_cond_prob=0.0)[0]
+        logits = self._vocab_logits(x[:, c.text_seq_len:], image=True).float()
+        return logits.log_softmax(-1).gather(-1, codes[..., None])[..., 0].sum(-1)
+
     def full_pass_logits(self, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """The next image code's logits over the image vocabulary by one full forward pass over caption + ``codes``:
         the uncached sampler's step."""
