@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=fraction, default=None,
                    help="nucleus sampling: keep the most likely tokens that reach this probability mass")
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--cond_scale", type=number(float, math.isfinite, "a finite number"), default=1.0,
-                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cond_scale", type=number(float, math.isfinite, "a finite number"), default=None,
+                   help="classifier-free guidance scale, 1 = off (default: guided for a model trained with null "
+                        "captions, --null_cond_prob > 0, else 1)")
     p.add_argument("--seed", type=rng_seed, default=None,
                    help="makes the samples reproducible (default: a random seed, recorded in settings.json)")
     p.add_argument("--img", default=None, help="image whose first rows prime the generation")
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     # A float --top_k is DALLE-pytorch's threshold, an int a count (see top_k_arg).
     filter_thres, top_k = (args.top_k, None) if isinstance(args.top_k, float) else (None, args.top_k)
     text_options = dict(filter_thres=filter_thres, top_k=top_k, top_p=args.top_p, temperature=args.temperature)
-    image_options = dict(text_options, cond_scale=args.cond_scale, num_init_img_tokens=num_init,
+    cond_scale = c.default_cond_scale if args.cond_scale is None else args.cond_scale
+    image_options = dict(text_options, cond_scale=cond_scale, num_init_img_tokens=num_init,
                          use_cache=not args.no_cache, step_fn=step_fn)
 
     try:
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint=str(Path(args.dalle_path).resolve()), tokenizer=type(tokenizer).__name__,
             device=str(args.device), seed=seed, num_images=args.num_images, batch_size=args.batch_size,
             filter_thres=filter_thres, top_k=top_k, top_p=args.top_p, temperature=args.temperature,
-            cond_scale=args.cond_scale, img=None if prime is None else str(Path(args.img).resolve()),
+            cond_scale=cond_scale, img=None if prime is None else str(Path(args.img).resolve()),
             num_init_img_tokens=num_init, truncate_captions=args.truncate_captions, gentxt=args.gentxt,
             rerank=args.rerank, clip=None if clip is None else str(Path(args.clip_path).resolve()), keep=args.keep,
             use_cache=not args.no_cache, compile=step_fn is not None, precision=precision,

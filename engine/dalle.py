@@ -260,7 +260,7 @@ class DALLE(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         temperature: float = 1.0,
-        cond_scale: float = 1.0,
+        cond_scale: float | None = None,
         img: torch.Tensor | None = None,
         num_init_img_tokens: int | None = None,
         seed: int | None = None,
@@ -272,7 +272,8 @@ class DALLE(nn.Module):
 
         Sampling: ``filter_thres`` is DALLE-pytorch's top-k as a fraction of the whole vocabulary (None: off),
         ``top_k`` an absolute count of image tokens, ``top_p`` nucleus sampling, then ``temperature``; ``cond_scale``
-        != 1 is classifier-free guidance (conditional and null-caption rows in one batch). ``img`` primes generation
+        != 1 is classifier-free guidance (conditional and null-caption rows in one batch; default: the config's
+        ``default_cond_scale``, guided for a model trained with null captions). ``img`` primes generation
         with its first ``num_init_img_tokens`` codes (default 0.4375 of the grid). ``seed``: same seed and settings,
         same images.
 
@@ -308,7 +309,7 @@ class DALLE(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         temperature: float = 1.0,
-        cond_scale: float = 1.0,
+        cond_scale: float | None = None,
         prime: torch.Tensor | None = None,
         seed: int | None = None,
         use_cache: bool = True,
@@ -317,6 +318,7 @@ class DALLE(nn.Module):
         """Image codes (batch, image_seq_len) and their log-likelihood scores (batch,); see ``generate_images``.
         ``prime``: the first codes of every image, (batch, n)."""
         c = self.config
+        cond_scale = c.default_cond_scale if cond_scale is None else cond_scale
         text = text[:, : c.text_seq_len]
         self._check_text(text)
         batch = text.shape[0]

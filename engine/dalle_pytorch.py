@@ -280,6 +280,7 @@ def _config(hparams: dict, weights: dict, vae_config: Any, version: Any, conv_ce
                 first: dict[Any, int] = {}
                 values[name] = tuple(first.setdefault(i, n) for n, i in enumerate(values[name]))
         values["conv_centered"] = _conv_centered(version, conv_centered, values["attn_types"], path)
+        values["null_cond_prob"] = 0.0  # train_dalle.py never drops captions, so guidance stays off by default
         config = DALLEConfig(num_image_tokens=vae_config.num_tokens, image_fmap_size=vae_config.fmap_size, **values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: hparams this engine cannot build: {e}") from e

@@ -194,7 +194,7 @@ def evaluate(
     batch_size: int = 16,
     filter_thres: float = 0.9,
     temperature: float = 1.0,
-    cond_scale: float = 1.0,
+    cond_scale: float | None = None,
     truncate_text: bool = False,
     device: str | torch.device = "cpu",
     save_dir: str | Path | None = None,
@@ -279,8 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=number(float, lambda x: 0 <= x < 1, "a fraction in [0, 1)"), default=0.9,
                    help="top-k threshold, as a fraction of the vocabulary")
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--cond_scale", type=number(float, math.isfinite, "a finite number"), default=1.0,
-                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cond_scale", type=number(float, math.isfinite, "a finite number"), default=None,
+                   help="classifier-free guidance scale, 1 = off (default: the model's, guided if it was trained "
+                        "with null captions)")
     p.add_argument("--truncate_captions", action="store_true", help="truncate prompts longer than the model's text")
     p.add_argument("--json", default=None, help="write the figures and arguments to this file")
     p.add_argument("--save_dir", default=None, help="write a PNG grid of each prompt's images here")
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError, RuntimeError) as e:
             raise SystemExit(f"error: {e}") from None
         clip, clip_tokenizer = clip_ckpt.model.eval(), clip_ckpt.tokenizer  # None: the DALL-E's
+    if args.cond_scale is None:  # resolved here, so that the report says which scale was used
+        args.cond_scale = model.config.default_cond_scale
     trained, held_out = demo_prompts(args.seed)
     groups = {}
     for name, prompts in (("trained", trained), ("held_out", held_out)):
