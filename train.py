@@ -28,6 +28,7 @@ from engine.checkpoint import load_dalle, load_vae, save_dalle, save_vae
 from engine.cli import non_negative_int, positive_int
 from engine.config import DALLEConfig, add_config_args, config_from_args
 from engine.dalle import DALLE
+from engine.eval import at_least_two, eval_samples, evaluate
 from engine.shapes import BACKGROUNDS
 from engine.tokenizers import Tokenizer
 from engine.training import (
@@ -44,6 +45,7 @@ from engine.training import (
     build_data,
     build_tokenizer_for,
     builtin_shapes,
+    check_data_source,
     claim_outputs,
     load_or_exit,
     micro_batch_size,
@@ -75,6 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--dalle_output_file_name", default="dalle", help="checkpoint <name>.safetensors")
     add_output_args(out)
     out.add_argument("--sample_every_n_steps", type=non_negative_int, default=1000, help="0 disables sample images")
+    val = p.add_argument_group("validation on held-out pairs (engine.eval)")
+    val.add_argument("--val_folder", default=None,
+                     help="held-out image-caption pairs (a folder, or shards with --wds): caption retrieval by the "
+                          "model's likelihood and image-token perplexity, logged as val/...")
+    val.add_argument("--val_every_n_steps", type=positive_int, default=500,
+                     help="validate every N optimizer steps, and after the last")
+    val.add_argument("--val_pairs", type=positive_int, default=128, help="the first N readable held-out pairs")
+    val.add_argument("--val_candidates", type=at_least_two, default=16,
+                     help="captions each image is ranked among (its own and N - 1 others)")
     add_wandb_args(out)
     add_distributed_args(p.add_argument_group("distributed"))
     demo = p.add_argument_group("built-in shapes data (no --image_text_folder)")
@@ -82,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--vae_steps", type=positive_int, default=1500, help="DiscreteVAE training steps")
     add_config_args(p, DALLEConfig, exclude=DERIVED)
     args = parse_training_args(p, argv, "dalle_output_file_name")
+    if args.val_folder is not None:
+        check_data_source(p, "--val_folder", args.val_folder, args.wds)
     try:  # check the model flags now, not after a VAE and a tokenizer have been trained
         config_from_args(DALLEConfig, args, **dict.fromkeys(DERIVED, 1))
         if args.image_text_folder is None and not (args.vae_path or args.dalle_path):
@@ -189,13 +202,34 @@ def train(args: argparse.Namespace, dist: Distributed) -> None:
 
     trainer = Trainer(args, model, dist, name=name, micro_batch=micro_batch, resumed=resumed, write=write)
 
+    whole_model_here = dist.rank == 0 and not (dist.deepspeed and args.zero_stage == 3)
+
+    def validate(step: int) -> None:
+        samples, _ = eval_samples(args.val_folder, tokenizer=tokenizer, text_len=config.text_seq_len,
+                                  image_size=model.vae.image_size, wds=args.wds or "",
+                                  truncate_captions=args.truncate_captions, seed=args.seed)
+        report = evaluate(model, tokenizer, samples, candidates=args.val_candidates, num_pairs=args.val_pairs,
+                          seed=args.seed, batch_size=micro_batch, device=dist.device)
+        if report["pairs"]:
+            retrieval = report["retrieval"] or {}
+            trainer.logger.scalars(step, **{f"val/{k}": v for k, v in (
+                ("retrieval_top1", retrieval.get("top1")), ("retrieval_mean_rank", retrieval.get("mean_rank")),
+                ("perplexity", report["perplexity"]), ("pairs", report["pairs"])) if v is not None})
+
     def after_step(step: int, text: torch.Tensor) -> None:
-        if args.sample_every_n_steps and step % args.sample_every_n_steps == 0 and dist.rank == 0 \
-                and not (dist.deepspeed and args.zero_stage == 3):
+        if args.sample_every_n_steps and step % args.sample_every_n_steps == 0 and whole_model_here:
             _log_sample(model, tokenizer, text[:1], trainer.logger, step)
+        if args.val_folder and step % args.val_every_n_steps == 0 and whole_model_here:
+            validate(step)
+
+    def after_epoch() -> None:  # the final model's figures, unless its last step has just logged them
+        progress = trainer.progress
+        if args.val_folder and whole_model_here and progress.epoch == args.epochs and \
+                progress.step % args.val_every_n_steps:
+            validate(progress.step)
 
     trainer.fit(dataset, lambda module, text, images: module(text, images, return_loss=True), desc="dalle",
-                tokens_per_sample=config.total_seq_len, after_step=after_step)
+                tokens_per_sample=config.total_seq_len, after_step=after_step, after_epoch=after_epoch)
     if dist.rank == 0:
         progress = trainer.progress
         print(f"wrote {ckpt_path} (step {progress.step}, {progress.samples_skipped} bad samples skipped)")

@@ -308,6 +308,17 @@ def add_shapes_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--image_size", type=positive_int, default=32)
 
 
+def check_data_source(p: argparse.ArgumentParser, flag: str, folder: str, wds: str | None) -> None:
+    """A parse error unless ``folder`` is a folder, or with --wds names shards that exist."""
+    if not wds and not Path(folder).is_dir():
+        p.error(f"{flag}: {folder!r} does not exist or is not a folder")
+    if wds:
+        try:
+            webdataset_source(folder)
+        except FileNotFoundError as e:
+            p.error(f"{flag}: {e}")
+
+
 def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name_flag: str) -> argparse.Namespace:
     """Parse with DeepSpeed's own flags (--deepspeed, --deepspeed_config) added, or a stand-in that says how to get
     them, and check the flags every training script shares, the output folders included (`name_flag`: the flag of
@@ -336,14 +347,8 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
                 f"257 (256 bytes + padding)")
     if trains_bpe and args.yttm and importlib.util.find_spec("youtokentome") is None:
         p.error("--yttm needs youtokentome: pip install Cython && pip install --no-build-isolation youtokentome")
-    folder = args.image_text_folder
-    if folder is not None and not args.wds and not Path(folder).is_dir():
-        p.error(f"--image_text_folder: {folder!r} does not exist or is not a folder")
-    if folder is not None and args.wds:
-        try:
-            webdataset_source(folder)
-        except FileNotFoundError as e:
-            p.error(f"--image_text_folder: {e}")
+    if args.image_text_folder is not None:
+        check_data_source(p, "--image_text_folder", args.image_text_folder, args.wds)
     args.deepspeed_overrides = {}  # a --deepspeed_config file's settings, read once here
     if getattr(args, "deepspeed_config", None):
         try:

@@ -69,6 +69,20 @@ def test_folder_training_skips_bad_samples(tmp_path, folder, vae_path, monkeypat
     assert ckpt.extra["progress"]["step"] == 4 and ckpt.tokenizer is not None
 
 
+def test_validation_on_held_out_pairs_is_logged(tmp_path, folder, vae_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main(["--image_text_folder", str(folder), "--vae_path", str(vae_path), "--batch_size", "7",
+                "--epochs", "3", "--output_dir", "logs", "--val_folder", str(folder), "--val_every_n_steps", "4",
+                "--val_candidates", "3", *TINY_MODEL])
+    val = [r for r in metrics(tmp_path / "logs") if "val/perplexity" in r]
+    assert [r["step"] for r in val] == [4, 6]  # every 4 steps, and after the last (6)
+    for r in val:
+        assert r["val/pairs"] == 12 and 1 <= r["val/retrieval_mean_rank"] <= 3 and r["val/perplexity"] > 1
+        assert 0 <= r["val/retrieval_top1"] <= 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--image_text_folder", str(folder), "--val_folder", str(tmp_path / "missing")])
+
+
 def test_webdataset_training(tmp_path, vae_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shards = tmp_path / "shards"
