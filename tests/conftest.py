@@ -14,9 +14,8 @@ from engine.dalle import DALLE
 
 
 def tiny_config(**overrides) -> DALLEConfig:
-    # Without null captions, so sampling is unguided unless a test asks (test_model.py covers the guided default).
     base = dict(num_text_tokens=23, text_seq_len=5, num_image_tokens=17, image_fmap_size=3,
-                dim=32, depth=2, heads=2, dim_head=16, null_cond_prob=0.0)
+                dim=32, depth=2, heads=2, dim_head=16)
     base.update(overrides)
     return DALLEConfig(**base)
 
