@@ -138,7 +138,7 @@ def folded_table(rows: list[dict]) -> str:
         if r["kernel"] in ("fwd", "bwd_dkdv", "bwd_dq"):
             key = (r["arch"], "16-bit" if products == "fp16/bf16" else "tf32" if tf32 else "fp32", r["head_dim"] > 64)
             products += " exact" if products == "fp32" else ""
-            default = tuning.DEFAULTS[key][tuning.KERNELS.index(r["kernel"].removeprefix("bwd_"))]
+            default = tuning.default(r["kernel"].removeprefix("bwd_"), key)
             role = "default" if (r["blocks"], r["num_warps"], r["num_stages"]) == (
                 f"{default.block_m}x{default.block_n}", default.num_warps, default.num_stages) else "alternative"
         half = "16-64" if r["head_dim"] <= 64 else "80-128"

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from engine.clip import CLIP, CLIPConfig
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
+from engine.files import umask
 from engine.formats import (
     CheckpointError,
     build_on_meta,
@@ -146,7 +147,7 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ext
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's files are private (0600); a checkpoint is an ordinary file
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's files are private (0600); a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -156,12 +157,6 @@ def _write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ext
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:

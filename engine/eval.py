@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from engine.checkpoint import load_clip, load_dalle
 from engine.cli import check_device, check_writable, number, positive_int, rng_seed
 from engine.data import Sample, Skip, TextImageFolder, WebDatasetStream, webdataset_source
+from engine.files import write_atomically
 from engine.tokenizers import Tokenizer
 from engine.training import build_data, load_or_exit
 
@@ -303,18 +303,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as f:
-        try:
-            f.write(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    write_atomically(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import torch
 from tokenizers import BertWordPieceTokenizer
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.files import write_atomically
+
 PathLike = str | os.PathLike[str]
 _T = TypeVar("_T", bound="Tokenizer")
 
@@ -289,10 +291,7 @@ class HugTokenizer(Tokenizer):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tokenizer.train_from_iterator(texts, trainer=trainer)
         data = tokenizer.to_str().encode("utf-8")
-        path = Path(json_path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomically(json_path, data)
         return cls.from_bytes(data)
 
 

@@ -46,6 +46,7 @@ from engine.data import (
     read_caption,
     webdataset_source,
 )
+from engine.files import write_atomically
 from engine.precision import (
     DTYPES,
     add_precision_args,
@@ -241,9 +242,7 @@ def _drop_metrics_after(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, "".join(kept).encode("utf-8"))
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

@@ -138,8 +138,8 @@ def test_attention(geometry: str, pattern: str, precision: str) -> None:
 
 def tile_candidates() -> list[tuple[str, str, tuning.Tiles]]:
     """(precision, kernel, setting) for every candidate the autotuner may choose on this GPU at head dim ``DIM``."""
-    arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1] if READY and \
-        DEVICE == "cuda" else 90
+    major, minor = torch.cuda.get_device_capability() if READY and DEVICE == "cuda" else (9, 0)
+    arch = 10 * major + minor
     cases = []
     for precision, (dtype, tf32) in PRECISIONS.items():
         key = tuning.table_key(arch, dtype, "tf32" if tf32 else "ieee", DIM)

@@ -295,8 +295,8 @@ def _tiles(kernel: str, q: torch.Tensor, geometry: tuple, block_m: int, block_n:
     ``block_m`` / ``block_n`` (non-zero) force the tile sizes, else the autotuner chooses among its candidates."""
     key = tuning.table_key(_arch(q) or 90, q.dtype, _precision(q), q.shape[-1])
     if block_m or block_n:
-        default = tuning.DEFAULTS[key][tuning.KERNELS.index(kernel)]
-        return replace(default, block_m=block_m or default.block_m, block_n=block_n or default.block_n)
+        tiles = tuning.default(kernel, key)
+        return replace(tiles, block_m=block_m or tiles.block_m, block_n=block_n or tiles.block_n)
     pattern, text_len, fmap_size, kernel_size, dilation, _ = geometry
     shape = f"{pattern}|seq{q.shape[2]}|text{text_len}|fmap{fmap_size}|k{kernel_size}|dil{dilation}"
     return tuning.choose(kernel, key, q, shape, launch)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-__all__ = ["ALTERNATIVES", "DEFAULTS", "KERNELS", "Tiles", "candidates", "choose", "table_key"]
+__all__ = ["ALTERNATIVES", "DEFAULTS", "KERNELS", "Tiles", "candidates", "choose", "default", "table_key"]
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,14 @@ def table_key(arch: int, dtype: torch.dtype, precision: str, head_dim: int) -> K
     return 90 if arch >= 90 else 80, products, head_dim > 64
 
 
+def default(kernel: str, key: Key) -> Tiles:
+    """``kernel``'s ("fwd", "dkdv" or "dq") setting at ``key`` when nothing is timed."""
+    return DEFAULTS[key][KERNELS.index(kernel)]
+
+
 def candidates(kernel: str, key: Key) -> list[Tiles]:
     """The settings the autotuner times for ``kernel`` at ``key``, the default first."""
-    index = KERNELS.index(kernel)
-    return [DEFAULTS[key][index], *ALTERNATIVES[key][index]]
+    return [default(kernel, key), *ALTERNATIVES[key][KERNELS.index(kernel)]]
 
 
 def enabled() -> bool:
@@ -142,20 +146,20 @@ def enabled() -> bool:
 def choose(kernel: str, key: Key, q: torch.Tensor, shape: str, launch: Callable[[Tiles], object]) -> Tiles:
     """The settings ``kernel`` runs with at ``key`` for the call whose inputs are ``q`` (and ``shape``, the rest of
     what its speed depends on); ``launch(tiles)`` runs the kernel on the call's inputs into scratch outputs."""
-    default = DEFAULTS[key][KERNELS.index(kernel)]
+    untimed = default(kernel, key)
     if not q.is_cuda:
         if os.environ.get("TRITON_INTERPRET") != "1":  # the static driver: compile every candidate for the gate
             for tiles in candidates(kernel, key):
                 launch(tiles)
-        return default
+        return untimed
     if not enabled():
-        return default
+        return untimed
     name = _entry_name(kernel, key, q, shape)
     if (tiles := _cache().get(name, kernel, key)) is not None:
         return tiles
     if torch.cuda.is_current_stream_capturing():  # timing would break the graph being captured
-        return default
-    return _cache().put(name, *_time(kernel, key, launch), default)
+        return untimed
+    return _cache().put(name, *_time(kernel, key, launch), untimed)
 
 
 def _time(kernel: str, key: Key, launch: Callable[[Tiles], object]) -> tuple[Tiles, dict[str, float | str]]:
