@@ -26,8 +26,8 @@ SEED ?= 0
 # cores), then samples, best first by the CLIP, and scores the samples with and without CLIP reranking. SEED=N seeds
 # the data, the models and the samples: the same SEED repeats the same figures.
 demo: install
-	$(PY) train.py --seed $(SEED) --dalle_output_file_name demo/dalle --epochs 1 --num_samples 30000 --batch_size 32 \
-		--learning_rate 1e-3 --dim 128 --depth 4 --heads 4 --dim_head 32 --text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like \
+	$(PY) train.py --seed $(SEED) --dalle_output_file_name demo/dalle --epochs 2 --num_samples 30000 --batch_size 32 \
+		--learning_rate 1e-3 --attn_dropout 0.1 --ff_dropout 0.1 --dim 128 --depth 4 --heads 4 --dim_head 32 --text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like \
 		--bpe_vocab_size 400 --sample_every_n_steps 200 --num_workers 0 --no-shift_tokens
 	$(PY) train_clip.py --seed $(SEED) --clip_output_file_name demo/clip --epochs 1 --num_samples 30000 \
 		--batch_size 64 --learning_rate 1e-3 --dim_text 128 --dim_image 128 --dim_latent 128 --text_enc_depth 2 --visual_enc_depth 2 \

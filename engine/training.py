@@ -278,9 +278,29 @@ def add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--learning_rate", type=positive_float, default=3e-4)
     group.add_argument("--clip_grad_norm", type=positive_float, default=0.5)
     group.add_argument("--lr_decay", action="store_true", help="halve the learning rate when the loss plateaus")
+    group.add_argument("--warmup_steps", type=non_negative_int, default=0,
+                       help="raise the learning rate linearly from 0 over the first N optimizer steps")
+    group.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                       help="after warm-up: keep --learning_rate, or follow a cosine down to a tenth of it at the "
+                            "last step (needs data of known length)")
     add_precision_args(group)
     group.add_argument("--seed", type=rng_seed, default=0)
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base: float, step: int, total: int | None, warmup: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`: a linear warm-up over `warmup` steps, then
+    `base`, or a cosine from `base` to base/10 at the last step. A pure function of the step, so a resumed run
+    continues the same curve."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    done = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
 
 
 def add_output_args(group: argparse._ArgumentGroup) -> None:
@@ -337,6 +357,8 @@ def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None, name
         p.error(why)
     if args.wds and len(args.wds.split(",")) != 2:
         p.error("--wds takes IMG_KEY,CAPTION_KEY, e.g. --wds jpg,txt")
+    if args.lr_decay and (args.lr_schedule != "constant" or args.warmup_steps):
+        p.error("--lr_decay and --warmup_steps/--lr_schedule both set the learning rate: choose one")
     check_device(p, args.device)
     check_output_folders(p, args, name_flag)
     resumes = getattr(args, "dalle_path", None) or getattr(args, "clip_path", None)  # its tokenizer, if it has one
@@ -712,6 +734,9 @@ class Trainer:
             if per_epoch == 0:
                 raise SystemExit(too_few_samples(args.batch_size, len(dataset), "the data"))
             total = args.epochs * per_epoch
+        elif args.lr_schedule != "constant":
+            raise SystemExit(f"error: --lr_schedule {args.lr_schedule} needs the number of steps, and a stream's "
+                             "length is unknown: use --lr_schedule constant (with --warmup_steps, or --lr_decay)")
         unpaired = getattr(dataset, "unpaired_images", 0)
         if unpaired and dist.rank == 0:
             tqdm.write(f"skipping {unpaired} images without a caption file every epoch (counted in samples_skipped; "
@@ -734,6 +759,10 @@ class Trainer:
                 if batch.text.shape[0] == 0:
                     continue
                 text, images = self.inputs(batch.text, batch.images)
+                if args.warmup_steps or args.lr_schedule != "constant":
+                    lr = scheduled_lr(args.learning_rate, progress.step, total, args.warmup_steps, args.lr_schedule)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                 with self.autocast():
                     loss = forward(self.module, text, images)
                 losses += loss.detach().float()

@@ -13,6 +13,7 @@ from PIL import Image
 
 import train
 from engine.checkpoint import load_dalle, save_vae
+from engine.training import scheduled_lr
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,29 @@ def test_webdataset_training(tmp_path, vae_path, monkeypatch):
     assert len(rows) == 3 and rows[-1]["samples_skipped"] == 3
 
 
+def test_a_cosine_schedule_needs_data_of_known_length(tmp_path, vae_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with wds.TarWriter(str(tmp_path / "data.tar")) as sink:
+        sink.write({"__key__": "0", "jpg": png_bytes((1, 2, 3)), "txt": b"a square"})
+    with pytest.raises(SystemExit, match="--lr_schedule cosine needs the number of steps"):
+        train.main(["--image_text_folder", "data.tar", "--wds", "jpg,txt", "--vae_path", str(vae_path),
+                    "--batch_size", "1", "--lr_schedule", "cosine", *TINY_MODEL])
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_learning_rate_schedules(warmup):
+    total, base = 20, 1e-3
+    for schedule in ("constant", "cosine"):
+        rates = [scheduled_lr(base, s, total, warmup, schedule) for s in range(total)]
+        assert rates[:warmup] == pytest.approx([base * (s + 1) / warmup for s in range(warmup)])
+        after = rates[warmup:]
+        if schedule == "constant":
+            assert after == [base] * (total - warmup)
+        else:  # from the full rate down to a tenth at the last step, never rising
+            assert after[0] == pytest.approx(base) and after[-1] == pytest.approx(base / 10)
+            assert all(a > b for a, b in zip(after, after[1:]))
+
+
 def test_taming_vqgan_training_in_bf16(tmp_path, folder, monkeypatch):
     from test_unpickle import save_lightning_ckpt
     from test_vqgan import tiny_vae, write_yaml
@@ -150,7 +174,8 @@ def test_keep_n_checkpoints_and_gradient_accumulation(tmp_path, folder, vae_path
 
 def run_shapes(tmp_path: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "train.py"), "--num_samples", "48", "--batch_size", "8", "--vae_steps", "2",
-           "--epochs", "2", "--save_every_n_steps", "2", "--ff_dropout", "0.2", *TINY_MODEL, *extra]
+           "--epochs", "2", "--save_every_n_steps", "2", "--ff_dropout", "0.2", "--warmup_steps", "3",
+           "--lr_schedule", "cosine", *TINY_MODEL, *extra]
     return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -164,6 +189,8 @@ def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path):
     assert run_shapes(whole).wait() == 0
     reference = losses(whole / "dalle-logs")
     assert len(reference) == 12  # 48 pairs / 8 = 6 steps per epoch
+    rates = [r["lr"] for r in metrics(whole / "dalle-logs")]  # logged after each step, so step s ran at rates[s]
+    assert rates == pytest.approx([scheduled_lr(3e-4, s, 12, 3, "cosine") for s in range(12)])
 
     proc = run_shapes(cut)
     deadline = time.time() + 120
@@ -181,7 +208,7 @@ def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path):
     assert run_shapes(cut, "--dalle_path", "dalle.safetensors").wait() == 0
     assert [r["step"] for r in metrics(cut / "dalle-logs")] == list(range(1, 13))  # no step logged twice
     resumed = losses(cut / "dalle-logs")
-    for step in range(saved + 1, 13):
+    for step in range(saved + 1, 13):  # the same losses, so the learning rates went on along the same curve
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     assert torch.equal(
         load_dalle(cut / "dalle.safetensors").model.to_logits[1].weight,
