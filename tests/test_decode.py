@@ -36,7 +36,7 @@ OPTIONS = {
 
 def decode_config(**overrides):
     base = dict(num_text_tokens=40, text_seq_len=6, num_image_tokens=20, image_fmap_size=4, depth=8,
-                attn_types=ALL_PATTERNS)
+                attn_types=ALL_PATTERNS, null_cond_prob=0.0)  # unguided: one cache row per caption
     base.update(overrides)
     return tiny_config(**base)
 

@@ -15,6 +15,7 @@ from test_clip import tiny_clip
 import generate
 from engine.checkpoint import load_dalle, save_clip, save_dalle
 from engine.clip import CLIP, CLIPConfig
+from engine.config import GUIDED_COND_SCALE
 from engine.dalle import DALLE
 from engine.tokenizers import YttmTokenizer
 
@@ -122,7 +123,8 @@ def test_writes_images_grid_caption_and_settings(ckpt, tmp_path, capsys):
         assert s["checkpoint"] == str(ckpt.resolve()) and s["device"] == "cpu" and s["seed"] == 0
         assert {k: s[k] for k in ("num_images", "batch_size", "filter_thres", "top_k", "top_p", "temperature",
                                   "cond_scale", "img", "use_cache", "rerank")} == dict(
-            num_images=3, batch_size=2, filter_thres=0.9, top_k=None, top_p=None, temperature=1.0, cond_scale=1.0,
+            num_images=3, batch_size=2, filter_thres=0.9, top_k=None, top_p=None, temperature=1.0,
+            cond_scale=GUIDED_COND_SCALE,  # the checkpoint's default: trained with null captions
             img=None, use_cache=True, rerank=False)
         assert s["images"] == ["0.jpg", "1.jpg", "2.jpg"]
         assert len(s["scores"]) == 3 and all(-math.inf < x < 0 for x in s["scores"])  # log-likelihoods

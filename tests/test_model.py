@@ -51,7 +51,7 @@ def test_forward_backward_every_option(name):
 def test_worked_example_sequence_and_loss():
     """dalle-semantics §3.2: V_txt=10, T=4, 8 image codes on a 2x2 grid."""
     config = DALLEConfig(num_text_tokens=10, text_seq_len=4, num_image_tokens=8, image_fmap_size=2,
-                         dim=16, depth=1, heads=2, dim_head=8)
+                         dim=16, depth=1, heads=2, dim_head=8, null_cond_prob=0.0)  # as DALLE-pytorch's
     model = DALLE(config)
     text = torch.tensor([[5, 7, 0, 0]])
     codes = torch.tensor([[3, 1, 4, 0]])

@@ -13,6 +13,7 @@ from PIL import Image
 
 import train
 from engine.checkpoint import load_dalle, save_vae
+from engine.config import GUIDED_COND_SCALE, NULL_COND_PROB
 from engine.training import scheduled_lr
 from engine.vae import DiscreteVAE, DiscreteVAEConfig
 
@@ -68,6 +69,9 @@ def test_folder_training_skips_bad_samples(tmp_path, folder, vae_path, monkeypat
     assert rows[-1]["samples_skipped"] == 6  # the corrupt image, the empty caption and the lonely image, twice
     ckpt = load_dalle(tmp_path / "dalle.safetensors")
     assert ckpt.extra["progress"]["step"] == 4 and ckpt.tokenizer is not None
+    # trained with null captions by default, so sampling it is guided unless told otherwise
+    assert ckpt.model.config.null_cond_prob == NULL_COND_PROB > 0
+    assert ckpt.model.config.default_cond_scale == GUIDED_COND_SCALE > 1
 
 
 def test_validation_on_held_out_pairs_is_logged(tmp_path, folder, vae_path, monkeypatch):
