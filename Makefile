@@ -22,13 +22,14 @@ DEMO_PROMPTS := a large red circle on the middle left|a small blue square at the
 
 SEED ?= 0
 
-# Trains a VAE and then a small DALL-E on the built-in shapes data, and a CLIP on the same data (4-5 minutes on 2 CPU
-# cores), then samples, best first by the CLIP, and scores the samples with and without CLIP reranking. SEED=N seeds
+# Trains a VAE and then a small DALL-E on the built-in shapes data, and a CLIP on the same data (about 8 minutes on 2
+# CPU cores), then samples, best first by the CLIP, and scores the samples with and without CLIP reranking. SEED=N seeds
 # the data, the models and the samples: the same SEED repeats the same figures.
 demo: install
 	$(PY) train.py --seed $(SEED) --dalle_output_file_name demo/dalle --epochs 2 --num_samples 30000 --batch_size 32 \
-		--learning_rate 1e-3 --attn_dropout 0.1 --ff_dropout 0.1 --dim 128 --depth 4 --heads 4 --dim_head 32 --text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like \
-		--bpe_vocab_size 400 --sample_every_n_steps 200 --num_workers 0 --no-shift_tokens
+		--learning_rate 1e-3 --attn_dropout 0.1 --ff_dropout 0.1 --dim 128 --depth 4 --heads 4 --dim_head 32 \
+		--text_seq_len 16 --attn_types full,axial_row,axial_col,conv_like --bpe_vocab_size 400 --sample_every_n_steps 200 \
+		--num_workers 0 --no-shift_tokens
 	$(PY) train_clip.py --seed $(SEED) --clip_output_file_name demo/clip --epochs 1 --num_samples 30000 \
 		--batch_size 64 --learning_rate 1e-3 --dim_text 128 --dim_image 128 --dim_latent 128 --text_enc_depth 2 --visual_enc_depth 2 \
 		--text_seq_len 16 --visual_image_size 32 --visual_patch_size 8 --bpe_vocab_size 400 --num_workers 0
