@@ -1,6 +1,7 @@
 """Sample images from a trained DALL-E checkpoint.
 
     python generate.py --dalle_path dalle.safetensors --text 'a red cube|a blue ball' --num_images 8 --seed 0
+    python generate.py --dalle_path dalle.safetensors --text_file prompts.txt --num_images 8 --seed 0
 
 For every prompt, writes OUTPUTS_DIR/<prompt>/ holding <i>.jpg, grid.jpg (all the images), caption.txt and
 settings.json (every setting, each image's log-likelihood score, the speed). Everything is checked before anything is
@@ -73,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dalle_path", required=True,
                    help="checkpoint written by train.py, or a DALLE-pytorch dalle.pt (or its -ds-cp folder)")
-    p.add_argument("--text", required=True, help="prompts separated by |")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--text", help="prompts separated by |")
+    prompts.add_argument("--text_file", help="a UTF-8 file of prompts, one per line (blank lines are skipped)")
     p.add_argument("--num_images", type=positive_int, default=128, help="images per prompt")
     p.add_argument("--batch_size", type=positive_int, default=4)
     p.add_argument("--top_k", type=top_k_arg, default=0.9,
@@ -118,8 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_device(p, args.device)
     check_writable(p, "--outputs_dir", args.outputs_dir)
-    # Undecodable bytes in the command line arrive as lone surrogates, which no file can hold: make them U+FFFD.
-    args.text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if args.text_file is not None:
+        args.prompts = read_prompts(p, args.text_file)
+    else:
+        # Undecodable bytes in the command line arrive as lone surrogates, which no file can hold: make them U+FFFD.
+        text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        args.prompts = [prompt.strip() for prompt in text.split("|")]
     if args.num_init_img_tokens is not None and args.img is None:
         p.error("--num_init_img_tokens needs --img")
     if args.rerank and args.clip_path is not None:
@@ -324,9 +331,26 @@ def write_prompt_dir(outputs_dir: Path, name: str, images: torch.Tensor, caption
     return dest
 
 
+def read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """The prompts of a --text_file: one per line, UTF-8 (a byte-order mark allowed), blank lines skipped; a | is
+    part of its line's prompt."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        p.error(f"--text_file {path}: cannot be read ({e.strerror or e})")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        p.error(f"--text_file {path}: not UTF-8 text (invalid byte at offset {e.start})")
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
+    if not prompts:
+        p.error(f"--text_file {path}: holds no prompt, only blank lines")
+    return prompts
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    prompts = [p.strip() for p in args.text.split("|")]
+    prompts = args.prompts
     if not args.gentxt and not all(prompts):
         fail("--text holds an empty prompt (prompts are separated by |; with --gentxt an empty prompt means a caption "
              "sampled from scratch)")

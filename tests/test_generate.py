@@ -92,7 +92,8 @@ def ckpt(tmp_path_factory):
 
 
 def gen(ckpt, out, *flags, text="a red cube", num_images=2, seed="0"):
-    argv = ["--dalle_path", str(ckpt), "--text", text, "--num_images", str(num_images), "--outputs_dir", str(out),
+    argv = ["--dalle_path", str(ckpt), *(["--text", text] if text is not None else []), "--num_images",
+            str(num_images), "--outputs_dir", str(out),
             "--device", "cpu", *(["--seed", seed] if seed is not None else []), *flags]
     generate.main(argv)
 
@@ -412,6 +413,33 @@ def test_bad_input_exits_with_a_message_and_writes_nothing(ckpt, bad_files, monk
     else:
         assert code == 2 and message in capsys.readouterr().err.splitlines()[-1]
     assert not (bad_files / "out").exists()
+
+
+def test_prompts_from_a_file_equal_the_same_prompts_given_by_text(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa red cube\r\n\n   \n a blue ball | a green cube \na red cube\n".encode())
+    gen(ckpt, tmp_path / "file", "--text_file", str(prompts), "--truncate_captions", text=None)
+    gen(ckpt, tmp_path / "text", "--truncate_captions", text="a red cube|a blue ball|a red cube")
+    folders = ["a_red_cube", "a_blue_ball_a_green_cube", "a_red_cube_2"]
+    assert sorted(p.name for p in (tmp_path / "file").iterdir()) == sorted(folders)
+    for folder in ("a_red_cube", "a_red_cube_2"):  # | splits --text only, so the middle prompts differ
+        assert jpgs(tmp_path / "file" / folder) == jpgs(tmp_path / "text" / folder)
+    assert settings(tmp_path / "file" / folders[1])["prompt"] == "a blue ball | a green cube"
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (None, [], "missing.txt: cannot be read (No such file"),
+    (b"a red cube\n\xff\xfe cube\n", [], "not UTF-8 text (invalid byte at offset 11)"),
+    (b"\n  \n\r\n", [], "holds no prompt"),
+    (b"a red cube\n", ["--text", "a blue ball"], "not allowed with argument"),
+])
+def test_bad_prompt_files_exit_with_a_message_and_write_nothing(ckpt, tmp_path, capsys, content, flags, message):
+    if content is not None:
+        (tmp_path / "missing.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as exit:
+        gen(ckpt, tmp_path / "out", "--text_file", str(tmp_path / "missing.txt"), *flags, text=None)
+    assert exit.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_line(ckpt, tmp_path):
