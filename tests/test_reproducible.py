@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 DALLE = ["--epochs", "1", "--num_samples", "64", "--batch_size", "16", "--vae_steps", "10", "--dim", "32", "--depth",
          "2", "--heads", "2", "--dim_head", "16", "--text_seq_len", "12", "--attn_types", "full,axial_row",
-         "--num_workers", "0", "--sample_every_n_steps", "0", "--bpe_vocab_size", "400", "--null_cond_prob", "0.2",
-         "--attn_dropout", "0.1", "--ff_dropout", "0.1", "--warmup_steps", "2", "--lr_schedule", "cosine"]
+         "--num_workers", "0", "--sample_every_n_steps", "0", "--bpe_vocab_size", "400", "--null_cond_prob", "0.2"]
 CLIP = ["--epochs", "1", "--num_samples", "64", "--batch_size", "16", "--eval_samples", "32",
         "--retrieval_candidates", "16", "--dim_text", "32", "--dim_image", "32", "--dim_latent", "16",
         "--text_enc_depth", "1", "--visual_enc_depth", "1", "--text_heads", "1", "--visual_heads", "1",
