@@ -6,8 +6,8 @@
     python train.py                                                             # built-in shapes data
 
 With no --image_text_folder it trains on a built-in dataset of coloured shapes: first a DiscreteVAE (unless
---vae_path is given), then the DALL-E. Without --bpe_path a YouTokenToMe BPE is trained on the captions. The
-checkpoint (<name>.safetensors) holds the model, its VAE, the tokenizer and the training state: pass it back as
+--vae_path is given), then the DALL-E. Without --bpe_path a byte-level BPE is trained on the captions (--yttm: a
+YouTokenToMe one). The checkpoint (<name>.safetensors) holds the model, its VAE, the tokenizer and the training state: pass it back as
 --dalle_path to resume exactly where it stopped, or to generate.py to sample.
 
 On a GPU it trains under bf16 autocast (fp16 with loss scaling where the GPU lacks bf16), on a CPU in fp32; --fp32,

@@ -1,5 +1,13 @@
 """DALL-E engine: model, VAEs, tokenizers, checkpoints and sampling."""
 
+import torch
+
+# torch.log, exp, sin, ... on CPU tensors go through MKL's vector math, which sets up its CPU dispatch on first use: a
+# first call whose tensor is split across threads can compute a part through another code path, a last bit off,
+# which training amplifies: about one process in seven sampled different Gumbel noise from the same seed. One call on
+# a tensor too small to split, before anything else runs, sets the library up.
+torch.log(torch.ones(1))
+
 from engine.checkpoint import (
     Checkpoint,
     CheckpointError,

@@ -503,11 +503,15 @@ class Distributed:
         return built if self.rank == 0 else load()
 
     def close(self) -> None:
-        """Wait for every process, then shut the process group down: left to interpreter exit, the gloo threads can
-        be torn down mid-flight and abort the process after its work is done."""
+        """The last call of a run. Under DeepSpeed: wait for every process, then end this one at once. Shutting the
+        process group down, or leaving it to interpreter exit, tears gloo's threads and the TCP store down while the
+        other process may still talk to them, which can abort a process ("terminate called without an active
+        exception") after its work is done and fail the whole launch."""
         if self.deepspeed and torch.distributed.is_initialized():
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     def all_ok(self, ok: bool) -> bool:
         """Whether `ok` holds on every process, so that all of them stop together."""

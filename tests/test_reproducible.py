@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 DALLE = ["--epochs", "1", "--num_samples", "64", "--batch_size", "16", "--vae_steps", "10", "--dim", "32", "--depth",
          "2", "--heads", "2", "--dim_head", "16", "--text_seq_len", "12", "--attn_types", "full,axial_row",
-         "--num_workers", "0", "--sample_every_n_steps", "0", "--bpe_vocab_size", "400", "--null_cond_prob", "0.2"]
+         "--num_workers", "0", "--sample_every_n_steps", "0", "--bpe_vocab_size", "400", "--null_cond_prob", "0.2",
+         "--attn_dropout", "0.1", "--ff_dropout", "0.1", "--warmup_steps", "2", "--lr_schedule", "cosine"]
 CLIP = ["--epochs", "1", "--num_samples", "64", "--batch_size", "16", "--eval_samples", "32",
         "--retrieval_candidates", "16", "--dim_text", "32", "--dim_image", "32", "--dim_latent", "16",
         "--text_enc_depth", "1", "--visual_enc_depth", "1", "--text_heads", "1", "--visual_heads", "1",
@@ -90,3 +91,20 @@ def test_seeded_runs_repeat_bit_for_bit(tmp_path: Path) -> None:
     assert len(images(first)) == 2 * (3 + 1)  # 3 images and a grid per prompt
     assert images(first) == images(again) and scores(first) == scores(again)
     assert images(first) != images(other)
+
+
+def test_the_first_vector_math_call_gives_the_same_bits_in_every_process() -> None:
+    """torch.log and its kin run MKL's vector math on CPU tensors, which sets itself up on first use; a first call
+    split across threads could compute a part another way (one process in seven, which made two seeded runs differ).
+    Importing engine sets it up first: in fresh processes, the first log of a large tensor equals the second."""
+    code = ("import hashlib, torch, engine\n"
+            "torch.manual_seed(7)\n"
+            "x = torch.empty(32, 128, 8, 8).exponential_()\n"  # a parallel op first, as in training: threads awake
+            "print(*(hashlib.sha256(x.log().numpy().tobytes()).hexdigest() for _ in range(2)))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(16)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:]
+    firsts, seconds = zip(*(run.stdout.split() for run in runs))
+    assert set(firsts) == set(seconds) and len(set(seconds)) == 1
+
