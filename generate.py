@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -288,21 +289,33 @@ def clip_scores(clip, tokenizer, caption: str, images: torch.Tensor, args: argpa
     return clip.score(text, images, args.batch_size)  # the pixels as written
 
 
-def sample_images(model, text: torch.Tensor, prime: torch.Tensor | None, options: dict, args: argparse.Namespace,
-                  seed: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """args.num_images images (n, c, h, w) as uint8 for the caption `text` (1, text_seq_len), and their scores (n,).
-    Each batch is seeded with seed + the index of its first image, so a run is reproducible."""
-    images, scores = [], []
-    with tqdm(total=args.num_images, desc=desc, unit="img") as bar:
-        for start in range(0, args.num_images, args.batch_size):
-            n = min(args.batch_size, args.num_images - start)
-            batch, batch_scores = model.generate_images(
-                text.expand(n, -1), img=None if prime is None else prime.expand(n, -1, -1, -1), seed=seed + start,
-                return_scores=True, **options)
-            images.append(to_uint8(batch))
-            scores.append(batch_scores.float().cpu())
-            bar.update(n)
-    return torch.cat(images), torch.cat(scores)
+def sample_all(model, texts: list[torch.Tensor], prime: torch.Tensor | None, options: dict,
+               args: argparse.Namespace, seed: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, float]]:
+    """Every prompt's args.num_images images (n, c, h, w) as uint8 and their scores (n,), sampled --batch_size
+    images at a time in batches filled across prompts; yields (prompt index, images, scores, seconds since its first
+    batch began) as soon as a prompt's last image is done. Image i of a prompt draws from the random stream of
+    (seed, i), so it is the same image whatever shares its batch: a run is reproducible at any --batch_size."""
+    n = args.num_images
+    work = [(p, i) for p in range(len(texts)) for i in range(n)]
+    images: dict[int, list[torch.Tensor]] = {}
+    scores: dict[int, list[torch.Tensor]] = {}
+    began: dict[int, float] = {}
+    with tqdm(total=len(work), unit="img", desc=f"{len(texts)} prompt{'s' * (len(texts) > 1)}") as bar:
+        for start in range(0, len(work), args.batch_size):
+            batch = work[start:start + args.batch_size]
+            for p, _ in batch:
+                began.setdefault(p, time.perf_counter())
+            out, out_scores = model.generate_images(
+                torch.cat([texts[p] for p, _ in batch]), img=None if prime is None else prime.expand(len(batch),
+                                                                                                  -1, -1, -1),
+                seed=seed, image_indices=torch.tensor([i for _, i in batch]), return_scores=True, **options)
+            out, out_scores = to_uint8(out), out_scores.float().cpu()
+            for row, (p, i) in enumerate(batch):
+                images.setdefault(p, []).append(out[row])
+                scores.setdefault(p, []).append(out_scores[row])
+                if i == n - 1:
+                    yield p, torch.stack(images.pop(p)), torch.stack(scores.pop(p)), time.perf_counter() - began[p]
+            bar.update(len(batch))
 
 
 def write_prompt_dir(outputs_dir: Path, name: str, images: torch.Tensor, caption: str, settings: dict) -> Path:
@@ -394,14 +407,14 @@ def main(argv: list[str] | None = None) -> None:
         outputs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create --outputs_dir {outputs_dir}: {e}")
+    captions = list(prompts)
+    if args.gentxt:  # every caption first: they name the folders
+        texts = [model.generate_texts(text, **text_options, seed=seed) for text in texts]
+        captions = [tokenizer.decode(text[0]).strip() for text in texts]
     used: set[str] = set()
-    for prompt, text in zip(prompts, texts):
-        started = time.perf_counter()
-        caption = prompt
-        if args.gentxt:
-            text = model.generate_texts(text, **text_options, seed=seed)
-            caption = tokenizer.decode(text[0]).strip()
-        images, scores = sample_images(model, text, prime, image_options, args, seed, desc=caption[:40])
+    names = [unique_name(prompt_dir_name(caption), used) for caption in captions]
+    for index, images, scores, elapsed in sample_all(model, texts, prime, image_options, args, seed):
+        prompt, caption, text, started = prompts[index], captions[index], texts[index], time.perf_counter() - elapsed
         similarities, order = None, torch.arange(len(images))
         if clip is not None:
             similarities = clip_scores(clip, clip_tokenizer, caption, images, args)
@@ -424,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             clip_scores=None if similarities is None else similarities[order].tolist(),
             elapsed_s=round(elapsed, 3), images_per_s=round(args.num_images / elapsed, 3),  # candidates, CLIP included
         )
-        dest = write_prompt_dir(outputs_dir, unique_name(prompt_dir_name(caption), used), images, caption, settings)
+        dest = write_prompt_dir(outputs_dir, names[index], images, caption, settings)
         best = f" (the best of {args.num_images})" if args.keep < args.num_images else ""
         print(f"wrote {len(images)} images{best}, grid.jpg and settings.json to {dest}")
 

@@ -7,7 +7,7 @@ loss weights image tokens `loss_img_weight` times as much as text tokens.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.config import DALLEConfig
 from engine.linear import Linear, linear
-from engine.sampling import sample_tokens
+from engine.sampling import Settings, decode, row_keys
 from engine.tokenizers import check_caption_ids
 from engine.transformer import KVCache, Transformer
 
@@ -264,6 +264,8 @@ class DALLE(nn.Module):
         img: torch.Tensor | None = None,
         num_init_img_tokens: int | None = None,
         seed: int | None = None,
+        image_indices: torch.Tensor | None = None,
+        settings: Settings | Sequence[Settings] | None = None,
         use_cache: bool = True,
         step_fn=None,
         return_scores: bool = False,
@@ -273,34 +275,28 @@ class DALLE(nn.Module):
         Sampling: ``filter_thres`` is DALLE-pytorch's top-k as a fraction of the whole vocabulary (None: off),
         ``top_k`` an absolute count of image tokens, ``top_p`` nucleus sampling, then ``temperature``; ``cond_scale``
         != 1 is classifier-free guidance (conditional and null-caption rows in one batch; default: the config's
-        ``default_cond_scale``, guided for a model trained with null captions). ``img`` primes generation
-        with its first ``num_init_img_tokens`` codes (default 0.4375 of the grid). ``seed``: same seed and settings,
-        same images.
+        ``default_cond_scale``, guided for a model trained with null captions). ``settings`` (one
+        ``engine.sampling.Settings``, or one per row) replaces those five. ``img`` primes generation with its first
+        ``num_init_img_tokens`` codes (default 0.4375 of the grid).
+
+        Randomness: image ``image_indices[r]`` (default: its row) of ``seed`` (default: drawn from torch's global
+        generator) is the same image whatever else shares the batch: each row draws from its own counter-based
+        stream.
 
         ``use_cache`` decodes with the static KV cache, one token per step (``prefill`` + ``decode_step``, or
         ``step_fn``, e.g. ``compiled_decode_step()``, which brings its own cache); without it every token costs a full
         forward pass (the reference). With ``return_scores``, also returns each image's log-likelihood under the model
         given its caption (conditional, unfiltered, temperature 1; sampled tokens only), for reranking.
         """
-        c = self.config
         if self.vae is None:
             raise ValueError("generate_images needs a model with a VAE to decode images")
         codes, scores = self.sample_image_codes(
             text, filter_thres=filter_thres, top_k=top_k, top_p=top_p, temperature=temperature,
-            cond_scale=cond_scale, prime=self._prime_codes(img, num_init_img_tokens, c), seed=seed,
-            use_cache=use_cache, step_fn=step_fn)
+            cond_scale=cond_scale, prime=self._prime_codes(img, num_init_img_tokens, self.config), seed=seed,
+            image_indices=image_indices, settings=settings, use_cache=use_cache, step_fn=step_fn)
         images = self.vae.decode(codes)
         return (images, scores) if return_scores else images
 
-    def _prime_codes(self, img: torch.Tensor | None, num_init_img_tokens: int | None, c: DALLEConfig):
-        if img is None:
-            return None
-        n_init = int(0.4375 * c.image_seq_len) if num_init_img_tokens is None else num_init_img_tokens
-        if not 0 <= n_init < c.image_seq_len:
-            raise ValueError(f"num_init_img_tokens must lie in [0, {c.image_seq_len}), got {n_init}")
-        return self.tokenize_images(img)[:, :n_init]
-
-    @torch.no_grad()
     def sample_image_codes(
         self,
         text: torch.Tensor,
@@ -312,52 +308,37 @@ class DALLE(nn.Module):
         cond_scale: float | None = None,
         prime: torch.Tensor | None = None,
         seed: int | None = None,
+        image_indices: torch.Tensor | None = None,
+        settings: Settings | Sequence[Settings] | None = None,
         use_cache: bool = True,
         step_fn=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image codes (batch, image_seq_len) and their log-likelihood scores (batch,); see ``generate_images``.
-        ``prime``: the first codes of every image, (batch, n)."""
-        c = self.config
-        cond_scale = c.default_cond_scale if cond_scale is None else cond_scale
-        text = text[:, : c.text_seq_len]
-        self._check_text(text)
-        batch = text.shape[0]
-        codes = text.new_zeros(batch, c.image_seq_len)
-        start = 0
-        if prime is not None:
-            self._check_codes(prime, batch)
-            start = prime.shape[1]
-            codes[:, :start] = prime
-        generator = None if seed is None else torch.Generator(device=text.device).manual_seed(seed)
-        sample = functools.partial(sample_tokens, temperature=temperature, filter_thres=filter_thres,
-                                   vocab_size=c.total_tokens, top_k=top_k, top_p=top_p, generator=generator)
-        guided = cond_scale != 1.0
-        rows = torch.cat([text, torch.zeros_like(text)]) if guided else text  # null-caption rows ride along
-        scores = text.new_zeros(batch, dtype=torch.float32)
+        """Image codes (batch, image_seq_len) and their log-likelihood scores (batch,) by ``engine.sampling``; see
+        ``generate_images``. ``prime``: the first codes of every image, (batch, n)."""
+        if settings is None:
+            settings = Settings(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p,
+                                cond_scale=cond_scale)
+        return decode.image_codes(self, text, decode.resolve(self, settings, text.shape[0]),
+                                  self._keys(seed, image_indices, text), prime=prime, use_cache=use_cache,
+                                  step_fn=step_fn)
 
-        was_training = self.training
-        self.eval()
-        try:
-            if use_cache:
-                # A compiled step brings the cache it was compiled for (see CompiledDecodeStep).
-                cache = getattr(step_fn, "cache", self.new_cache)(rows.shape[0], text.device)
-                step = step_fn or self.decode_step
-                positions = torch.arange(c.total_seq_len, device=text.device)  # indexed, never copied from the host
-                prime_rows = codes[:, :start].repeat(rows.shape[0] // batch, 1)
-                logits = self.prefill(self._text_with_pads(rows), prime_rows, cache)
-            for i in range(start, c.image_seq_len):
-                if not use_cache:
-                    context = codes[:, :i].repeat(rows.shape[0] // batch, 1)
-                    logits = self.full_pass_logits(rows, context)
-                logits, cond = _guide(logits, cond_scale)
-                token = sample(logits)
-                scores += cond.float().log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
-                codes[:, i] = token
-                if use_cache and i + 1 < c.image_seq_len:
-                    logits = step(token.repeat(rows.shape[0] // batch), positions[c.text_len + i], cache)
-        finally:
-            self.train(was_training)
-        return codes, scores
+    def _keys(self, seed: int | None, image_indices: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        if image_indices is None:
+            image_indices = torch.arange(text.shape[0], device=text.device)
+        if image_indices.shape != text.shape[:1]:
+            raise ValueError(f"image_indices must hold one index per row, (batch,) = ({text.shape[0]},), got "
+                             f"{tuple(image_indices.shape)}")
+        return row_keys(seed, image_indices.to(text.device))
+
+    def _prime_codes(self, img: torch.Tensor | None, num_init_img_tokens: int | None, c: DALLEConfig):
+        if img is None:
+            return None
+        n_init = int(0.4375 * c.image_seq_len) if num_init_img_tokens is None else num_init_img_tokens
+        if not 0 <= n_init < c.image_seq_len:
+            raise ValueError(f"num_init_img_tokens must lie in [0, {c.image_seq_len}), got {n_init}")
+        return self.tokenize_images(img)[:, :n_init]
 
     @torch.no_grad()
     def generate_texts(
@@ -372,33 +353,12 @@ class DALLE(nn.Module):
         seed: int | None = None,
     ) -> torch.Tensor:
         """Sample captions (batch, text_seq_len) of token ids in [0, num_text_tokens), 0 for padding, completing the
-        optional prefixes ``text`` (batch, n <= text_seq_len) or, without them, ``batch_size`` captions from bos."""
-        c = self.config
-        device = next(self.parameters()).device
+        optional prefixes ``text`` (batch, n <= text_seq_len) or, without them, ``batch_size`` captions from bos.
+        Caption r draws from the stream of (``seed``, r), as images do."""
         if text is None:
-            text = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        if text.dtype != torch.long or text.ndim != 2 or text.shape[1] > c.text_seq_len:
-            raise ValueError(f"text prefixes must be a (batch, <= {c.text_seq_len}) long tensor, "
-                             f"got {tuple(text.shape)} {text.dtype}")
-        if text.numel() and (text.min() < 0 or text.max() >= c.num_text_tokens):
-            raise ValueError(f"text token ids must lie in [0, {c.num_text_tokens})")
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        ids = self._text_with_pads(F.pad(text, (0, c.text_seq_len - text.shape[1])))
-        was_training = self.training
-        self.eval()
-        try:
-            cache = self.new_cache(text.shape[0], device)
-            positions = torch.arange(c.text_len, device=device)
-            logits = self.prefill(ids[:, : text.shape[1]], None, cache)
-            for i in range(text.shape[1], c.text_seq_len):
-                token = sample_tokens(logits, temperature=temperature, filter_thres=filter_thres,
-                                      vocab_size=c.total_tokens, top_k=top_k, top_p=top_p, generator=generator)
-                ids[:, i] = token
-                if i + 1 < c.text_seq_len:
-                    logits = self.decode_step(token, positions[i + 1], cache, image=False)
-        finally:
-            self.train(was_training)
-        return ids.masked_fill(ids >= c.num_text_tokens, 0)  # any pad id means padding
+            text = torch.zeros(batch_size, 0, dtype=torch.long, device=next(self.parameters()).device)
+        settings = Settings(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p)
+        return decode.captions(self, text, [settings] * text.shape[0], self._keys(seed, None, text))
 
 
 class CompiledDecodeStep:

@@ -280,13 +280,12 @@ def colour_clip(tokenizer, **overrides) -> CLIP:
 
 @pytest.fixture
 def planted(monkeypatch):
-    """Candidate 2 (with --seed 0 --batch_size 2) of every prompt is a solid red image, among the model's own."""
+    """Candidate 2 of every prompt is a solid red image, among the model's own."""
     generate_images = DALLE.generate_images
 
-    def planting(self, text, *, seed, **options):
-        images, scores = generate_images(self, text, seed=seed, **options)
-        if seed == 2:
-            images[0] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    def planting(self, text, *, image_indices, **options):
+        images, scores = generate_images(self, text, image_indices=image_indices, **options)
+        images[image_indices == 2] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
         return images, scores
 
     monkeypatch.setattr(DALLE, "generate_images", planting)
@@ -425,6 +424,20 @@ def test_prompts_from_a_file_equal_the_same_prompts_given_by_text(ckpt, tmp_path
     for folder in ("a_red_cube", "a_red_cube_2"):  # | splits --text only, so the middle prompts differ
         assert jpgs(tmp_path / "file" / folder) == jpgs(tmp_path / "text" / folder)
     assert settings(tmp_path / "file" / folders[1])["prompt"] == "a blue ball | a green cube"
+
+
+def test_batches_filled_across_prompts_give_the_same_images(ckpt, tmp_path):
+    """Batches of 4 mix the 3 images of 3 prompts (and split them unevenly); every image and score equals the one
+    sampled one at a time, whatever the batch held."""
+    prompts = "a red cube|a blue ball|a green cube"
+    gen(ckpt, tmp_path / "mixed", "--batch_size", "4", text=prompts, num_images=3)
+    gen(ckpt, tmp_path / "single", "--batch_size", "1", text=prompts, num_images=3)
+    gen(ckpt, tmp_path / "reordered", "--batch_size", "4", text="a green cube|a red cube", num_images=3)
+    for folder in ("a_red_cube", "a_blue_ball", "a_green_cube"):
+        mixed, single = tmp_path / "mixed" / folder, tmp_path / "single" / folder
+        assert jpgs(mixed) == jpgs(single) and settings(mixed)["scores"] == settings(single)["scores"]
+        if folder != "a_blue_ball":
+            assert jpgs(tmp_path / "reordered" / folder) == jpgs(mixed)
 
 
 @pytest.mark.parametrize("content, flags, message", [

@@ -11,7 +11,6 @@ import kernels
 from engine.config import DALLEConfig, add_config_args, config_from_args
 from engine.dalle import DALLE
 from engine.rotary import rotary_table
-from engine.sampling import gumbel_sample, keep_top_fraction
 from engine.transformer import Attention, layer_scale_init, run_coupled, shift_tokens
 
 OPTIONS = {
@@ -237,22 +236,6 @@ def test_config_cli_round_trip():
     assert parser.parse_args(["--stable_softmax"]).stable  # DALLE-pytorch's name for the flag
     with pytest.raises(ValueError, match="unknown DALLEConfig field"):
         DALLEConfig.from_dict({"dim": 8, "bogus": 1})
-
-
-def test_top_k_keeps_a_vocabulary_fraction():
-    logits = torch.arange(20.0)[None]
-    kept = keep_top_fraction(logits, 0.75)  # k = int(0.25 * 20) = 5
-    assert torch.isfinite(kept).sum() == 5 and kept[0, 15:].tolist() == [15.0, 16.0, 17.0, 18.0, 19.0]
-    assert torch.isfinite(keep_top_fraction(logits, 1.0)).sum() == 1  # k is at least 1
-
-
-def test_gumbel_sample_follows_softmax():
-    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
-    samples = gumbel_sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    freq = torch.bincount(samples, minlength=3).float() / len(samples)
-    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
-    with pytest.raises(ValueError):
-        gumbel_sample(logits, temperature=0.0)
 
 
 def test_images_of_the_wrong_size_are_rejected():
