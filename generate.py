@@ -2,6 +2,7 @@
 
     python generate.py --dalle_path dalle.safetensors --text 'a red cube|a blue ball' --num_images 8 --seed 0
     python generate.py --dalle_path dalle.safetensors --text_file prompts.txt --num_images 8 --seed 0
+    torchrun --nproc_per_node 8 generate.py --dalle_path dalle.safetensors --text_file prompts.txt --seed 0
 
 For every prompt, writes OUTPUTS_DIR/<prompt>/ holding <i>.jpg, grid.jpg (all the images), caption.txt and
 settings.json (every setting, each image's log-likelihood score, the speed). Everything is checked before anything is
@@ -17,6 +18,7 @@ a CPU in fp32; --precision chooses, and settings.json records it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +46,7 @@ from engine.cli import (
     check_device,
     check_writable,
     fraction,
+    leave_process_group,
     non_negative_int,
     number,
     positive_float,
@@ -110,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the decode step (CUDA graphs on a GPU): faster steps after a compilation of "
                         "tens of seconds per batch size; worth it for many images")
     p.add_argument("--outputs_dir", default="./outputs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="under torchrun or the DeepSpeed launcher each process takes its LOCAL_RANK's GPU")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
     add_sampling_precision_arg(p)
     vqgan = p.add_argument_group("a DALLE-pytorch dalle.pt trained on a VQGAN other than taming's ImageNet f16-1024")
     vqgan.add_argument("--vqgan_config_path", default=None, help="the VQGAN's yaml (the dalle.pt holds its weights)")
@@ -289,33 +294,93 @@ def clip_scores(clip, tokenizer, caption: str, images: torch.Tensor, args: argpa
     return clip.score(text, images, args.batch_size)  # the pixels as written
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place among the generate.py processes a launcher started (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, prompt: int) -> bool:
+        """Whether this process writes the folder of prompt number `prompt`."""
+        return prompt % self.world == self.rank
+
+
+def join_launch(args: argparse.Namespace) -> Ranks:
+    """Under torchrun or the DeepSpeed launcher (WORLD_SIZE > 1): join their process group, on gloo for CPU runs and
+    NCCL for GPUs (one per LOCAL_RANK), and take this process's share of the work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return Ranks(torch.distributed.get_rank(), world)
+
+
 def sample_all(model, texts: list[torch.Tensor], prime: torch.Tensor | None, options: dict,
-               args: argparse.Namespace, seed: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, float]]:
+               args: argparse.Namespace, seed: int, ranks: Ranks
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, float]]:
     """Every prompt's args.num_images images (n, c, h, w) as uint8 and their scores (n,), sampled --batch_size
     images at a time in batches filled across prompts; yields (prompt index, images, scores, seconds since its first
-    batch began) as soon as a prompt's last image is done. Image i of a prompt draws from the random stream of
-    (seed, i), so it is the same image whatever shares its batch: a run is reproducible at any --batch_size."""
+    batch began) as soon as a prompt's last image is done, for the prompts whose folders this process writes.
+
+    Image i of a prompt draws from the random stream of (seed, i), so it is the same image whatever shares its batch:
+    a run is reproducible at any --batch_size and number of processes. With several processes each round gives every
+    process a batch of the (prompt, image) work, in order, and gathers the results to every process."""
     n = args.num_images
     work = [(p, i) for p in range(len(texts)) for i in range(n)]
+    vae = model.vae
     images: dict[int, list[torch.Tensor]] = {}
     scores: dict[int, list[torch.Tensor]] = {}
     began: dict[int, float] = {}
-    with tqdm(total=len(work), unit="img", desc=f"{len(texts)} prompt{'s' * (len(texts) > 1)}") as bar:
-        for start in range(0, len(work), args.batch_size):
-            batch = work[start:start + args.batch_size]
-            for p, _ in batch:
-                began.setdefault(p, time.perf_counter())
-            out, out_scores = model.generate_images(
-                torch.cat([texts[p] for p, _ in batch]), img=None if prime is None else prime.expand(len(batch),
-                                                                                                  -1, -1, -1),
-                seed=seed, image_indices=torch.tensor([i for _, i in batch]), return_scores=True, **options)
-            out, out_scores = to_uint8(out), out_scores.float().cpu()
+    round_size = args.batch_size * ranks.world
+    with tqdm(total=len(work), unit="img", desc=f"{len(texts)} prompt{'s' * (len(texts) > 1)}",
+              disable=ranks.rank != 0) as bar:
+        for start in range(0, len(work), round_size):
+            now = time.perf_counter()
+            for p, _ in work[start:start + round_size]:
+                began.setdefault(p, now)
+            first = start + ranks.rank * args.batch_size
+            batch = work[first:first + args.batch_size]
+            out = torch.zeros(0, vae.channels, vae.image_size, vae.image_size, dtype=torch.uint8)
+            out_scores = torch.zeros(0)
+            if batch:
+                out, out_scores = model.generate_images(
+                    torch.cat([texts[p] for p, _ in batch]),
+                    img=None if prime is None else prime.expand(len(batch), -1, -1, -1), seed=seed,
+                    image_indices=torch.tensor([i for _, i in batch]), return_scores=True, **options)
+                out, out_scores = to_uint8(out), out_scores.float().cpu()
+            if ranks.world > 1:
+                out, out_scores = gather_round(out, out_scores, args.batch_size, args.device)
+                batch = work[start:start + round_size]
             for row, (p, i) in enumerate(batch):
+                if not ranks.owns(p):
+                    continue
                 images.setdefault(p, []).append(out[row])
                 scores.setdefault(p, []).append(out_scores[row])
                 if i == n - 1:
                     yield p, torch.stack(images.pop(p)), torch.stack(scores.pop(p)), time.perf_counter() - began[p]
-            bar.update(len(batch))
+            bar.update(len(work[start:start + round_size]))
+
+
+def gather_round(images: torch.Tensor, scores: torch.Tensor, batch_size: int, device: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's batch of a round, in rank order, on every process (tensors only: nothing is unpickled). The
+    batches are padded to batch_size rows for the collective; the padding is dropped."""
+    counts = torch.tensor([images.shape[0]], device=device)
+    padded = torch.zeros(batch_size, *images.shape[1:], dtype=torch.uint8)
+    padded[: images.shape[0]] = images
+    padded_scores = torch.zeros(batch_size)
+    padded_scores[: scores.shape[0]] = scores
+    parts = []
+    for tensor in (counts, padded.to(device), padded_scores.to(device)):
+        gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, tensor)
+        parts.append([t.cpu() for t in gathered])
+    keep = [int(c) for c in parts[0]]
+    return (torch.cat([t[:k] for t, k in zip(parts[1], keep)]), torch.cat([t[:k] for t, k in zip(parts[2], keep)]))
 
 
 def write_prompt_dir(outputs_dir: Path, name: str, images: torch.Tensor, caption: str, settings: dict) -> Path:
@@ -368,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("--text holds an empty prompt (prompts are separated by |; with --gentxt an empty prompt means a caption "
              "sampled from scratch)")
     outputs_dir = Path(args.outputs_dir)
+    ranks = join_launch(args)
 
     # Everything is checked before anything is generated or written.
     model, tokenizer, trained = load_model(args)
@@ -396,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             step_fn = model.compiled_decode_step()
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # recorded, so any run can be repeated
+    if ranks.world > 1:  # one seed for all the processes: rank 0's
+        shared = torch.tensor([seed], device=args.device)
+        torch.distributed.broadcast(shared, 0)
+        seed = int(shared)
     # A float --top_k is DALLE-pytorch's threshold, an int a count (see top_k_arg).
     filter_thres, top_k = (args.top_k, None) if isinstance(args.top_k, float) else (None, args.top_k)
     text_options = dict(filter_thres=filter_thres, top_k=top_k, top_p=args.top_p, temperature=args.temperature)
@@ -413,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         captions = [tokenizer.decode(text[0]).strip() for text in texts]
     used: set[str] = set()
     names = [unique_name(prompt_dir_name(caption), used) for caption in captions]
-    for index, images, scores, elapsed in sample_all(model, texts, prime, image_options, args, seed):
+    for index, images, scores, elapsed in sample_all(model, texts, prime, image_options, args, seed, ranks):
         prompt, caption, text, started = prompts[index], captions[index], texts[index], time.perf_counter() - elapsed
         similarities, order = None, torch.arange(len(images))
         if clip is not None:
@@ -440,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
         dest = write_prompt_dir(outputs_dir, names[index], images, caption, settings)
         best = f" (the best of {args.num_images})" if args.keep < args.num_images else ""
         print(f"wrote {len(images)} images{best}, grid.jpg and settings.json to {dest}")
+    if ranks.world > 1:
+        leave_process_group()
 
 
 if __name__ == "__main__":

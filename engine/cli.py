@@ -1,14 +1,17 @@
 """Command-line checks shared by the scripts: typed flag values, devices and writable outputs, so that a bad flag or
-an unwritable folder is an argparse error before any work starts, never a traceback halfway through a run."""
+an unwritable folder is an argparse error before any work starts, never a traceback halfway through a run; and how a
+process a launcher started ends."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -71,3 +74,15 @@ def check_writable(p: argparse.ArgumentParser, flag: str, folder: str | os.PathL
     """An argparse error naming `flag` unless files can be written into `folder`."""
     if (why := unwritable(folder)) is not None:
         p.error(f"{flag}: {why}")
+
+
+def leave_process_group() -> NoReturn:
+    """End a process of a multi-process launch once its work is done: wait for every process, then exit at once.
+    Shutting the process group down, or leaving it to interpreter exit, tears gloo's threads and the TCP store down
+    while another process may still talk to them, which can abort a process ("terminate called without an active
+    exception") after its work is done and fail the whole launch."""
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+

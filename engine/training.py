@@ -31,6 +31,7 @@ from engine.cli import (
     check_device,
     check_writable,
     fraction,
+    leave_process_group,
     non_negative_int,
     positive_float,
     positive_int,
@@ -503,15 +504,9 @@ class Distributed:
         return built if self.rank == 0 else load()
 
     def close(self) -> None:
-        """The last call of a run. Under DeepSpeed: wait for every process, then end this one at once. Shutting the
-        process group down, or leaving it to interpreter exit, tears gloo's threads and the TCP store down while the
-        other process may still talk to them, which can abort a process ("terminate called without an active
-        exception") after its work is done and fail the whole launch."""
+        """The last call of a run: under DeepSpeed, ends the process (see ``leave_process_group``)."""
         if self.deepspeed and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            leave_process_group()
 
     def all_ok(self, ok: bool) -> bool:
         """Whether `ok` holds on every process, so that all of them stop together."""

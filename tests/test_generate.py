@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -438,6 +439,36 @@ def test_batches_filled_across_prompts_give_the_same_images(ckpt, tmp_path):
         assert jpgs(mixed) == jpgs(single) and settings(mixed)["scores"] == settings(single)["scores"]
         if folder != "a_blue_ball":
             assert jpgs(tmp_path / "reordered" / folder) == jpgs(mixed)
+
+
+def test_torchrun_splits_the_work_and_writes_what_one_process_writes(ckpt, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each prompt's folder is written once, by one process, and holds the same
+    bytes (images, grid, scores) as a single process's run; with no --seed both processes share rank 0's seed."""
+    import socket
+
+    with socket.socket() as sock:  # a free port: the default may still be held by an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prompts = "a red cube|a blue ball|a green cube"
+    flags = ["--dalle_path", str(ckpt), "--text", prompts, "--num_images", "3", "--batch_size", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    for out, seed in (("dist", ["--seed", "0"]), ("unseeded", [])):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(port), str(ROOT / "generate.py"), *flags, *seed, "--outputs_dir",
+                              str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert run.stdout.count("wrote 3 images") == 3  # each folder once
+    gen(ckpt, tmp_path / "single", "--batch_size", "2", text=prompts, num_images=3)
+    folders = ["a_blue_ball", "a_green_cube", "a_red_cube"]
+    for out in ("dist", "unseeded", "single"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == folders  # no temporary folder left
+    for folder in folders:
+        dist, single = tmp_path / "dist" / folder, tmp_path / "single" / folder
+        assert jpgs(dist) == jpgs(single) and (dist / "grid.jpg").read_bytes() == (single / "grid.jpg").read_bytes()
+        assert settings(dist)["scores"] == settings(single)["scores"]
+    seeds = {settings(tmp_path / "unseeded" / folder)["seed"] for folder in folders}
+    assert len(seeds) == 1
 
 
 @pytest.mark.parametrize("content, flags, message", [
