@@ -21,7 +21,6 @@ import tempfile
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,13 @@ from safetensors.torch import load_file, save_file
 from engine.clip import CLIP, CLIPConfig
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
+from engine.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch
 from engine.files import umask
 from engine.formats import (
+    Checkpoint,
     CheckpointError,
     build_on_meta,
+    canonical_names,
     check_config_ints,
     check_finite,
     check_footprint,
@@ -56,14 +58,6 @@ VAE_CLASSES: dict[str, tuple[type, type]] = {
     "VQGanVAE": (VQGanVAE, VQGanConfig),
     "OpenAIDiscreteVAE": (OpenAIDiscreteVAE, OpenAIDVAEConfig),
 }
-
-
-@dataclass
-class Checkpoint:
-    model: torch.nn.Module  # a DALLE, a CLIP, or a VAE for VAE checkpoints
-    tokenizer: Tokenizer | None
-    extra: dict[str, Any] = field(default_factory=dict)
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -119,13 +113,6 @@ def _vae_metadata(vae: torch.nn.Module) -> dict[str, str]:
     return {"vae_class": name, "vae_config": json.dumps(dataclasses.asdict(vae.config))}
 
 
-def canonical_names(module: torch.nn.Module) -> dict[str, str]:
-    """Each state-dict name -> the first name of the tensor it aliases. Weight-shared modules hand out the same
-    tensor object under every name, on the meta device too (where storage pointers are all 0)."""
-    first: dict[int, str] = {}
-    return {name: first.setdefault(id(t), name) for name, t in module.state_dict(keep_vars=True).items()}
-
-
 def _unique_items(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with weight-shared tensors kept once, under their first name."""
     names = canonical_names(module)
@@ -173,8 +160,6 @@ def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu", **da
     """A checkpoint written by ``save_dalle``, or a DALLE-pytorch ``dalle.pt`` (or its DeepSpeed folder), imported by
     ``engine.dalle_pytorch.load_dalle_pytorch`` with ``dalle_pytorch_options`` (vqgan and tokenizer choices; unused
     for this engine's own files, which store their tokenizer)."""
-    from engine.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch  # it imports this module
-
     if is_dalle_pytorch_checkpoint(path):
         return load_dalle_pytorch(path, device, **dalle_pytorch_options)
     metadata, shapes = _read_header(path, "dalle")

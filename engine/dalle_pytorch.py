@@ -16,10 +16,18 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import Checkpoint, CheckpointError, canonical_names
 from engine.config import DALLEConfig
 from engine.dalle import DALLE
-from engine.formats import build_on_meta, check_config_ints, check_finite, check_footprint, file_format
+from engine.formats import (
+    Checkpoint,
+    CheckpointError,
+    build_on_meta,
+    canonical_names,
+    check_config_ints,
+    check_finite,
+    check_footprint,
+    file_format,
+)
 from engine.tokenizers import build_tokenizer
 from engine.unpickle import safe_load
 from engine.vae import DiscreteVAE, DiscreteVAEConfig

@@ -14,11 +14,15 @@ import os
 import threading
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from engine.tokenizers import Tokenizer
 
 Format = Literal["safetensors", "zip", "pickle", "directory", "unknown"]
 _MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
@@ -141,3 +145,21 @@ def check_footprint(meta_model: nn.Module, stored_bytes: int, path: str | os.Pat
     if needed > 2 * stored_bytes + _BUFFER_SLACK:
         raise CheckpointError(f"{os.fspath(path)}: its config describes a model that needs {needed / 2**20:.0f} MiB, "
                               f"far more than the {stored_bytes / 2**20:.1f} MiB of weights the file holds")
+
+
+@dataclass
+class Checkpoint:
+    """What a loader returns: the model, its tokenizer, and what else the file held."""
+
+    model: nn.Module  # a DALLE, a CLIP, or a VAE for VAE checkpoints
+    tokenizer: Tokenizer | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """Each state-dict name -> the first name of the tensor it aliases. Weight-shared modules hand out the same
+    tensor object under every name, on the meta device too (where storage pointers are all 0)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(t), name) for name, t in module.state_dict(keep_vars=True).items()}
+

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.linear import row_invariant
-from engine.sampling import rows as row_sampling
-from engine.sampling.rows import Settings
+from engine.sampling.rows import Rows, Settings, sample
 
 if TYPE_CHECKING:
     from engine.dalle import DALLE
@@ -66,7 +65,7 @@ def image_codes(model: DALLE, text: torch.Tensor, settings: Sequence[Settings], 
         model._check_codes(prime, batch)
         start = prime.shape[1]
         codes[:, :start] = prime
-    rows = row_sampling.Rows.build(settings, keys, c.num_image_tokens, c.total_tokens)
+    rows = Rows.build(settings, keys, c.num_image_tokens, c.total_tokens)
     guided = torch.tensor([i for i, s in enumerate(settings) if s.cond_scale != 1.0], dtype=torch.long,
                           device=device)
     scales = torch.tensor([[s.cond_scale] for s in settings if s.cond_scale != 1.0], device=device)
@@ -93,7 +92,7 @@ def image_codes(model: DALLE, text: torch.Tensor, settings: Sequence[Settings], 
             if not use_cache:
                 logits = model.full_pass_logits(model_rows, codes[with_null, :i])
             logits, cond = guide(logits)
-            token = row_sampling.sample(logits, rows, steps[i])
+            token = sample(logits, rows, steps[i])
             scores += cond.float().log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
             codes[:, i] = token
             if use_cache and i + 1 < c.image_seq_len:
@@ -112,7 +111,7 @@ def captions(model: DALLE, prefixes: torch.Tensor, settings: Sequence[Settings],
                          f"got {tuple(prefixes.shape)} {prefixes.dtype}")
     if prefixes.numel() and (prefixes.min() < 0 or prefixes.max() >= c.num_text_tokens):
         raise ValueError(f"text token ids must lie in [0, {c.num_text_tokens})")
-    rows = row_sampling.Rows.build(settings, keys, c.num_text_tokens_internal, c.total_tokens)
+    rows = Rows.build(settings, keys, c.num_text_tokens_internal, c.total_tokens)
     ids = model._text_with_pads(F.pad(prefixes, (0, c.text_seq_len - prefixes.shape[1])))
     steps = torch.arange(c.text_seq_len, device=device) + TEXT_STEPS
     with _decoding(model):
@@ -120,7 +119,7 @@ def captions(model: DALLE, prefixes: torch.Tensor, settings: Sequence[Settings],
         positions = torch.arange(c.text_len, device=device)
         logits = model.prefill(ids[:, : prefixes.shape[1]], None, cache)
         for i in range(prefixes.shape[1], c.text_seq_len):
-            token = row_sampling.sample(logits, rows, steps[i])
+            token = sample(logits, rows, steps[i])
             ids[:, i] = token
             if i + 1 < c.text_seq_len:
                 logits = model.decode_step(token, positions[i + 1], cache, image=False)
