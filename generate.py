@@ -339,11 +339,11 @@ def sample_all(model, texts: list[torch.Tensor], prime: torch.Tensor | None, opt
     with tqdm(total=len(work), unit="img", desc=f"{len(texts)} prompt{'s' * (len(texts) > 1)}",
               disable=ranks.rank != 0) as bar:
         for start in range(0, len(work), round_size):
+            in_round = work[start:start + round_size]  # one batch for each process, in rank order
             now = time.perf_counter()
-            for p, _ in work[start:start + round_size]:
+            for p, _ in in_round:
                 began.setdefault(p, now)
-            first = start + ranks.rank * args.batch_size
-            batch = work[first:first + args.batch_size]
+            batch = in_round[ranks.rank * args.batch_size:(ranks.rank + 1) * args.batch_size]
             out = torch.zeros(0, vae.channels, vae.image_size, vae.image_size, dtype=torch.uint8)
             out_scores = torch.zeros(0)
             if batch:
@@ -354,15 +354,14 @@ def sample_all(model, texts: list[torch.Tensor], prime: torch.Tensor | None, opt
                 out, out_scores = to_uint8(out), out_scores.float().cpu()
             if ranks.world > 1:
                 out, out_scores = gather_round(out, out_scores, args.batch_size, args.device)
-                batch = work[start:start + round_size]
-            for row, (p, i) in enumerate(batch):
+            for row, (p, i) in enumerate(in_round):
                 if not ranks.owns(p):
                     continue
                 images.setdefault(p, []).append(out[row])
                 scores.setdefault(p, []).append(out_scores[row])
                 if i == n - 1:
                     yield p, torch.stack(images.pop(p)), torch.stack(scores.pop(p)), time.perf_counter() - began[p]
-            bar.update(len(work[start:start + round_size]))
+            bar.update(len(in_round))
 
 
 def gather_round(images: torch.Tensor, scores: torch.Tensor, batch_size: int, device: str
