@@ -162,6 +162,27 @@ def test_engine_linear_flattens_leading_dims(dtype: torch.dtype, monkeypatch: py
     assert calls.count == 1 and out.shape == (4, linear_module.SMALL_LINEAR_MAX_ROWS, 96)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_row_never_depends_on_the_other_rows(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What batch-invariant sampling relies on: each row's result is bit for bit the same alone, in any batch and in
+    any order, across row tiles (150 rows) and summation blocks (1,030 features); inside row_invariant() the engine's
+    linear sends every row count to the kernel."""
+    gen = torch.Generator().manual_seed(4)
+    x = randn(150, 1030, dtype=dtype, gen=gen)
+    w, b = randn(37, 1030, dtype=dtype, gen=gen), randn(37, dtype=dtype, gen=gen)
+    together = cpp.small_linear(x, w, b)
+    for row in (0, 1, 63, 64, 100, 149):
+        assert torch.equal(cpp.small_linear(x[row:row + 1], w, b)[0], together[row])
+    for rows in (3, 65, 129):
+        assert torch.equal(cpp.small_linear(x[:rows], w, b), together[:rows])
+    order = torch.randperm(150, generator=gen)
+    assert torch.equal(cpp.small_linear(x[order], w, b), together[order])
+    calls = _Calls(monkeypatch)
+    with torch.no_grad(), linear_module.row_invariant():
+        assert torch.equal(linear_module.linear(x, w, b), together)
+    assert calls.count == 1
+
+
 def test_engine_linear_keeps_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """With inputs requiring grad the C++ op (no autograd) must not run; gradients match F.linear's."""
     calls = _Calls(monkeypatch)
