@@ -5,6 +5,7 @@ different prompts and requests share a batch."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -21,17 +22,11 @@ TEXT_STEPS = 1 << 20  # noise steps of caption tokens start here, apart from tho
 
 
 def resolve(model: DALLE, settings: Settings | Sequence[Settings], batch: int) -> list[Settings]:
-    """One settings per row, with the model's default guidance where ``cond_scale`` is None."""
+    """One settings per row (a single one serves every row), with the model's default guidance where ``cond_scale``
+    is None."""
     per_row = [settings] * batch if isinstance(settings, Settings) else list(settings)
-    if len(per_row) != batch:
-        raise ValueError(f"{len(per_row)} settings for a batch of {batch}")
     default = model.config.default_cond_scale
-    return [s if s.cond_scale is not None else _with_scale(s, default) for s in per_row]
-
-
-def _with_scale(s: Settings, cond_scale: float) -> Settings:
-    return Settings(temperature=s.temperature, filter_thres=s.filter_thres, top_k=s.top_k, top_p=s.top_p,
-                    cond_scale=cond_scale)
+    return [s if s.cond_scale is not None else dataclasses.replace(s, cond_scale=default) for s in per_row]
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ function of its logits, its settings and its key alone, whatever else shares the
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,26 +53,31 @@ class Rows:
 
     temperature: torch.Tensor  # (rows,) float32
     keep: torch.Tensor  # (rows,) long: how many logits top-k keeps
-    top_p: torch.Tensor  # (rows,) float32; 1 where off
+    top_p: torch.Tensor  # (rows,) float32; inf where off (p = 1 keeps all too, whatever the cumsum's rounding)
     keys: torch.Tensor  # (rows,) long
     most_kept: int  # the largest keep, or 0 when no row filters by top-k or top-p
     nucleus: bool  # whether any row uses top-p
+    outside: torch.Tensor | None  # (rows, most_kept) bool: the places of the most_kept largest beyond a row's keep
 
     @classmethod
     def build(cls, settings: Sequence[Settings], keys: torch.Tensor, columns: int, vocab_size: int) -> Rows:
         """``columns``: the logits sampled from (e.g. the image codes); ``vocab_size``: what ``filter_thres`` counts."""
         if len(settings) != keys.shape[0]:
             raise ValueError(f"{len(settings)} settings for {keys.shape[0]} rows")
-        keep = [s.keep(columns, vocab_size) for s in settings]
-        nucleus = any(s.top_p is not None and s.top_p < 1 for s in settings)
         device = keys.device
+        keep_list = [s.keep(columns, vocab_size) for s in settings]
+        keep = torch.tensor(keep_list, device=device)
+        nucleus = any(s.top_p is not None and s.top_p < 1 for s in settings)
+        most_kept = max(keep_list) if nucleus or min(keep_list) < columns else 0
         return cls(
             temperature=torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
-            keep=torch.tensor(keep, device=device),
-            top_p=torch.tensor([1.0 if s.top_p is None else s.top_p for s in settings], device=device),
+            keep=keep,
+            top_p=torch.tensor([s.top_p if s.top_p is not None and s.top_p < 1 else math.inf for s in settings],
+                               device=device),
             keys=keys,
-            most_kept=max(keep) if nucleus or min(keep) < columns else 0,
-            nucleus=nucleus)
+            most_kept=most_kept,
+            nucleus=nucleus,
+            outside=torch.arange(most_kept, device=device) >= keep[:, None] if most_kept else None)
 
 
 def sample(logits: torch.Tensor, rows: Rows, step: torch.Tensor | int) -> torch.Tensor:
@@ -82,13 +88,12 @@ def sample(logits: torch.Tensor, rows: Rows, step: torch.Tensor | int) -> torch.
     temperature = rows.temperature[:, None]
     if rows.most_kept:
         ordered = logits.topk(rows.most_kept, dim=-1).values  # descending
-        outside = torch.arange(rows.most_kept, device=logits.device) >= rows.keep[:, None]
         last = ordered.gather(-1, (rows.keep - 1)[:, None])
         if rows.nucleus:
             # Keep the most likely tokens until they reach p: those whose predecessors hold less than p.
-            probs = (ordered / temperature).masked_fill(outside, float("-inf")).softmax(dim=-1)
+            probs = (ordered / temperature).masked_fill(rows.outside, float("-inf")).softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs
-            kept = ~outside & ((before < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1))
+            kept = ~rows.outside & (before < rows.top_p[:, None])
             last = ordered.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < last, float("-inf"))
     return (logits / temperature + gumbel(rows.keys, step, logits.shape[-1])).argmax(dim=-1)
