@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 
 # torch 2.13.0 (CPU) is installed first only where no torch is present, so pip never pulls a CUDA build;
 # youtokentome needs Cython already installed and no build isolation.
+# Debian's chromium and chromedriver are installed where chromedriver is missing: tests/test_serve_browser.py drives
+# serve.py's web page in a real browser.
 # Rebuilt when setup.py or the C++ kernels change (pip install -e builds kernels._C in place).
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +16,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -c "import youtokentome" 2>/dev/null || $(PIP) install --no-build-isolation youtokentome==1.0.6
 	$(PIP) install --no-deps clip-anytorch
 	$(PIP) install --no-build-isolation -e ".[test,deepspeed]"
+	command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,7 +42,7 @@ demo: install
 		--images_per_prompt 32 --json demo/eval.json --save_dir demo/eval
 
 test: install
-	$(PY) -m pytest -q tests
+	DALLE_ENGINE_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests
 
 # On a GPU machine with torch and Triton preinstalled and no network (`python` from PATH, not the venv): build
 # kernels._C in place, then bench/gpu_check.py: GPU correctness (tests/test_triton_gpu.py and the CUDA tests), the

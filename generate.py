@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -52,26 +51,15 @@ from engine.cli import (
     positive_float,
     positive_int,
     rng_seed,
+    top_k_arg,
 )
 from engine.data import load_image, random_resized_crop
+from engine.pictures import make_grid, pil_image, to_uint8
 from engine.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine import tokenizers
 from engine.tokenizers import build_tokenizer
 
 MAX_NAME_BYTES = 100
-
-
-def top_k_arg(value: str) -> float | int:
-    """In [0, 1): DALLE-pytorch's threshold (a float); a whole number >= 1: a count of image tokens (an int).
-    1 and 1.0 coincide: the count 1 is greedy, and so is the threshold 1, which keeps one token."""
-    try:
-        x = float(value)
-    except ValueError:
-        x = math.nan
-    if 0 <= x < 1:
-        return x
-    if x >= 1 and x.is_integer():  # inf.is_integer() is False
-        return int(x)
-    raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count >= 1, got {value!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,10 +138,6 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(f"error: {message}")
 
 
-def _show(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
 _UNSAFE = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')  # separators, what Windows rejects, control characters
 _WINDOWS_DEVICES = re.compile(r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?", re.IGNORECASE)
 
@@ -181,30 +165,9 @@ def unique_name(name: str, used: set[str], max_bytes: int = MAX_NAME_BYTES) -> s
     return candidate
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # rounded in fp32, whatever the model's
-
-
 def save_jpg(image: torch.Tensor, path: Path) -> None:
     """Save a (channels, h, w) uint8 image; JPEG has no alpha, so a fourth channel is dropped."""
-    pixels = image.permute(1, 2, 0).numpy()
-    if pixels.shape[2] == 1:
-        Image.fromarray(pixels[..., 0], "L").save(path, quality=95)
-    else:
-        Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB").save(path, quality=95)
-
-
-def make_grid(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
-    """(n, c, h, w) images tiled row by row into one (c, H, W) image, ceil(sqrt(n)) columns, `padding` black pixels
-    around and between them (torchvision's make_grid layout)."""
-    n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = images.new_zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding)
-    for i, image in enumerate(images):
-        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
-        grid[:, y: y + h, x: x + w] = image
-    return grid
+    pil_image(image, alpha=False).save(path, quality=95)
 
 
 def load_prime(path: str, size: int, channels: int) -> torch.Tensor:
@@ -244,14 +207,11 @@ def load_model(args: argparse.Namespace):
 
 
 def caption_ids(prompt: str, tokenizer, length: int, truncate: bool, whose: str) -> torch.Tensor:
-    """The prompt's token ids, at most `length` of them (more is an error unless `truncate`)."""
-    ids = tokenizer.encode(prompt) if prompt else []
-    if len(ids) > length and not truncate:
-        fail(f"prompt {_show(prompt)} has {len(ids)} tokens, more than {whose} caption length {length}; "
-             "shorten it or pass --truncate_captions")
-    if prompt and not ids:
-        fail(f"prompt {_show(prompt)} has no tokens with {whose} tokenizer")
-    return torch.tensor(ids[:length], dtype=torch.long)
+    try:
+        return tokenizers.caption_ids(prompt, tokenizer, length, truncate, whose,
+                                      too_long="shorten it or pass --truncate_captions")
+    except ValueError as e:
+        fail(str(e))
 
 
 def encode_prompts(prompts: list[str], tokenizer, length: int, args: argparse.Namespace) -> list[torch.Tensor]:

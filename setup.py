@@ -56,12 +56,15 @@ setup(
         "tqdm",
         "webdataset>=0.2.86",
         "tensorboard",
+        "fastapi>=0.110",  # serve.py
+        "uvicorn>=0.29",
     ],
     extras_require={
         # youtokentome only builds with Cython pre-installed and --no-build-isolation (see README).
         "yttm": ["youtokentome>=1.0.6"],
         "deepspeed": ["deepspeed>=0.14"],
-        "test": ["pytest", "pytest-benchmark", "triton"],  # Triton kernels are tested in its CPU interpreter
+        # Triton kernels are tested in its CPU interpreter; the web page in Debian's chromium, driven by selenium.
+        "test": ["pytest", "pytest-benchmark", "triton", "httpx", "selenium"],
     },
     **extension_build(),
 )

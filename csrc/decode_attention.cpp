@@ -1,11 +1,14 @@
-// CPU KV-cache decode attention: one query per (batch, head) at sequence position pos.
+// CPU KV-cache decode attention: one query per (batch, head), row b at sequence position pos[b] (one position for
+// every row, or one per row for continuous batching).
 //
 // A decode step runs once per layer per generated token, so the kernel reads only the keys the pattern allows, in
 // spans of the cache: the visible text keys as one contiguous run, then the image keys of the pattern's window row by
 // row (a row is a run of positions on the window's column lattice). Per (batch, head) it makes three passes over those
 // keys: scores q.k * scale (and their max), e^(s - max) (and their sum), then sum(e * v) / sum. Keys and values are
 // read in place, through the cache's strides and in their storage dtype (converted on load), so no pass ever touches
-// the rest of the cache. The work is split over batch * heads; each task owns one small scratch buffer.
+// the rest of the cache. The work is split over batch * heads; each task owns one small scratch buffer, sized for the
+// row with the most keys. Every (batch, head) is computed alone, in the same order whatever the other rows' positions,
+// so a row's result is bitwise the same in any batch.
 
 #include "decode_attention.h"
 #include "vector_math.h"
@@ -158,23 +161,32 @@ DALLE_ENGINE_VECTOR_CLONES void attend(const KeySet& keys, const scalar_t* q, co
 // Multiply-adds a parallel task should hold at least, so that small steps do not pay for waking threads.
 constexpr int64_t kMinTaskWork = int64_t{1} << 15;
 
+// keys: one KeySet per batch row.
 template <typename scalar_t>
-void run(const KeySet& keys, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-         double scale) {
+void run(const std::vector<KeySet>& keys, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         at::Tensor& out, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t heads = q.size(1), dim = q.size(2), count = q.size(0) * heads;
-  const int64_t num_keys = keys.count();
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), count = batch * heads;
+  int64_t max_keys = 0, total_keys = 0;
+  for (const KeySet& row : keys) {
+    const int64_t n = row.count();
+    max_keys = std::max(max_keys, n);
+    total_keys += n;
+  }
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (2 * num_keys * dim));
+  // Tasks of about kMinTaskWork multiply-adds at the rows' mean key count (a grain only groups (batch, head) pairs;
+  // it never changes what one computes).
+  const int64_t mean_keys = std::max<int64_t>(1, total_keys / batch);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (2 * mean_keys * dim));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * dim + num_keys);
+    std::vector<acc_t> scratch(2 * dim + max_keys);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / heads, h = i % heads;
-      attend<scalar_t, acc_t>(keys, q_data + b * qs[0] + h * qs[1], k_data + b * ks[0] + h * ks[1], ks[2],
+      attend<scalar_t, acc_t>(keys[b], q_data + b * qs[0] + h * qs[1], k_data + b * ks[0] + h * ks[1], ks[2],
                               v_data + b * vs[0] + h * vs[1], vs[2], out_data + i * dim, dim,
                               static_cast<acc_t>(scale), scratch.data());
     }
@@ -191,11 +203,6 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& pos_tensor, std::string_view pattern, int64_t text_len, int64_t fmap_size,
                             int64_t kernel_size, int64_t dilation, double scale) {
-  TORCH_CHECK(pos_tensor.numel() == 1 && pos_tensor.device().is_cpu() &&
-                  at::isIntegralType(pos_tensor.scalar_type(), /*includeBool=*/false),
-              "pos must be a CPU integer tensor of one element, got ", pos_tensor.scalar_type(), " of shape ",
-              pos_tensor.sizes());
-  const int64_t pos = pos_tensor.item<int64_t>();
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "q must be (batch, heads, dim_head) and k_cache, v_cache one (batch, heads, max_seq, dim_head) shape, "
               "got ", q.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
@@ -216,9 +223,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t max_seq = k_cache.size(2), max_len = text_len + fmap_size * fmap_size;
   TORCH_CHECK(max_seq >= 1 && max_seq <= max_len, "max_seq must be in 1..", max_len, " (text_len ", text_len,
               " + fmap_size ", fmap_size, "**2), got ", max_seq);
-  TORCH_CHECK(pos >= 0 && pos < max_seq, "pos must lie in [0, ", max_seq, "), got ", pos);
   TORCH_CHECK(q.size(2) >= 1, "dim_head must be >= 1");
-  const KeySet keys = key_set(parse_pattern(pattern), pos, text_len, fmap_size, kernel_size, dilation);
+  TORCH_CHECK(pos_tensor.device().is_cpu() && at::isIntegralType(pos_tensor.scalar_type(), /*includeBool=*/false),
+              "pos must be a CPU integer tensor, got ", pos_tensor.scalar_type(), " on ", pos_tensor.device());
+  // One element: every row at that position; else one position per row.
+  const int64_t batch = q.size(0);
+  const bool per_row = pos_tensor.numel() != 1;
+  TORCH_CHECK(!per_row || (pos_tensor.dim() == 1 && pos_tensor.size(0) == batch),
+              "pos must hold one position (one element) or one per row (shape (batch,) = (", batch, ",)), got shape ",
+              pos_tensor.sizes());
+  const at::Tensor pos_long = pos_tensor.to(at::kLong).contiguous();
+  const int64_t* pos = pos_long.const_data_ptr<int64_t>();
+  if (!per_row) TORCH_CHECK(pos[0] >= 0 && pos[0] < max_seq, "pos must lie in [0, ", max_seq, "), got ", pos[0]);
+  const Pattern parsed = parse_pattern(pattern);
+  std::vector<KeySet> keys;
+  keys.reserve(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t row_pos = pos[per_row ? b : 0];
+    TORCH_CHECK(!per_row || (row_pos >= 0 && row_pos < max_seq), "pos[", b, "] must lie in [0, ", max_seq, "), got ",
+                row_pos);
+    keys.push_back(key_set(parsed, row_pos, text_len, fmap_size, kernel_size, dilation));
+  }
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;

@@ -39,6 +39,20 @@ fraction = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 rng_seed = number(int, lambda n: 0 <= n <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 
 
+def top_k_arg(value: str) -> float | int:
+    """In [0, 1): DALLE-pytorch's threshold (a float); a whole number >= 1: a count of image tokens (an int).
+    1 and 1.0 coincide: the count 1 is greedy, and so is the threshold 1, which keeps one token."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if 0 <= x < 1:
+        return x
+    if x >= 1 and x.is_integer():  # inf.is_integer() is False
+        return int(x)
+    raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count >= 1, got {value!r}")
+
+
 def check_device(p: argparse.ArgumentParser, value: str) -> str:
     """`value` if it names a CPU or an available CUDA device, else an argparse error."""
     try:

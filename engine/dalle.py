@@ -155,17 +155,17 @@ class DALLE(nn.Module):
         return (self.image_pos_emb_row[:, None] + self.image_pos_emb_col[None, :]).flatten(0, 1)
 
     def _embed_at(self, token: torch.Tensor, pos: torch.Tensor, image: bool) -> torch.Tensor:
-        """Embedding (batch, 1, dim) of one token per row at sequence position ``pos`` (0-dim tensor): an image code
-        at an image position, or an internal text id at a caption position."""
+        """Embedding (batch, 1, dim) of one token per row at sequence position ``pos`` (a 0-dim tensor, or one
+        position per row): an image code at an image position, or an internal text id at a caption position."""
         c = self.config
         if image:
             x = self._embed_image(token)
             if not c.rotary_emb:
-                x = x + self._image_pos_emb().index_select(0, (pos - c.text_len).view(1))
+                x = x + self._image_pos_emb().index_select(0, (pos - c.text_len).view(-1))
         else:
             x = self._embed_text(token)
             if not c.rotary_emb:
-                x = x + self.text_pos_emb.weight.index_select(0, pos.view(1))
+                x = x + self.text_pos_emb.weight.index_select(0, pos.view(-1))
         return x[:, None]
 
     def _transform(self, tokens: torch.Tensor, cache: KVCache | None = None,
@@ -230,9 +230,10 @@ class DALLE(nn.Module):
 
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, image: bool = True) -> torch.Tensor:
         """Feed one image code per row at image position ``pos`` (a 0-dim long tensor, so the step has static shapes
-        and no host synchronisation: the function to compile or capture in a CUDA graph) and return the next code's
-        logits over the image vocabulary. ``image=False``: an internal text id at a caption position before the
-        last, returning the next caption token's logits over the internal text vocabulary."""
+        and no host synchronisation: the function to compile or capture in a CUDA graph; or a (batch,) long tensor,
+        each row at its own position, as continuous batching needs) and return the next code's logits over the image
+        vocabulary. ``image=False``: an internal text id at a caption position before the last, returning the next
+        caption token's logits over the internal text vocabulary. ``cache``: a ``KVCache`` or some of its rows."""
         x = self._transform(self._embed_at(token, pos, image), cache, pos)
         return self._vocab_logits(x[:, 0], image=image)
 

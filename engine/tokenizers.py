@@ -65,6 +65,19 @@ def check_caption_ids(text: torch.Tensor, text_seq_len: int, num_text_tokens: in
                          f"got ids in [{int(text.min())}, {int(text.max())}]")
 
 
+def caption_ids(prompt: str, tokenizer: Tokenizer, length: int, truncate: bool = False, whose: str = "the model's",
+                too_long: str = "shorten it") -> torch.Tensor:
+    """A prompt's token ids (n <= ``length``,), unpadded; ValueError if it has more than ``length`` tokens (unless
+    ``truncate``: the first ``length``; ``too_long`` says what to do) or a non-empty prompt has none."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if len(ids) > length and not truncate:
+        raise ValueError(f"prompt {_abbreviate(prompt)!r} has {len(ids)} tokens, more than {whose} caption length "
+                         f"{length}; {too_long}")
+    if prompt and not ids:
+        raise ValueError(f"prompt {_abbreviate(prompt)!r} has no tokens with {whose} tokenizer")
+    return torch.tensor(ids[:length], dtype=torch.long)
+
+
 class Tokenizer(ABC):
     """Common interface; subclasses implement ``encode``, ``_decode`` and ``_load``."""
 

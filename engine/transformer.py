@@ -63,8 +63,8 @@ def shift_weights(text_len: int, fmap_size: int, dim: int, seq_len: int) -> torc
 
 class ShiftState(NamedTuple):
     """A branch's token-shift decoding state: ``ring`` (batch, fmap_size + 1, dim) holds its normed inputs of the last
-    fmap_size + 1 positions, position p in slot p % (fmap_size + 1); ``pos`` (0-dim tensor, None during a prefill)
-    and ``weights`` (3, dim), that position's row of ``shift_weights``."""
+    fmap_size + 1 positions, position p in slot p % (fmap_size + 1); ``pos`` (a 0-dim tensor, or one position per
+    row; None during a prefill) and ``weights`` (1 or batch, 3, dim), those positions' rows of ``shift_weights``."""
 
     ring: torch.Tensor
     pos: torch.Tensor | None = None
@@ -78,11 +78,18 @@ def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
     needs): a compiled step that read the ring before writing it would copy the whole ring at every step."""
     ring, pos, w = state
     size = ring.shape[1]
-    ring.index_copy_(1, (pos % size).view(1), h)
-    prev = ring.index_select(1, ((pos - 1) % size).view(1))
-    above = ring.index_select(1, ((pos + 1) % size).view(1))  # pos - fmap_size, as size = fmap_size + 1
-    w = w.to(h.dtype)
-    return h * w[0] + prev * w[1] + above * w[2]
+    if pos.dim() == 0:
+        ring.index_copy_(1, (pos % size).view(1), h)
+        prev = ring.index_select(1, ((pos - 1) % size).view(1))
+        above = ring.index_select(1, ((pos + 1) % size).view(1))  # pos - fmap_size, as size = fmap_size + 1
+    else:  # each row at its own position
+        def slot(p: torch.Tensor) -> torch.Tensor:
+            return (p % size).view(-1, 1, 1).expand(-1, 1, ring.shape[2])
+
+        ring.scatter_(1, slot(pos), h)
+        prev, above = ring.gather(1, slot(pos - 1)), ring.gather(1, slot(pos + 1))
+    w = w.to(h.dtype)[:, :, None]  # (1 or batch, 3, 1, dim)
+    return h * w[:, 0] + prev * w[:, 1] + above * w[:, 2]
 
 
 class FeedForward(nn.Module):
@@ -94,7 +101,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj_in(x).chunk(2, dim=-1)  # GEGLU: first half times GELU(second half)
-        return self.proj_out(self.dropout(a * F.gelu(gate)))
+        # GELU of a strided view takes another code path than of a contiguous tensor, a last bit off: one row alone is
+        # contiguous, several are not. Contiguous rows take one path, so a row's result never depends on the others.
+        return self.proj_out(self.dropout(a * F.gelu(gate.contiguous())))
 
 
 class Attention(nn.Module):
@@ -116,8 +125,13 @@ class Attention(nn.Module):
             qkv = apply_rotary(rotary, qkv)
         q, k, v = qkv.unbind(0)
         if cache is not None and cache.pos is not None:  # decoding one position
-            cache.k.index_copy_(2, cache.pos.view(1), k)
-            cache.v.index_copy_(2, cache.pos.view(1), v)
+            if cache.pos.dim() == 0:
+                cache.k.index_copy_(2, cache.pos.view(1), k)
+                cache.v.index_copy_(2, cache.pos.view(1), v)
+            else:  # each row at its own position
+                slot = cache.pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+                cache.k.scatter_(2, slot, k)
+                cache.v.scatter_(2, slot, v)
             out = kernels.decode_attention(q[:, :, 0], cache.k, cache.v, cache.pos, pattern=self.pattern,
                                            **self.geometry)[:, :, None]
         else:
@@ -189,11 +203,15 @@ class Transformer(nn.Module):
         """Hidden states of ``x`` (batch, n, dim).
 
         Without ``cache``: the n positions from 0. With ``cache`` and no ``pos``: the same (a prefill), also writing
-        the cache. With both: x is the one position ``pos`` (a 0-dim long tensor), attending to the cache.
+        the cache. With both: x (batch, 1, dim) is the one position ``pos`` (a 0-dim long tensor), or each row at its
+        own position (a (batch,) long tensor), attending to the cache.
         """
         rotary = None
         if self.rotary is not None:
-            angles = self.rotary[: x.shape[1]] if pos is None else self.rotary.index_select(0, pos.view(1))
+            if pos is None:
+                angles = self.rotary[: x.shape[1]]
+            else:  # (1 or batch, 1, 1, rot): one position for all rows, or one per row
+                angles = self.rotary.index_select(0, pos.view(-1))[:, None, None]
             rotary = (angles.cos(), angles.sin())
         calls = list(self._branch_kwargs(rotary, cache, pos))
         if not self.reversible:
@@ -220,15 +238,15 @@ class Transformer(nn.Module):
             if rings is None:
                 yield {"rotary": rotary, "cache": kv}, {}
                 continue
-            weights = None if pos is None else self.shift_weights.index_select(0, pos.view(1))[0]
+            weights = None if pos is None else self.shift_weights.index_select(0, pos.view(-1))
             ring_attn, ring_ff = rings
             yield ({"rotary": rotary, "cache": kv, "shift_state": ShiftState(ring_attn, pos, weights)},
                    {"shift_state": ShiftState(ring_ff, pos, weights)})
 
 
 class LayerCache(NamedTuple):
-    """One layer's view of a ``KVCache``: keys and values (batch, heads, seq, dim_head) and the decoded position
-    (None during a prefill)."""
+    """One layer's view of a ``KVCache``: keys and values (batch, heads, seq, dim_head) and the decoded position, or
+    one per row (None during a prefill)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -270,6 +288,33 @@ class KVCache(nn.Module):
     @property
     def batch(self) -> int:
         return self.k0.shape[0]
+
+    def rows(self, start: int, stop: int) -> CacheRows:
+        """Rows [start, stop) as a cache of their own (views: what a prefill or decode step writes lands here)."""
+        return CacheRows(self, slice(start, stop))
+
+    def move_rows(self, source: torch.Tensor, dest: torch.Tensor) -> None:
+        """Copy rows ``source`` onto rows ``dest`` (index tensors) in every buffer: a batch closing its gaps."""
+        for buffer in self.buffers():
+            buffer[dest] = buffer[source]
+
+
+class CacheRows(NamedTuple):
+    """Some consecutive rows of a ``KVCache``, read and written in place; a decode step takes it as a cache."""
+
+    cache: KVCache
+    span: slice
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t[self.span] for t in self.cache.layer(i))
+
+    def rings(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        rings = self.cache.rings(i)
+        return None if rings is None else tuple(t[self.span] for t in rings)
+
+    @property
+    def batch(self) -> int:
+        return self.cache.k0[self.span].shape[0]
 
 
 # --- reversible layers --------------------------------------------------------------------------------------------

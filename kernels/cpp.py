@@ -131,10 +131,12 @@ def decode_attention(
     """``kernels.reference.decode_attention`` on the C++ CPU kernel, which reads only the keys the pattern allows.
 
     q: ``(batch, heads, dim_head)``; k_cache, v_cache: ``(batch, heads, max_seq, dim_head)`` CPU tensors of q's dtype
-    (float32, float64, bfloat16 or float16; any strides) holding positions ``0..pos``. ``pos``: an int or a 0-dim
-    integer tensor. Computes in float32 (float64 for float64 inputs) and returns ``(batch, heads, dim_head)`` in q's
-    dtype. ``scale`` defaults to ``dim_head ** -0.5``. Not differentiable. The op checks the arguments (RuntimeError);
-    raises RuntimeError if the kernels are unavailable (see ``load_error()``).
+    (float32, float64, bfloat16 or float16; any strides), row ``b`` holding positions ``0..pos[b]``. ``pos``: an int
+    or a one-element CPU integer tensor (every row at that position), or a ``(batch,)`` CPU integer tensor (row ``b``
+    at ``pos[b]``); each row's result is bitwise the same as computed alone. Computes in float32 (float64 for float64
+    inputs) and returns ``(batch, heads, dim_head)`` in q's dtype. ``scale`` defaults to ``dim_head ** -0.5``. Not
+    differentiable. The op checks the arguments, positions included (RuntimeError); raises RuntimeError if the kernels
+    are unavailable (see ``load_error()``).
     """
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)

@@ -154,20 +154,25 @@ def decode_attention(
     dilation: int = 1,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of the one query at sequence position ``pos`` over the cached keys its pattern allows.
+    """Attention of the one query per row at sequence position ``pos`` over the cached keys its pattern allows.
 
-    q: ``(batch, heads, dim_head)``; k_cache, v_cache: ``(batch, heads, max_seq, dim_head)`` holding positions
-    ``0..pos`` (the query's own key included; later slots are ignored). ``pos`` is an int or a 0-dim integer tensor
-    (a tensor keeps shapes static for CUDA graphs). Returns ``(batch, heads, dim_head)`` in q's dtype. This reference
-    masks the whole cache, so its cost does not depend on the pattern; the fast kernels read only the allowed keys.
+    q: ``(batch, heads, dim_head)``; k_cache, v_cache: ``(batch, heads, max_seq, dim_head)``, row ``b`` holding
+    positions ``0..pos[b]`` (the query's own key included; later slots are ignored, even NaN). ``pos`` is an int or a
+    0-dim integer tensor (every row at that position; a tensor keeps shapes static for CUDA graphs), or a
+    ``(batch,)`` integer tensor (row ``b`` at ``pos[b]``). Returns ``(batch, heads, dim_head)`` in q's dtype. This
+    reference masks the whole cache, so its cost does not depend on the pattern; the fast kernels read only the
+    allowed keys.
     """
     dtype = q.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys = torch.arange(k_cache.shape[2], device=q.device)
+    if isinstance(pos, torch.Tensor) and pos.dim() == 1:
+        pos = pos[:, None]  # one row of keys per sequence
     mask = masks.allowed(pattern, pos, keys, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
                          dilation=dilation)
+    mask = mask.expand(q.shape[0], keys.shape[0])[:, None]  # (batch, 1, max_seq): one mask for every head
     scores = torch.einsum("bhd,bhsd->bhs", q.to(compute), k_cache.to(compute)) * scale
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    values = v_cache.to(compute).masked_fill(~mask[:, None], 0)  # unread slots may hold anything, even NaN
+    values = v_cache.to(compute).masked_fill(~mask[..., None], 0)  # unread slots may hold anything, even NaN
     return torch.einsum("bhs,bhsd->bhd", probs, values).to(dtype)

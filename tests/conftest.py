@@ -27,15 +27,20 @@ def random_batch(config: DALLEConfig, batch: int = 3, generator: torch.Generator
     return text, codes
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_deepspeed(script: Path, args: list[str], cwd: Path) -> None:
     """Run `script` under the deepspeed launcher as 2 CPU processes (gloo), failing with their output.
 
     Each run gets a free port (the launcher's default, 29500, may still be held by an earlier run's processes) and
     runs without the Triton interpreter flag the Triton tests set (DeepSpeed imports Triton, ~4x slower with it)."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PATH": f"{launcher.parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), "--deepspeed",

@@ -78,6 +78,11 @@ def check(pattern: str, geometry: Geometry, dtype: torch.dtype, *, scale: float 
         torch.testing.assert_close(got, exact, rtol=0, atol=1e-10)
         return
     plain = torch.stack([dense(q, k, v, pos, pattern, geometry, scale) for q, pos in zip(qs, todo)])
+    assert_within_budget(got, exact, plain)
+
+
+def assert_within_budget(got: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor) -> None:
+    """``got``'s max error vs ``exact`` (float64) within twice plain PyTorch's (``plain``) plus the float32 floor."""
     err = (got.double() - exact).abs().max().item()
     plain_err = (plain.double() - exact).abs().max().item()
     budget = 2 * plain_err + FLOOR_ULPS * torch.finfo(torch.float32).eps * exact.abs().max().item()
@@ -162,6 +167,69 @@ def test_pos_as_tensor() -> None:
             assert torch.equal(ours(q[0], k, v, tensor, "conv_like", SMALL), want)
 
 
+# Batches whose rows sit at their own positions (continuous batching): (geometry, one position per row).
+PER_ROW: list[tuple[Geometry, tuple[int, ...]]] = [
+    (SMALL, (2, 5, 11, 20)),                 # text, first image token, mid-grid, last token
+    ((1, 4, 5, 1, 17), (16, 0, 1)),          # bos-only caption, odd batch, the longest row first
+    ((7, 7, 5, 2, 40), (39, 6, 7, 25, 13)),  # cache stopping mid-grid, dilation 2, rows at ends and starts of rows
+]
+
+
+def per_row_inputs(geometry: Geometry, todo: tuple[int, ...], dtype: torch.dtype, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = make_inputs(geometry, 1, dtype, batch=len(todo), heads=3, seed=seed)
+    return q[0], k, v
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize(("geometry", "todo"), PER_ROW, ids=lambda x: str(x).replace(" ", ""))
+def test_per_row_positions(geometry: Geometry, todo: tuple[int, ...], pattern: str, dtype: torch.dtype,
+                           backend: str) -> None:
+    """Row b at pos[b] equals the float64 attention of that row alone (error budget, pooled over the rows); the C++
+    kernel's row is bitwise the row computed alone with a scalar pos, and the whole batch at that scalar pos."""
+    q, k, v = per_row_inputs(geometry, todo, dtype, seed=20)
+    got = kernels.decode_attention(q, k, v, torch.tensor(todo), pattern=pattern, backend=backend, **kwargs(geometry))
+    assert got.dtype == dtype and got.shape == q.shape
+    rows = [slice(b, b + 1) for b in range(len(todo))]
+    exact = torch.cat([dense(q[r].double(), k[r].double(), v[r].double(), pos, pattern, geometry)
+                       for r, pos in zip(rows, todo)])
+    plain = torch.cat([dense(q[r], k[r], v[r], pos, pattern, geometry) for r, pos in zip(rows, todo)])
+    assert_within_budget(got, exact, plain)
+    if backend == "cpp":
+        for r, pos in zip(rows, todo):
+            assert torch.equal(got[r], ours(q[r], k[r], v[r], pos, pattern, geometry)), f"row {r.start} alone"
+            assert torch.equal(got[r], ours(q, k, v, pos, pattern, geometry)[r]), f"row {r.start}, batch at {pos}"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_per_row_reads_only_each_rows_keys(pattern: str, backend: str) -> None:
+    """NaN in every slot a row may not read (after its own position, outside its pattern), though other rows read
+    them: the result equals the clean cache's, bitwise."""
+    geometry, todo = PER_ROW[-1]
+    q, k, v = per_row_inputs(geometry, todo, torch.float32, seed=21)
+    pos = torch.tensor(todo)
+    keep = allowed(pattern, pos[:, None], torch.arange(geometry[-1]), **kwargs(geometry))  # (batch, max_seq)
+    k_bad, v_bad = (x.masked_fill(~keep[:, None, :, None], float("nan")) for x in (k, v))
+    got = kernels.decode_attention(q, k_bad, v_bad, pos, pattern=pattern, backend=backend, **kwargs(geometry))
+    assert got.isfinite().all()
+    assert torch.equal(got, kernels.decode_attention(q, k, v, pos, pattern=pattern, backend=backend,
+                                                     **kwargs(geometry)))
+
+
+def test_per_row_pos_dtypes_and_broadcast() -> None:
+    """An int32 or strided (batch,) pos reads as int64 does; one element of any shape is every row's position."""
+    q, k, v = per_row_inputs(SMALL, (0, 0, 0), torch.float32, seed=22)
+    want = ours(q, k, v, torch.tensor([7, 12, 20]), "axial_row", SMALL)
+    assert torch.equal(ours(q, k, v, torch.tensor([7, 12, 20], dtype=torch.int32), "axial_row", SMALL), want)
+    assert torch.equal(ours(q, k, v, torch.tensor([7, 0, 12, 0, 20])[::2], "axial_row", SMALL), want)
+    same = ours(q, k, v, 12, "axial_row", SMALL)
+    for pos in (torch.tensor([12]), torch.tensor([[12]]), torch.tensor([12, 12, 12])):
+        assert torch.equal(ours(q, k, v, pos, "axial_row", SMALL), same), tuple(pos.shape)
+
+
 def test_public_api_dispatches_to_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = make_inputs(SMALL, 1, torch.float32)
     monkeypatch.delenv("DALLE_ENGINE_ATTENTION", raising=False)
@@ -182,8 +250,9 @@ def test_public_api_dispatches_to_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_op_passes_opcheck() -> None:
     """Schema, fake (meta) implementation and dispatcher checks."""
     q, k, v = make_inputs(SMALL, 1, torch.float32)
-    args = (q[0], k, v, torch.tensor(11), "conv_like_centered", *kwargs(SMALL).values(), 0.25)
-    torch.library.opcheck(torch.ops.dalle_engine_cpu.decode_attention.default, args)
+    for pos in (torch.tensor(11), torch.tensor([11, 4])):  # one position, one per row
+        args = (q[0], k, v, pos, "conv_like_centered", *kwargs(SMALL).values(), 0.25)
+        torch.library.opcheck(torch.ops.dalle_engine_cpu.decode_attention.default, args)
 
 
 @pytest.mark.parametrize(
@@ -191,6 +260,12 @@ def test_op_passes_opcheck() -> None:
     [
         ({"pos": 21}, r"pos must lie in \[0, 21\), got 21"),
         ({"pos": -1}, r"pos must lie in \[0, 21\), got -1"),
+        ({"pos": torch.tensor([3, 21])}, r"pos\[1\] must lie in \[0, 21\), got 21"),
+        ({"pos": torch.tensor([-1, 3])}, r"pos\[0\] must lie in \[0, 21\), got -1"),
+        ({"pos": torch.tensor([3, 4, 5])}, r"one per row \(shape \(batch,\) = \(2,\)\), got shape \[3\]"),
+        ({"pos": torch.tensor([[3], [4]])}, r"one per row \(shape \(batch,\) = \(2,\)\), got shape \[2, 1\]"),
+        ({"pos": torch.tensor([3.0, 4.0])}, "pos must be a CPU integer tensor, got Float"),
+        ({"pos": torch.tensor([True, False])}, "pos must be a CPU integer tensor, got Bool"),
         ({"q": torch.zeros(2, 4, 31)}, "does not match the cache"),
         ({"q": torch.zeros(2, 4, 1, 32)}, r"q must be \(batch, heads, dim_head\)"),
         ({"v_cache": torch.zeros(2, 4, 20, 32)}, r"one \(batch, heads, max_seq, dim_head\) shape"),
@@ -211,9 +286,28 @@ def test_bad_arguments(change: dict, match: str) -> None:
 
 
 def test_public_api_rejects_a_tensor_pos_out_of_range() -> None:
-    """An int pos is checked in Python (ValueError); a tensor one, without a host sync there, by the op."""
+    """An int pos is checked in Python (ValueError); a tensor one (or one per row), without a host sync there, by the
+    op."""
     q, k = torch.zeros(2, 4, 32), torch.zeros(2, 4, 21, 32)
     with pytest.raises(ValueError, match="pos must lie in"):
         kernels.decode_attention(q, k, k, 21, pattern="full", backend="cpp", **kwargs(SMALL))
     with pytest.raises(RuntimeError, match="pos must lie in"):
         kernels.decode_attention(q, k, k, torch.tensor(21), pattern="full", backend="cpp", **kwargs(SMALL))
+    with pytest.raises(RuntimeError, match=r"pos\[1\] must lie in \[0, 21\), got 21"):
+        kernels.decode_attention(q, k, k, torch.tensor([3, 21]), pattern="full", backend="cpp", **kwargs(SMALL))
+
+
+@pytest.mark.parametrize(
+    ("pos", "match"),
+    [(torch.tensor([3, 4, 5]), r"\(batch,\) = \(2,\) integer tensor, got torch.int64 of shape \(3,\)"),
+     (torch.tensor([[3], [4]]), r"got torch.int64 of shape \(2, 1\)"),
+     (torch.tensor([3.0, 4.0]), r"got torch.float32 of shape \(2,\)"),
+     (torch.tensor(3.0), r"got torch.float32 of shape \(\)"),
+     (torch.tensor([3, 4], device="meta"), "pos must be on q's device cpu, got meta")],
+    ids=["length", "2-D", "float", "float 0-dim", "device"],
+)
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_public_api_rejects_a_bad_tensor_pos(pos: torch.Tensor, match: str, backend: str) -> None:
+    q, k = torch.zeros(2, 4, 32), torch.zeros(2, 4, 21, 32)
+    with pytest.raises(ValueError, match=match):
+        kernels.decode_attention(q, k, k, pos, pattern="full", backend=backend, **kwargs(SMALL))

@@ -112,8 +112,20 @@ def test_shift_step_equals_shift_tokens(dim):
     h = torch.randn(2, text_len + fmap * fmap, dim, dtype=torch.float64)
     ring = torch.zeros(2, fmap + 1, dim, dtype=torch.float64)
     weights = shift_weights(text_len, fmap, dim, h.shape[1])
-    steps = [shift_step(h[:, p: p + 1], ShiftState(ring, torch.tensor(p), weights[p])) for p in range(h.shape[1])]
+    steps = [shift_step(h[:, p: p + 1], ShiftState(ring, torch.tensor(p), weights[p: p + 1]))
+             for p in range(h.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), shift_tokens(h, text_len, fmap), rtol=0, atol=0)
+    # Each row at its own position: row 1 runs 3 positions behind row 0.
+    ring.zero_()
+    lag = torch.tensor([0, 3])
+    steps = []
+    for p in range(h.shape[1] + 3):
+        pos = (p - lag).clamp(0, h.shape[1] - 1)
+        steps.append(shift_step(h[torch.arange(2), pos][:, None], ShiftState(ring, pos, weights[pos])))
+    rows = torch.cat(steps, dim=1)
+    expected = shift_tokens(h, text_len, fmap)
+    torch.testing.assert_close(rows[0, : h.shape[1]], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(rows[1, 3:], expected[1], rtol=0, atol=0)
 
 
 def test_decode_step_reads_only_the_pattern_keys():

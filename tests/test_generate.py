@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_batch
+from conftest import free_port, random_batch
 from PIL import Image
 from test_checkpoint import tiny_dalle
 from test_clip import tiny_clip
@@ -444,11 +444,7 @@ def test_batches_filled_across_prompts_give_the_same_images(ckpt, tmp_path):
 def test_torchrun_splits_the_work_and_writes_what_one_process_writes(ckpt, tmp_path):
     """torchrun with 2 CPU processes (gloo): each prompt's folder is written once, by one process, and holds the same
     bytes (images, grid, scores) as a single process's run; with no --seed both processes share rank 0's seed."""
-    import socket
-
-    with socket.socket() as sock:  # a free port: the default may still be held by an earlier run
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # the default may still be held by an earlier run
     prompts = "a red cube|a blue ball|a green cube"
     flags = ["--dalle_path", str(ckpt), "--text", prompts, "--num_images", "3", "--batch_size", "2", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -10,7 +10,8 @@ import torch
 
 from conftest import random_batch, tiny_config
 from engine.dalle import DALLE
-from engine.sampling import Settings, noise, row_keys
+from engine.sampling import Settings, noise, resolve, row_keys
+from engine.sampling.continuous import ContinuousBatch, Image
 from engine.sampling.rows import Rows, sample
 
 
@@ -100,3 +101,41 @@ def test_an_image_is_the_same_alone_or_in_any_batch():
         model.sample_image_codes(text, seed=seed, image_indices=indices + shift, settings=settings)[0]
         for seed, shift in ((11, 0), (12, 0), (11, 7)))
     assert not torch.equal(other_seed, base) and not torch.equal(other_index, base)
+
+
+@pytest.mark.parametrize("options", [dict(rotary_emb=True, shift_tokens=True), dict(rotary_emb=False,
+                                                                                  shift_tokens=False)],
+                         ids=["rotary_shift", "plain"])
+def test_images_joining_and_leaving_a_running_batch_are_the_images_sampled_alone(options):
+    """Continuous batching: images join at different steps (so their rows decode at different positions), some leave
+    early (cancelled), the rest when done; every finished image and its score equal the image sampled alone, bit for
+    bit, and the batch never holds more rows than its capacity."""
+    torch.manual_seed(0)
+    model = DALLE(tiny_config(null_cond_prob=0.1, attn_types=("full", "axial_row", "axial_col", "conv_like"),
+                              image_fmap_size=4, dim=48, **options)).eval()
+    text, _ = random_batch(model.config, batch=12)
+    kinds = [Settings(cond_scale=1.5), Settings(cond_scale=1.0, top_p=0.8), Settings(cond_scale=3.0, top_p=0.9,
+             filter_thres=0.2), Settings(top_k=4, cond_scale=1.0), Settings(filter_thres=None, temperature=0.7)]
+    settings = resolve(model, [kinds[i % len(kinds)] for i in range(12)], 12)
+    keys = row_keys(5, torch.arange(12) % 5)
+    images = [Image(text[i], settings[i], keys[i], owner=i) for i in range(12)]
+    batch = ContinuousBatch(model, capacity=9, device="cpu")
+    waiting, done, cancelled, step = list(images), [], {images[4], images[9]}, 0
+    while waiting or batch.images:
+        joining = []
+        while waiting and batch.used + sum(1 + i.guided for i in joining) + 1 + waiting[0].guided <= 9 and step % 3 == 0:
+            joining.append(waiting.pop(0))
+        batch.admit(joining)
+        assert batch.used <= 9
+        if step == 7:  # image 4 is in the batch, image 9 still waits
+            batch.cancel(list(cancelled))
+            waiting = [i for i in waiting if i not in cancelled]
+        done += batch.step()
+        step += 1
+    assert sorted(i.owner for i in done) == sorted(i for i in range(12) if images[i] not in cancelled)
+    for image in done:
+        i = image.owner
+        alone, score = model.sample_image_codes(text[i:i + 1], seed=5, image_indices=torch.tensor([i % 5]),
+                                                settings=[settings[i]])
+        assert torch.equal(image.codes, alone[0]), i
+        assert torch.equal(image.score, score[0]), i

@@ -203,6 +203,47 @@ def test_strided_cache_reads_only_allowed_keys(pattern: str) -> None:
         assert_within_budget(got, q, k, v, mask)
 
 
+def check_per_row(pattern: str, geo: Geometry, positions: tuple[int, ...], dtype: torch.dtype = torch.float32, *,
+                  heads: int = 2, num_splits: int | None = None, seed: int = 0, strided_pos: bool = False) -> None:
+    """One call with row b at positions[b], NaN in every cache slot row b may not read (other rows read some of
+    them); each row within the budget of the float64 attention of that row alone."""
+    q, k, v = make_inputs(len(positions), heads, geo.seq, 32, dtype, seed)
+    masks = torch.stack([key_mask(pattern, geo, pos) for pos in positions])  # (batch, seq)
+    k_bad, v_bad = (x.masked_fill(~masks[:, None, :, None], float("nan")) for x in (k, v))
+    pos = torch.tensor(positions)
+    if strided_pos:  # a (batch,) view with stride 2: the kernel reads pos[b] through its stride
+        pos = torch.stack([pos, torch.full_like(pos, -1)], 1)[:, 0]
+    got = decode_attention(q, k_bad, v_bad, pos, pattern=pattern, num_splits=num_splits, **geo._asdict())
+    for b, mask in enumerate(masks):
+        row = slice(b, b + 1)
+        assert_within_budget(got[row], q[row], k[row], v[row], mask, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_per_row_positions(pattern: str, dtype: torch.dtype) -> None:
+    # Text, the first image token, mid-grid, the last token; the longest row in the middle. fp32 also with two heads
+    # (row b = program // heads) and a strided pos.
+    fp32 = dtype == torch.float32
+    check_per_row(pattern, SMALL, (3, SMALL.image(0, 0), SMALL.seq - 1, SMALL.image(2, 1)), dtype,
+                  heads=2 if fp32 else 1, seed=20, strided_pos=fp32)
+
+
+@pytest.mark.parametrize("pattern", CONV_PATTERNS)
+def test_per_row_conv_windows(pattern: str) -> None:
+    # Dilation 2, a 7x7 grid, five rows (corners, edge, interior, text) dealt to three splits.
+    geo = Geometry(4, 7, 5, 2)
+    positions = (geo.image(6, 6), 2, geo.image(0, 6), geo.image(3, 3), geo.image(1, 0))
+    check_per_row(pattern, geo, positions, heads=1, num_splits=3, seed=21)
+
+
+def test_per_row_equal_positions_match_one_position() -> None:
+    q, k, v = make_inputs(3, 1, SMALL.seq, 32, torch.float16, 22)
+    pos = SMALL.image(2, 0)
+    one = decode_attention(q, k, v, torch.tensor(pos), pattern="conv_like", **SMALL._asdict())
+    assert torch.equal(one, decode_attention(q, k, v, torch.full((3,), pos), pattern="conv_like", **SMALL._asdict()))
+
+
 def test_int_and_tensor_pos_agree() -> None:
     q, k, v = make_inputs(1, 2, SMALL.seq, 32, torch.float16, 14)
     for pos in (4, SMALL.image(2, 0)):
@@ -215,7 +256,7 @@ def test_int_and_tensor_pos_agree() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_reference_through_public_entry_point(dtype: torch.dtype) -> None:
     q, k, v = make_inputs(2, 2, SMALL.seq, 32, dtype, 15)
-    for pattern, pos in (("conv_like", SMALL.image(3, 2)), ("axial_col", 5)):
+    for pattern, pos in (("conv_like", SMALL.image(3, 2)), ("axial_col", 5), ("axial_row", torch.tensor([5, 20]))):
         got = kernels.decode_attention(q, k, v, pos, pattern=pattern, backend="triton", **SMALL._asdict())
         want = reference.decode_attention(q, k, v, pos, pattern=pattern, **SMALL._asdict())
         torch.testing.assert_close(got, want)
@@ -226,6 +267,9 @@ def test_opcheck() -> None:
     for num_splits in (1, 2):
         args = (q, k, v, torch.tensor(SMALL.image(1, 2)), "conv_like", *SMALL, 0.25, num_splits)
         torch.library.opcheck(torch.ops.dalle_engine.decode_attention.default, args)
+    q, k, v = make_inputs(2, 1, SMALL.seq, 16, torch.float32, 16)
+    args = (q, k, v, torch.tensor([SMALL.image(1, 2), 4]), "conv_like", *SMALL, 0.25, 2)  # one position per row
+    torch.library.opcheck(torch.ops.dalle_engine.decode_attention.default, args)
 
 
 def test_torch_compile_fullgraph() -> None:
@@ -242,12 +286,31 @@ def test_torch_compile_fullgraph() -> None:
     assert counter.frame_count == 1  # a tensor pos: one graph serves every position
 
 
+def test_torch_compile_fullgraph_per_row_pos() -> None:
+    q, k, v = make_inputs(3, 1, SMALL.seq, 32, torch.float32, 23)
+
+    def step(q, k, v, pos):
+        return decode_attention(q * 2, k, v, pos, pattern="axial_col", **SMALL._asdict()) + 1
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for pos in ((5, SMALL.image(2, 2), SMALL.seq - 1), (SMALL.image(0, 0), 0, SMALL.image(3, 1))):
+        pos = torch.tensor(pos)
+        torch.testing.assert_close(compiled(q, k, v, pos), step(q, k, v, pos), rtol=0, atol=0)
+    assert counter.frame_count == 1  # new positions, same graph
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [(dict(dtype=torch.float64), "fp16, bf16 and fp32"), (dict(dim_head=256), "up to 128"),
      (dict(interpret="0"), "GPU tensors"), (dict(num_splits=0), "num_splits"), (dict(pos=SMALL.seq), "pos must lie"),
-     (dict(pos=torch.tensor([3])), "0-dim integer"), (dict(pos=torch.tensor(3.0)), "0-dim integer")],
-    ids=lambda x: x if isinstance(x, str) else next(iter(x)),
+     (dict(pos=torch.tensor(3.0)), "0-dim integer"),
+     (dict(pos=torch.tensor([3, 4])), r"\(batch,\) = \(1,\) integer tensor, got torch.int64 of shape \(2,\)"),
+     (dict(pos=torch.tensor([[3]])), r"got torch.int64 of shape \(1, 1\)"),
+     (dict(pos=torch.tensor([3.0])), r"got torch.float32 of shape \(1,\)"),
+     (dict(pos=torch.tensor([3], device="meta")), "pos must be on q's device")],
+    ids=lambda x: x if isinstance(x, str) else "-".join(
+        f"{key}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}" for key, value in x.items()),
 )
 def test_rejects_unsupported(change: dict, match: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", change.get("interpret", "1"))
@@ -263,9 +326,10 @@ def test_rejects_unsupported(change: dict, match: str, monkeypatch: pytest.Monke
 
 
 def native_cuda_check() -> None:
-    """bf16 kernels against float64, every pattern, with the heuristic's splits and with one; then a CUDA graph
-    captured once and replayed at new positions written into its pos tensor. Runs in a process without
-    TRITON_INTERPRET, as the interpreter choice is fixed when the kernels are defined."""
+    """bf16 kernels against float64, every pattern, with the heuristic's splits and with one, at one position and
+    at one position per row; then CUDA graphs captured once and replayed at new positions written into their pos
+    tensor (0-dim, and per row). Runs in a process without TRITON_INTERPRET, as the interpreter choice is fixed when
+    the kernels are defined."""
     geo, batch, heads, dim_head = Geometry(64, 16), 2, 4, 64
     q, k, v = (x.cuda() for x in make_inputs(batch, heads, geo.seq, dim_head, torch.bfloat16, 19))
     positions = (10, 64, geo.image(7, 0), geo.image(9, 11), geo.seq - 1)
@@ -275,6 +339,12 @@ def native_cuda_check() -> None:
                 got = decode_attention(q, k, v, torch.tensor(pos, device="cuda"), pattern=pattern,
                                        num_splits=num_splits, **geo._asdict())
                 assert_within_budget(got, q, k, v, key_mask(pattern, geo, pos).cuda())
+            for rows in ((10, geo.seq - 1), (geo.image(9, 11), 64)):
+                got = decode_attention(q, k, v, torch.tensor(rows, device="cuda"), pattern=pattern,
+                                       num_splits=num_splits, **geo._asdict())
+                for b, pos in enumerate(rows):
+                    row = slice(b, b + 1)
+                    assert_within_budget(got[row], q[row], k[row], v[row], key_mask(pattern, geo, pos).cuda())
 
     pos_t = torch.tensor(0, device="cuda")
     stream = torch.cuda.Stream()
@@ -289,6 +359,19 @@ def native_cuda_check() -> None:
         pos_t.fill_(pos)
         graph.replay()
         want = reference.decode_attention(q, k, v, pos, pattern="conv_like", **geo._asdict())
+        torch.testing.assert_close(out, want)
+
+    rows_t = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    with torch.cuda.stream(stream):
+        decode_attention(q, k, v, rows_t, pattern="axial_row", **geo._asdict())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, rows_t, pattern="axial_row", **geo._asdict())
+    for rows in ((10, geo.seq - 1), (geo.image(7, 0), 64), (geo.image(9, 11), geo.image(9, 11))):
+        rows_t.copy_(torch.tensor(rows))
+        graph.replay()
+        want = reference.decode_attention(q, k, v, rows_t, pattern="axial_row", **geo._asdict())
         torch.testing.assert_close(out, want)
 
 

@@ -29,8 +29,19 @@ def resolve(model: DALLE, settings: Settings | Sequence[Settings], batch: int) -
     return [s if s.cond_scale is not None else dataclasses.replace(s, cond_scale=default) for s in per_row]
 
 
+def guide(cond: torch.Tensor, null: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guided logits, conditional logits): rows ``guided`` of the conditional logits ``cond`` mixed with their
+    null-caption logits ``null`` (one row each, in that order) by classifier-free guidance, null + (cond - null) *
+    scale, ``scales`` (len(guided), 1)."""
+    if not len(guided):
+        return cond, cond
+    mixed = null + (cond[guided] - null) * scales.to(cond.dtype)
+    return cond.index_copy(0, guided, mixed), cond
+
+
 @contextlib.contextmanager
-def _decoding(model: DALLE) -> Iterator[None]:
+def decoding(model: DALLE) -> Iterator[None]:
     """Eval mode (restored after), and CPU products that never depend on the other rows of the batch."""
     was_training = model.training
     model.eval()
@@ -67,16 +78,9 @@ def image_codes(model: DALLE, text: torch.Tensor, settings: Sequence[Settings], 
     model_rows = torch.cat([text, torch.zeros_like(text[guided])])  # a null caption for each guided row
     with_null = torch.cat([torch.arange(batch, device=device), guided])  # the image row each model row decodes
 
-    def guide(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cond, null = logits[:batch], logits[batch:]
-        if not len(guided):
-            return cond, cond
-        mixed = null + (cond[guided] - null) * scales.to(logits.dtype)
-        return cond.index_copy(0, guided, mixed), cond
-
     scores = text.new_zeros(batch, dtype=torch.float32)
     steps = torch.arange(c.image_seq_len, device=device)
-    with _decoding(model):
+    with decoding(model):
         if use_cache:
             # A compiled step brings the cache it was compiled for (see CompiledDecodeStep).
             cache = getattr(step_fn, "cache", model.new_cache)(model_rows.shape[0], device)
@@ -86,7 +90,7 @@ def image_codes(model: DALLE, text: torch.Tensor, settings: Sequence[Settings], 
         for i in range(start, c.image_seq_len):
             if not use_cache:
                 logits = model.full_pass_logits(model_rows, codes[with_null, :i])
-            logits, cond = guide(logits)
+            logits, cond = guide(logits[:batch], logits[batch:], guided, scales)
             token = sample(logits, rows, steps[i])
             scores += cond.float().log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
             codes[:, i] = token
@@ -109,7 +113,7 @@ def captions(model: DALLE, prefixes: torch.Tensor, settings: Sequence[Settings],
     rows = Rows.build(settings, keys, c.num_text_tokens_internal, c.total_tokens)
     ids = model._text_with_pads(F.pad(prefixes, (0, c.text_seq_len - prefixes.shape[1])))
     steps = torch.arange(c.text_seq_len, device=device) + TEXT_STEPS
-    with _decoding(model):
+    with decoding(model):
         cache = model.new_cache(prefixes.shape[0], device)
         positions = torch.arange(c.text_len, device=device)
         logits = model.prefill(ids[:, : prefixes.shape[1]], None, cache)

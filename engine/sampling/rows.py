@@ -53,11 +53,12 @@ class Rows:
 
     temperature: torch.Tensor  # (rows,) float32
     keep: torch.Tensor  # (rows,) long: how many logits top-k keeps
-    top_p: torch.Tensor  # (rows,) float32; inf where off (p = 1 keeps all too, whatever the cumsum's rounding)
+    top_p: torch.Tensor  # (rows,) float32
     keys: torch.Tensor  # (rows,) long
     most_kept: int  # the largest keep, or 0 when no row filters by top-k or top-p
-    nucleus: bool  # whether any row uses top-p
-    outside: torch.Tensor | None  # (rows, most_kept) bool: the places of the most_kept largest beyond a row's keep
+    # The top-p rows grouped by their keep: (keep, row indices). A group's nucleus is computed over exactly its rows'
+    # kept logits, so a row's sums never depend on how many logits the rows beside it keep.
+    nucleus: tuple[tuple[int, torch.Tensor], ...]
 
     @classmethod
     def build(cls, settings: Sequence[Settings], keys: torch.Tensor, columns: int, vocab_size: int) -> Rows:
@@ -65,35 +66,36 @@ class Rows:
         if len(settings) != keys.shape[0]:
             raise ValueError(f"{len(settings)} settings for {keys.shape[0]} rows")
         device = keys.device
-        keep_list = [s.keep(columns, vocab_size) for s in settings]
-        keep = torch.tensor(keep_list, device=device)
-        nucleus = any(s.top_p is not None and s.top_p < 1 for s in settings)
-        most_kept = max(keep_list) if nucleus or min(keep_list) < columns else 0
+        keep = [s.keep(columns, vocab_size) for s in settings]
+        top_p = [s.top_p if s.top_p is not None and s.top_p < 1 else math.inf for s in settings]
+        groups: dict[int, list[int]] = {}
+        for row, (k, p) in enumerate(zip(keep, top_p)):
+            if p < math.inf:
+                groups.setdefault(k, []).append(row)
         return cls(
             temperature=torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
-            keep=keep,
-            top_p=torch.tensor([s.top_p if s.top_p is not None and s.top_p < 1 else math.inf for s in settings],
-                               device=device),
+            keep=torch.tensor(keep, device=device),
+            top_p=torch.tensor(top_p, device=device),
             keys=keys,
-            most_kept=most_kept,
-            nucleus=nucleus,
-            outside=torch.arange(most_kept, device=device) >= keep[:, None] if most_kept else None)
+            most_kept=max(keep) if groups or min(keep) < columns else 0,
+            nucleus=tuple((k, torch.tensor(group, device=device)) for k, group in groups.items()))
 
 
 def sample(logits: torch.Tensor, rows: Rows, step: torch.Tensor | int) -> torch.Tensor:
     """One token per row of ``logits`` (rows, columns): top-k, then top-p on the temperature-scaled distribution,
-    then gumbel-max with the row's counter-based noise at ``step``. Row-wise throughout, in float32; a filter keeps
-    the logits equal to its last kept one too (no tie is broken by position)."""
+    then gumbel-max with the row's counter-based noise at ``step`` (one for all rows, or one per row). Row-wise
+    throughout, in float32; a filter keeps the logits equal to its last kept one too (no tie is broken by
+    position)."""
     logits = logits.float()
     temperature = rows.temperature[:, None]
     if rows.most_kept:
         ordered = logits.topk(rows.most_kept, dim=-1).values  # descending
         last = ordered.gather(-1, (rows.keep - 1)[:, None])
-        if rows.nucleus:
+        for k, index in rows.nucleus:
             # Keep the most likely tokens until they reach p: those whose predecessors hold less than p.
-            probs = (ordered / temperature).masked_fill(rows.outside, float("-inf")).softmax(dim=-1)
-            before = probs.cumsum(dim=-1) - probs
-            kept = ~rows.outside & (before < rows.top_p[:, None])
-            last = ordered.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
+            top = ordered[index, :k]
+            probs = (top / temperature[index]).softmax(dim=-1)
+            kept = probs.cumsum(dim=-1) - probs < rows.top_p[index, None]
+            last[index] = top.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < last, float("-inf"))
     return (logits / temperature + gumbel(rows.keys, step, logits.shape[-1])).argmax(dim=-1)

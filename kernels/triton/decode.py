@@ -7,9 +7,11 @@ the cost follows the pattern's key count, not the prefix length. With ``NUM_SPLI
 round-robin to the splits, which write fp32 partial (max, sum, acc) triples that a second kernel merges by
 log-sum-exp rescaling; with one split the first kernel writes the output itself.
 
-``pos`` is read from device memory, so a call never synchronises with the host and a captured CUDA graph can be
-replayed with a new position. The kernels are wrapped as the torch op ``dalle_engine::decode_attention`` (with a
-fake implementation) so ``torch.compile`` treats them as one opaque node.
+``pos`` (one position for every row, or one per row) is read from device memory, so a call never synchronises with
+the host and a captured CUDA graph can be replayed with new positions. Split counts and tile sizes depend only on the
+geometry, never on the positions; a row's chunks and their order depend only on its own position. The kernels are
+wrapped as the torch op ``dalle_engine::decode_attention`` (with a fake implementation) so ``torch.compile`` treats
+them as one opaque node.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _attend(q, K, V, keys, ok, sks, skd, svs, svd, offs_d, d_ok, m_i, l_i, acc):
 @triton.jit
 def _decode_kernel(
     Q, K, V, Pos, Out, PartMax, PartSum, PartAcc,
-    sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+    pos_stride, sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
     num_heads, qk_scale, text_len, fmap_size, row_up, col_left, col_right, step,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -67,7 +69,7 @@ def _decode_kernel(
     bh = tl.program_id(0).to(tl.int64)  # int64 offsets: a whole cache may pass 2**31 elements
     split = tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
-    pos = tl.load(Pos).to(tl.int32)
+    pos = tl.load(Pos + b * pos_stride).to(tl.int32)  # pos_stride 0: one position for every row
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32) * qk_scale
@@ -200,10 +202,11 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: 
         parts = (q.new_empty(batch, heads, splits, dtype=torch.float32),
                  q.new_empty(batch, heads, splits, dtype=torch.float32),
                  q.new_empty(batch, heads, splits, head_dim, dtype=torch.float32))
+    pos_stride = pos.stride(0) if pos.dim() == 1 else 0  # (batch,) positions, or one for every row
     with _device_guard(q):
         _decode_kernel[(batch * heads, splits)](
             q, k_cache, v_cache, pos, out, *parts,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            pos_stride, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             heads, scale * _LOG2E, text_len, fmap_size, row_up, col_left, col_right, step,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=block_c,
             # 8 warps keep a 64 x 128 fp32 K/V tile pair in registers (4 spill); 80 and 96 fit in 4 (8 spill on sm_80).
@@ -250,15 +253,17 @@ def decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of the one query at position ``pos`` over its pattern's cached keys; same contract as
+    """Attention of each row's one query at its position ``pos`` over its pattern's cached keys; same contract as
     ``kernels.reference.decode_attention``.
 
     Args:
         q: ``(batch, heads, dim_head)``; k_cache, v_cache: ``(batch, heads, max_seq, dim_head)``, any strides (e.g. a
-            slice of a larger cache), holding positions ``0..pos``; slots after ``pos`` are never read. One dtype of
-            fp16 / bf16 / fp32, on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``); ``dim_head`` at most 128.
-        pos: the query's position, an int or a 0-dim integer tensor on q's device (read by the kernel: no host sync,
-            CUDA-graph replayable). A tensor's value is not range-checked.
+            slice of a larger cache), row ``b`` holding positions ``0..pos[b]``; slots after ``pos[b]`` are never read.
+            One dtype of fp16 / bf16 / fp32, on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``); ``dim_head``
+            at most 128.
+        pos: the queries' positions: an int or a 0-dim integer tensor (every row at that position), or a ``(batch,)``
+            integer tensor (row ``b`` at ``pos[b]``), on q's device. Read by the kernel: no host sync, CUDA-graph
+            replayable; a tensor's values are not range-checked.
         pattern, text_len, fmap_size, kernel_size, dilation: the pattern and geometry (``kernels.masks``).
         scale: score scale, default ``dim_head ** -0.5``.
         num_splits: FlashDecoding key splits per (batch, head); default from batch * heads and the SM count.
@@ -277,9 +282,10 @@ def decode_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if isinstance(pos, torch.Tensor):
-        if pos.dim() != 0 or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-            raise ValueError(f"pos must be an int or a 0-dim integer tensor, got {pos.dtype} of shape "
-                             f"{tuple(pos.shape)}")
+        if (pos.dim() > 1 or (pos.dim() == 1 and pos.shape[0] != q.shape[0]) or pos.dtype.is_floating_point
+                or pos.dtype.is_complex or pos.dtype == torch.bool):
+            raise ValueError(f"pos must be an int, a 0-dim integer tensor or a (batch,) = ({q.shape[0]},) integer "
+                             f"tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
         if pos.device != q.device:
             raise ValueError(f"pos must be on q's device {q.device}, got {pos.device}")
     else:

@@ -1,0 +1,181 @@
+"""Serving throughput and latency: serve.py at 1, 8 and 32 concurrent clients against offline batched generate.py,
+in one run, on one model (random weights unless ``--dalle_path``).
+
+    python bench/serve.py                                # the "small" model (dim 256, depth 4, 32 + 16x16 tokens)
+    python bench/serve.py --config tiny --clients 1,4    # smoke test
+
+Each client sends ``--requests`` requests one after another (each: one prompt, ``--num_images`` images, its own
+seed) and waits for each to finish (its "done" event) before the next. Latency is submit -> done per request (p50,
+p95); images/s is all the clients' images over the wall time. The offline figure is generate.py's batched sampler
+(``sample_all``: batches filled across prompts, VAE decoding included, no files written) on the same prompts and
+images at ``--batch_size``; the server decodes at most ``--batch_size`` sequences together too. The single-request
+figure is one generate.py sampling of one request alone, model load excluded: what the 1-client p95 compares with.
+Prints a table last and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import generate  # noqa: E402
+import serve  # noqa: E402
+from bench.common import environment  # noqa: E402
+from engine import DALLE, DALLEConfig, DiscreteVAE, DiscreteVAEConfig, HugTokenizer, save_dalle  # noqa: E402
+
+WORDS = ["a", "small", "large", "red", "green", "blue", "circle", "square", "triangle", "at", "the", "top", "left"]
+CONFIGS = {
+    "tiny": (dict(text_seq_len=8, image_fmap_size=4, dim=32, depth=2, heads=2, dim_head=16),
+             dict(image_size=16, num_layers=2, num_tokens=64, codebook_dim=16, hidden_dim=8)),
+    "small": (dict(text_seq_len=32, image_fmap_size=16, dim=256, depth=4, heads=8, dim_head=32),
+              dict(image_size=64, num_layers=2, num_tokens=512, codebook_dim=64, hidden_dim=32)),
+}
+
+
+def random_checkpoint(name: str, folder: Path) -> Path:
+    """A random-weight DALL-E (sparse attention mix, no null captions: one row per image) with a VAE and a BPE."""
+    torch.manual_seed(0)
+    dalle, vae = CONFIGS[name]
+    captions = [f"a {s} {c} {k}" for s in WORDS[1:3] for c in WORDS[3:6] for k in WORDS[6:9]]
+    tokenizer = HugTokenizer.train(captions * 4, 300, str(folder / "bpe.json"))
+    vae = DiscreteVAE(DiscreteVAEConfig(**vae))
+    config = DALLEConfig(num_text_tokens=tokenizer.vocab_size, num_image_tokens=vae.num_tokens,
+                         attn_types=("axial_row", "axial_col", "axial_row", "conv_like"), **dalle)
+    path = folder / "dalle.safetensors"
+    save_dalle(path, DALLE(config, vae), tokenizer)
+    return path
+
+
+def prompts(count: int) -> list[str]:
+    return [f"{WORDS[i % 13]} {WORDS[(i * 7) % 13]} {WORDS[3 + i % 3]} {WORDS[6 + i % 3]}" for i in range(count)]
+
+
+def offline(ckpt: Path, texts: list[str], num_images: int, batch_size: int) -> tuple[float, float]:
+    """(images/s, seconds) of generate.py's batched sampler on ``texts``, model load excluded."""
+    with tempfile.TemporaryDirectory() as out:
+        args = generate.parse_args(["--dalle_path", str(ckpt), "--text", "|".join(texts), "--num_images",
+                                    str(num_images), "--batch_size", str(batch_size), "--seed", "0",
+                                    "--device", "cpu", "--outputs_dir", out, "--truncate_captions"])
+    model, tokenizer, _ = generate.load_model(args)
+    encoded = generate.encode_prompts(texts, tokenizer, model.config.text_seq_len, args)
+    options = dict(filter_thres=args.top_k, top_k=None, top_p=None, temperature=1.0,
+                   cond_scale=model.config.default_cond_scale, num_init_img_tokens=None, use_cache=True, step_fn=None)
+    start = time.perf_counter()
+    for _ in generate.sample_all(model, encoded, None, options, args, 0, generate.Ranks()):
+        pass
+    seconds = time.perf_counter() - start
+    return len(texts) * num_images / seconds, seconds
+
+
+def run_clients(base: str, clients: int, requests: int, num_images: int) -> dict:
+    """Every client's requests, one after another; latencies and throughput."""
+    texts = prompts(clients * requests)
+
+    def client(c: int) -> list[float]:
+        latencies = []
+        with httpx.Client(base_url=base, timeout=600) as http:
+            for r in range(requests):
+                start = time.perf_counter()
+                answer = http.post("/api/requests", json=dict(prompt=texts[c * requests + r], seed=c * requests + r,
+                                                               num_images=num_images, truncate_captions=True))
+                answer.raise_for_status()
+                with http.stream("GET", answer.json()["events"]) as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("event: ") and line[7:] in ("done", "failed", "cancelled"):
+                            if line[7:] != "done":
+                                raise RuntimeError(f"request ended {line[7:]}")
+                            break
+                latencies.append(time.perf_counter() - start)
+        return latencies
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = [x for per_client in pool.map(client, range(clients)) for x in per_client]
+    wall = time.perf_counter() - start
+    ordered = sorted(latencies)
+    return {"clients": clients, "requests": len(latencies), "images": len(latencies) * num_images, "wall_s": wall,
+            "images_per_s": len(latencies) * num_images / wall, "p50_s": statistics.median(ordered),
+            "p95_s": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], "texts": texts}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dalle_path", default=None, help="a checkpoint to serve (default: a random --config model)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    p.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=2, help="requests per client")
+    p.add_argument("--num_images", type=int, default=2, help="images per request")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences decoded together, server and offline")
+    p.add_argument("--json", default=str(ROOT / "bench" / "serve.json"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = Path(args.dalle_path) if args.dalle_path else random_checkpoint(args.config, Path(folder))
+        port = free_port()
+        server_args = serve.parse_args(["--dalle_path", str(ckpt), "--device", "cpu", "--port", str(port),
+                                        "--batch_size", str(args.batch_size)])
+        app = serve.build(server_args)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        base = f"http://127.0.0.1:{port}"
+        rows = []
+        try:
+            run_clients(base, 1, 1, 1)  # warm-up
+            for clients in [int(c) for c in args.clients.split(",")]:
+                served = run_clients(base, clients, args.requests, args.num_images)
+                server_done = served.pop("texts")
+                offline_rate, offline_s = offline(ckpt, server_done, args.num_images, args.batch_size)
+                single_rate, single_s = offline(ckpt, server_done[:1], args.num_images, args.batch_size)
+                rows.append(dict(served, offline_images_per_s=offline_rate, offline_s=offline_s,
+                                 ratio=served["images_per_s"] / offline_rate, single_request_s=single_s,
+                                 p95_over_single=served["p95_s"] / single_s))
+                print(table(rows[-1:]), flush=True)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=60)
+    result = {"benchmark": "serve", "environment": environment(torch.device("cpu")), "config": args.config,
+              "dalle_path": args.dalle_path, "requests_per_client": args.requests, "num_images": args.num_images,
+              "batch_size": args.batch_size, "rows": rows}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + table(rows))
+    print(f"\nJSON: {args.json}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["clients  requests  images  images/s  offline img/s  ratio  p50 s  p95 s  single-run s  p95/single"]
+    for r in rows:
+        lines.append(f"{r['clients']:>7}  {r['requests']:>8}  {r['images']:>6}  {r['images_per_s']:>8.2f}  "
+                     f"{r['offline_images_per_s']:>13.2f}  {r['ratio']:>5.2f}  {r['p50_s']:>5.2f}  {r['p95_s']:>5.2f}  "
+                     f"{r['single_request_s']:>12.2f}  {r['p95_over_single']:>10.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
