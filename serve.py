@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--batch_size", type=positive_int, default=16,
-                   help="sequences decoded together (a guided image takes two: its caption's and the null caption's)")
+                   help="guided images decoded together, as generate.py's --batch_size (a guided image decodes two "
+                        "sequences, its caption's and the null caption's: the batch holds 2 x batch_size sequences, "
+                        "so twice as many unguided images)")
     p.add_argument("--max_queue", type=positive_int, default=256,
                    help="images waiting at most; past it, requests are refused with 429 and a Retry-After")
     p.add_argument("--max_images_per_request", type=positive_int, default=64)
@@ -79,7 +81,8 @@ def build(args: argparse.Namespace):
             return order
 
         rank = by_clip
-    scheduler = Scheduler(model, capacity=args.batch_size, max_queue=args.max_queue, device=args.device, rank=rank)
+    scheduler = Scheduler(model, capacity=2 * args.batch_size, max_queue=args.max_queue, device=args.device,
+                          rank=rank)
     return create_app(scheduler, tokenizer, max_images=args.max_images_per_request, model_name=args.dalle_path)
 
 

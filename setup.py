@@ -43,6 +43,7 @@ setup(
     version="0.1.0",
     description="A fast, kernel-backed DALL-E engine: train text-to-image transformers and sample from them.",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    package_data={"engine.serving": ["page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

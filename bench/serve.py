@@ -8,7 +8,7 @@ Each client sends ``--requests`` requests one after another (each: one prompt, `
 seed) and waits for each to finish (its "done" event) before the next. Latency is submit -> done per request (p50,
 p95); images/s is all the clients' images over the wall time. The offline figure is generate.py's batched sampler
 (``sample_all``: batches filled across prompts, VAE decoding included, no files written) on the same prompts and
-images at ``--batch_size``; the server decodes at most ``--batch_size`` sequences together too. The single-request
+images at ``--batch_size``; the server decodes at most ``--batch_size`` guided images together too. The single-request
 figure is one generate.py sampling of one request alone, model load excluded: what the 1-client p95 compares with.
 Prints a table last and writes JSON (``--json``).
 """
@@ -48,7 +48,8 @@ CONFIGS = {
 
 
 def random_checkpoint(name: str, folder: Path) -> Path:
-    """A random-weight DALL-E (sparse attention mix, no null captions: one row per image) with a VAE and a BPE."""
+    """A random-weight DALL-E (sparse attention mix, trained-with-null-captions config: guided by default) with a VAE
+    and a BPE."""
     torch.manual_seed(0)
     dalle, vae = CONFIGS[name]
     captions = [f"a {s} {c} {k}" for s in WORDS[1:3] for c in WORDS[3:6] for k in WORDS[6:9]]
@@ -120,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--num_images", type=int, default=2, help="images per request")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences decoded together, server and offline")
+    p.add_argument("--batch_size", type=int, default=16, help="images decoded together, server and offline")
     p.add_argument("--json", default=str(ROOT / "bench" / "serve.json"))
     return p.parse_args(argv)
 

@@ -82,12 +82,15 @@ def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
         ring.index_copy_(1, (pos % size).view(1), h)
         prev = ring.index_select(1, ((pos - 1) % size).view(1))
         above = ring.index_select(1, ((pos + 1) % size).view(1))  # pos - fmap_size, as size = fmap_size + 1
-    else:  # each row at its own position
-        def slot(p: torch.Tensor) -> torch.Tensor:
-            return (p % size).view(-1, 1, 1).expand(-1, 1, ring.shape[2])
+    else:  # each row at its own position: rows of the (batch * size, dim) view
+        rows = ring.view(-1, ring.shape[2])
+        first = torch.arange(ring.shape[0], device=ring.device) * size
 
-        ring.scatter_(1, slot(pos), h)
-        prev, above = ring.gather(1, slot(pos - 1)), ring.gather(1, slot(pos + 1))
+        def slot(p: torch.Tensor) -> torch.Tensor:
+            return first + p % size
+
+        rows.index_copy_(0, slot(pos), h[:, 0])
+        prev, above = rows.index_select(0, slot(pos - 1))[:, None], rows.index_select(0, slot(pos + 1))[:, None]
     w = w.to(h.dtype)[:, :, None]  # (1 or batch, 3, 1, dim)
     return h * w[:, 0] + prev * w[:, 1] + above * w[:, 2]
 
@@ -128,10 +131,12 @@ class Attention(nn.Module):
             if cache.pos.dim() == 0:
                 cache.k.index_copy_(2, cache.pos.view(1), k)
                 cache.v.index_copy_(2, cache.pos.view(1), v)
-            else:  # each row at its own position
-                slot = cache.pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-                cache.k.scatter_(2, slot, k)
-                cache.v.scatter_(2, slot, v)
+            else:  # each row at its own position: rows of the (batch * heads * seq, dim_head) view
+                batch, heads, seq, _ = cache.k.shape
+                slot = ((torch.arange(batch * heads, device=k.device) * seq).view(batch, heads)
+                        + cache.pos.view(-1, 1)).view(-1)
+                cache.k.view(-1, k.shape[3]).index_copy_(0, slot, k.flatten(0, 2))
+                cache.v.view(-1, v.shape[3]).index_copy_(0, slot, v.flatten(0, 2))
             out = kernels.decode_attention(q[:, :, 0], cache.k, cache.v, cache.pos, pattern=self.pattern,
                                            **self.geometry)[:, :, None]
         else:

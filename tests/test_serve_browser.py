@@ -7,6 +7,7 @@ tests/artifacts/serve-page.png.
 
 Without /usr/bin/chromium or /usr/bin/chromedriver the test is skipped, unless DALLE_ENGINE_REQUIRE_BROWSER=1 (as
 `make test` sets), which makes a missing browser a failure."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -29,9 +30,7 @@ CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ba
 
 def require_browser() -> None:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         missing.append("the selenium package")
     if not missing:
         return

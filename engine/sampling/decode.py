@@ -42,14 +42,17 @@ def guide(cond: torch.Tensor, null: torch.Tensor, guided: torch.Tensor, scales: 
 
 @contextlib.contextmanager
 def decoding(model: DALLE) -> Iterator[None]:
-    """Eval mode (restored after), and CPU products that never depend on the other rows of the batch."""
+    """Eval mode (restored after), and CPU products that never depend on the other rows of the batch. A model already
+    in eval mode is left alone: switching walks every module, a cost per decode step of a continuous batch."""
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with row_invariant():
             yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 @torch.no_grad()

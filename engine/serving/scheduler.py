@@ -298,7 +298,7 @@ class Scheduler:
     def _publish_previews(self, images: list[Image]) -> None:
         """Each image decoded from the codes sampled so far, the rows still to come grey."""
         c, vae = self.model.config, self.model.vae
-        pixels = to_uint8(vae.decode(torch.stack([image.codes for image in images])))
+        pixels = to_uint8(vae.decode(self.batch.partial_codes(images)))
         for image, picture in zip(images, pixels):
             rows_done = image.done // c.image_fmap_size
             picture[:, rows_done * picture.shape[1] // c.image_fmap_size:] = 128
