@@ -18,6 +18,8 @@ fields are checked like generate.py's flags (a 400 names the field); a full queu
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 
 import torch
 import uvicorn
@@ -61,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace):
-    """The app for ``args``: model, tokenizer, optional CLIP, scheduler (everything checked before serving)."""
+def build(args: argparse.Namespace, start_scheduler: bool = True):
+    """The app for ``args``: model, tokenizer, optional CLIP, scheduler (everything checked before serving).
+    ``start_scheduler``: run the scheduler in a thread of its own once the app starts (else call its ``run``)."""
     model, tokenizer, trained = load_model(args)
     precision = sampling_precision(args.precision, torch.device(args.device).type, gpu_bf16_supported(args.device),
                                    trained)
@@ -83,14 +86,29 @@ def build(args: argparse.Namespace):
         rank = by_clip
     scheduler = Scheduler(model, capacity=2 * args.batch_size, max_queue=args.max_queue, device=args.device,
                           rank=rank)
-    return create_app(scheduler, tokenizer, max_images=args.max_images_per_request, model_name=args.dalle_path)
+    return create_app(scheduler, tokenizer, max_images=args.max_images_per_request, model_name=args.dalle_path,
+                      start_scheduler=start_scheduler)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    app = build(args)
+    app = build(args, start_scheduler=False)
+    # HTTP in a second thread, the model in this one: the thread that loaded it (see Scheduler.run).
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        raise SystemExit(f"error: cannot serve on {args.host}:{args.port} (is the port in use?)")
     print(f"serving {args.dalle_path} on http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        app.state.scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
 
 
 if __name__ == "__main__":

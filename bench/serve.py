@@ -19,22 +19,20 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
-import serve  # noqa: E402
 from bench.common import environment  # noqa: E402
 from engine import DALLE, DALLEConfig, DiscreteVAE, DiscreteVAEConfig, HugTokenizer, save_dalle  # noqa: E402
 
@@ -131,17 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         ckpt = Path(args.dalle_path) if args.dalle_path else random_checkpoint(args.config, Path(folder))
         port = free_port()
-        server_args = serve.parse_args(["--dalle_path", str(ckpt), "--device", "cpu", "--port", str(port),
-                                        "--batch_size", str(args.batch_size)])
-        app = serve.build(server_args)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
+        # The server in a process of its own, as in use: clients in this one never take its interpreter lock.
+        server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--dalle_path", str(ckpt), "--device",
+                                   "cpu", "--port", str(port), "--batch_size", str(args.batch_size)])
         base = f"http://127.0.0.1:{port}"
         rows = []
         try:
+            wait_until_up(base, server)
             run_clients(base, 1, 1, 1)  # warm-up
             for clients in [int(c) for c in args.clients.split(",")]:
                 served = run_clients(base, clients, args.requests, args.num_images)
@@ -153,14 +147,27 @@ def main(argv: list[str] | None = None) -> None:
                                  p95_over_single=served["p95_s"] / single_s))
                 print(table(rows[-1:]), flush=True)
         finally:
-            server.should_exit = True
-            thread.join(timeout=60)
+            server.terminate()
+            server.wait(timeout=60)
     result = {"benchmark": "serve", "environment": environment(torch.device("cpu")), "config": args.config,
               "dalle_path": args.dalle_path, "requests_per_client": args.requests, "num_images": args.num_images,
               "batch_size": args.batch_size, "rows": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + table(rows))
     print(f"\nJSON: {args.json}")
+
+
+def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"serve.py exited with status {server.returncode}")
+        try:
+            httpx.get(f"{base}/api/info", timeout=5).raise_for_status()
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"serve.py did not answer within {timeout} s")
 
 
 def free_port() -> int:

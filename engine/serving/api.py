@@ -13,14 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from engine.cli import fraction, non_negative_int, number, positive_float, positive_int, rng_seed, top_k_arg
-from engine.pictures import make_grid, png_bytes
 from engine.sampling import Settings, resolve
 from engine.serving.scheduler import FINAL, Busy, Request, Scheduler, grid_url, image_url
 from engine.tokenizers import caption_ids
@@ -112,17 +110,21 @@ def status(request: Request) -> dict:
         "images": [{"prompt": k // request.num_images, "index": k % request.num_images, "url": image_url(request, k),
                     "score": request.scores[k]} for k in order if request.images[k] is not None],
         "grid": grid_url(request) if request.state == "done" else None, "error": request.error,
+        "elapsed_s": round((request.finished or time.monotonic()) - request.created, 3),
     }
 
 
-def create_app(scheduler: Scheduler, tokenizer, *, max_images: int, model_name: str = "") -> FastAPI:
-    """The app; it starts the scheduler's thread when it starts and stops it when it stops."""
+def create_app(scheduler: Scheduler, tokenizer, *, max_images: int, model_name: str = "",
+               start_scheduler: bool = True) -> FastAPI:
+    """The app. With ``start_scheduler`` it starts the scheduler in a thread of its own when it starts; either way it
+    stops the scheduler when it stops."""
     model = scheduler.model
     c = model.config
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if start_scheduler:
+            scheduler.start()
         yield
         scheduler.stop()
 
@@ -211,7 +213,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, max_images: int, model_name: 
             return error(404, f"no image {k} in request {request_id!r}")
         if request.images[k] is None:
             return error(409, f"image {k} is not done yet")
-        return Response(png_bytes(request.images[k]), media_type="image/png")
+        return Response(request.images[k], media_type="image/png")
 
     @app.get("/api/requests/{request_id}/grid.png")
     def grid(request_id: str):
@@ -220,7 +222,6 @@ def create_app(scheduler: Scheduler, tokenizer, *, max_images: int, model_name: 
             return error(404, f"no request {request_id!r}")
         if request.state != "done":
             return error(409, f"request {request_id!r} is {request.state}: the grid comes when it is done")
-        return Response(png_bytes(make_grid(torch.stack([request.images[k] for k in request.order]))),
-                        media_type="image/png")
+        return Response(request.grid, media_type="image/png")
 
     return app

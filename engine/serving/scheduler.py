@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.pictures import png_bytes, to_uint8
+from engine.pictures import make_grid, png_bytes, to_uint8
 from engine.sampling import Settings, row_keys
 from engine.sampling.continuous import ContinuousBatch, Image
 
@@ -94,7 +94,11 @@ class Request:
     created: float = dataclasses.field(default_factory=time.monotonic)
     finished: float | None = None
     feed: Feed = dataclasses.field(default_factory=Feed)
-    images: list[torch.Tensor | None] = dataclasses.field(default_factory=list)  # uint8 (c, h, w) once done
+    # PNG bytes of each image once done, and of the grid once all are: encoded by the scheduler, so that the threads
+    # answering HTTP never run torch ops (see Scheduler.run).
+    images: list[bytes | None] = dataclasses.field(default_factory=list)
+    pixels: list[torch.Tensor | None] = dataclasses.field(default_factory=list)  # uint8 (c, h, w), until done
+    grid: bytes | None = None
     scores: list[float | None] = dataclasses.field(default_factory=list)
     order: list[int] | None = None  # image numbers best first per prompt (reranked), once done
     codes_done: int = 0
@@ -129,6 +133,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._cancelling = False  # a cancel waits for the next step
+        self._running = False
         self._rate = collections.deque(maxlen=64)  # (time, images finished) for the Retry-After estimate
         self.peak_rows = 0  # the most model rows one step has decoded
 
@@ -139,11 +144,12 @@ class Scheduler:
         if request.total_images > self.max_queue:
             raise ValueError(f"{request.total_images} images are more than the queue holds ({self.max_queue})")
         with self._lock:
-            if self._thread is None or not self._thread.is_alive() or self._stopping:
+            if not self._running or self._stopping:
                 raise Busy("the server is not running its model", 503, 5)
             if len(self.waiting) + request.total_images > self.max_queue:
                 raise Busy(f"the queue is full ({len(self.waiting)} images waiting)", 429, self._retry_after())
             request.images = [None] * request.total_images
+            request.pixels = [None] * request.total_images
             request.scores = [None] * request.total_images
             keys = row_keys(request.seed, torch.arange(request.num_images))
             for k in range(request.total_images):
@@ -169,11 +175,26 @@ class Scheduler:
         per_s = (n1 - n0) / max(t1 - t0, 1e-3)
         return max(1, min(600, math.ceil(len(self.waiting) / max(per_s, 1e-3) / 4)))
 
-    # --- the scheduler thread -------------------------------------------------------------------------------------
+    # --- the thread that runs the model ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve requests in this thread until ``stop``. On the CPU, make it the thread that loaded the model (the
+        main thread): each thread that runs torch ops gets an OpenMP thread pool of its own, and with more pool
+        threads than cores libgomp stops spinning between parallel regions, which makes decoding 1.6x slower."""
+        with self._lock:
+            self._running = True
+        try:
+            self._loop()
+        finally:
+            with self._lock:
+                self._running = False
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        """``run`` in a thread of its own (what tests do)."""
+        self._thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
         self._thread.start()
+        with self._lock:
+            self._lock.wait_for(lambda: self._running)
 
     def stop(self) -> None:
         with self._lock:
@@ -182,7 +203,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         finished_total = 0
         while True:
             with self._lock:
@@ -256,7 +277,8 @@ class Scheduler:
             request, k = image.owner
             if request.state in FINAL:
                 continue
-            request.images[k], request.scores[k] = picture, float(image.score)
+            request.images[k], request.pixels[k] = png_bytes(picture), picture
+            request.scores[k] = float(image.score)
             request.feed.publish("image", {"image": k, "prompt": k // request.num_images,
                                            "index": k % request.num_images, "url": image_url(request, k)})
             if request.images_done == request.total_images:
@@ -264,12 +286,14 @@ class Scheduler:
 
     def _complete(self, request: Request) -> None:
         order = list(range(request.total_images))
+        pixels = torch.stack(request.pixels)
         if self.rank is not None:
             try:
-                order = self.rank(request, torch.stack(request.images))
+                order = self.rank(request, pixels)
             except Exception as error:
                 self._fail({request}, f"ranking images failed: {error}")
                 return
+        request.grid, request.pixels = png_bytes(make_grid(pixels[order])), []
         request.order, request.progress = order, 1.0
         self._end(request, "done", {"images": [image_url(request, k) for k in order], "grid": grid_url(request)})
 
