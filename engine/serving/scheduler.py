@@ -103,6 +103,7 @@ class Request:
     order: list[int] | None = None  # image numbers best first per prompt (reranked), once done
     codes_done: int = 0
     progress: float = 0.0  # codes sampled / codes to sample
+    progress_sent: float = -math.inf  # when the last progress event went out
     cancel_requested: bool = False
     followers: int = 0  # clients following its events
 
@@ -307,7 +308,9 @@ class Scheduler:
         for request, images in running.items():
             done = request.images_done * c.image_seq_len + sum(image.done for image in images)
             total = request.total_images * c.image_seq_len
-            if done * 100 // total != request.codes_done * 100 // total:
+            now = time.monotonic()
+            if done * 100 // total != request.codes_done * 100 // total and now >= request.progress_sent + 0.2:
+                request.progress_sent = now  # at most 5 a second: clients and the network have better things to do
                 request.feed.publish("progress", {"progress": done / total, "images_done": request.images_done,
                                                   "total_images": request.total_images})
             request.codes_done, request.progress = done, done / total
