@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from engine.checkpoint import load_clip, load_dalle
+from engine.io.checkpoint import load_clip, load_dalle
 from engine.cli import (
     check_device,
     check_writable,
@@ -55,9 +55,9 @@ from engine.cli import (
 )
 from engine.data import load_image, random_resized_crop
 from engine.pictures import make_grid, pil_image, to_uint8
-from engine.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
-from engine import tokenizers
-from engine.tokenizers import build_tokenizer
+from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine.codecs import tokenizers
+from engine.codecs.tokenizers import build_tokenizer
 
 MAX_NAME_BYTES = 100
 

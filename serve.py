@@ -25,7 +25,7 @@ import torch
 import uvicorn
 
 from engine.cli import check_device, positive_int
-from engine.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 from engine.serving.api import create_app
 from engine.serving.scheduler import Request, Scheduler
 from generate import clip_scores, load_model, load_reranker

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import load_clip, save_clip
-from engine.clip import CLIP, CLIPConfig
-from engine.config import add_config_args, config_from_args
+from engine.io.checkpoint import load_clip, save_clip
+from engine.model.clip import CLIP, CLIPConfig
+from engine.model.config import add_config_args, config_from_args
 from engine.data import TokenizedShapes, collate
-from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
-from engine.tokenizers import Tokenizer
+from engine.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
+from engine.codecs.tokenizers import Tokenizer
 from engine.cli import non_negative_int, positive_int
-from engine.training import (
+from engine.train.training import (
     Distributed,
     Trainer,
     add_data_args,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.checkpoint import load_vae, save_vae
+from engine.io.checkpoint import load_vae, save_vae
 from engine.data import ImageFolder, collate_images
 from engine.cli import (
     check_device,
@@ -31,7 +31,7 @@ from engine.cli import (
     positive_int,
     rng_seed,
 )
-from engine.precision import (
+from engine.model.precision import (
     add_precision_args,
     autocast,
     describe,
@@ -39,7 +39,7 @@ from engine.precision import (
     requested_precision,
     training_precision,
 )
-from engine.training import (
+from engine.train.training import (
     Distributed,
     EpochSampler,
     Progress,
@@ -55,7 +55,7 @@ from engine.training import (
     restore_state,
     too_few_samples,
 )
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Timer, environment, synchronize  # noqa: E402
-from engine.config import DALLEConfig  # noqa: E402
-from engine.dalle import DALLE  # noqa: E402
+from engine.model.config import DALLEConfig  # noqa: E402
+from engine.model.dalle import DALLE  # noqa: E402
 from kernels import masks  # noqa: E402
 
 CONFIGS = {

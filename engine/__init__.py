@@ -8,7 +8,7 @@ import torch
 # a tensor too small to split, before anything else runs, sets the library up.
 torch.log(torch.ones(1))
 
-from engine.checkpoint import (
+from engine.io.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_clip,
@@ -18,10 +18,10 @@ from engine.checkpoint import (
     save_dalle,
     save_vae,
 )
-from engine.clip import CLIP, CLIPConfig
-from engine.config import DALLEConfig
-from engine.dalle import DALLE
-from engine.tokenizers import (
+from engine.model.clip import CLIP, CLIPConfig
+from engine.model.config import DALLEConfig
+from engine.model.dalle import DALLE
+from engine.codecs.tokenizers import (
     ChineseTokenizer,
     HugTokenizer,
     SimpleTokenizer,
@@ -30,7 +30,7 @@ from engine.tokenizers import (
     build_tokenizer,
     tokenizer_from_bytes,
 )
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 __version__ = "0.1.0"
 

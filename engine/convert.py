@@ -6,7 +6,7 @@ pickle:
     python -m engine.convert dalle_pytorch --dalle_path dalle.pt --out dalle.safetensors
 
 The VAEs then go to ``train.py --vae_path``; the DALL-E checkpoint to ``generate.py --dalle_path`` or ``train.py
---dalle_path``. The pickles are read with the restricted unpickler (``engine.unpickle``), which refuses anything but
+--dalle_path``. The pickles are read with the restricted unpickler (``engine.io.unpickle``), which refuses anything but
 tensors and plain data.
 """
 
@@ -17,7 +17,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError, save_dalle, save_vae
+from engine.io.checkpoint import CheckpointError, save_dalle, save_vae
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,17 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         if args.kind == "vqgan":
-            from engine.vqgan import VQGanVAE
+            from engine.codecs.vqgan import VQGanVAE
 
             save_vae(args.out, VQGanVAE.from_taming(args.model_path, args.config_path),
                      extra={"converted_from": str(Path(args.model_path).resolve())})
         elif args.kind == "openai":
-            from engine.openai_dvae import OpenAIDiscreteVAE
+            from engine.codecs.openai_dvae import OpenAIDiscreteVAE
 
             save_vae(args.out, OpenAIDiscreteVAE.from_openai(args.encoder, args.decoder, image_size=args.image_size),
                      extra={"converted_from": str(Path(args.encoder).resolve().parent)})
         else:
-            from engine.dalle_pytorch import load_dalle_pytorch
+            from engine.io.dalle_pytorch import load_dalle_pytorch
 
             ckpt = load_dalle_pytorch(args.dalle_path, vqgan_model_path=args.vqgan_model_path,
                                       vqgan_config_path=args.vqgan_config_path, bpe_path=args.bpe_path,

@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from engine.tokenizers import Tokenizer
+from engine.codecs.tokenizers import Tokenizer
 
 PathLike = str | os.PathLike[str]
 Sample = tuple[torch.Tensor, torch.Tensor]  # (tokens (text_len,) long, image (C, H, W) float in [0, 1])
@@ -188,7 +188,7 @@ def collate(samples: Sequence[Sample | Skip]) -> Batch:
 
 
 class TokenizedShapes(Dataset):
-    """The built-in shapes (engine.shapes) as Samples, like the other datasets."""
+    """The built-in shapes (engine.demo.shapes) as Samples, like the other datasets."""
 
     def __init__(self, shapes: Dataset, tokenizer: Tokenizer, text_len: int, truncate: bool) -> None:
         self.shapes, self.tokenizer, self.text_len, self.truncate = shapes, tokenizer, text_len, truncate

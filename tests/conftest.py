@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import DALLEConfig
-from engine.dalle import DALLE
+from engine.model.config import DALLEConfig
+from engine.model.dalle import DALLE
 
 
 def tiny_config(**overrides) -> DALLEConfig:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import random_batch, tiny_config
 
-import engine.checkpoint as checkpoint
-from engine.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
-from engine.dalle import DALLE
-from engine.tokenizers import SimpleTokenizer
-from engine.unpickle import UnsafePickleError
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
+import engine.io.checkpoint as checkpoint
+from engine.io.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
+from engine.model.dalle import DALLE
+from engine.codecs.tokenizers import SimpleTokenizer
+from engine.io.unpickle import UnsafePickleError
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 
 def tiny_vae() -> DiscreteVAE:
@@ -162,8 +162,8 @@ def test_kill_9_while_saving_never_destroys_the_checkpoint(tmp_path):
         import sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from conftest import tiny_config
-        from engine.checkpoint import save_dalle
-        from engine.dalle import DALLE
+        from engine.io.checkpoint import save_dalle
+        from engine.model.dalle import DALLE
         model = DALLE(tiny_config(dim=256, depth=4))
         step = 0
         while True:

@@ -8,7 +8,7 @@ from test_unpickle import save_lightning_ckpt
 from test_vqgan import tiny_vae, write_yaml
 
 from engine import convert
-from engine.checkpoint import load_vae
+from engine.io.checkpoint import load_vae
 
 
 def test_vqgan_converts_to_a_checkpoint_that_loads_without_pickles(tmp_path):

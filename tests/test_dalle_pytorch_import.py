@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import CheckpointError, save_dalle
-from engine.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch
-from engine.unpickle import UnsafePickleError, safe_load
+from engine.io.checkpoint import CheckpointError, save_dalle
+from engine.io.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch
+from engine.io.unpickle import UnsafePickleError, safe_load
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dalle_pytorch"
 TOKENIZER = dict(bpe_path=FIXTURES / "tokenizer.json", hug=True)
@@ -228,7 +228,7 @@ def assert_vae_is_the_source(ckpt, name: str, prefix: str) -> None:
 def test_vqgan_model(tmp_path):
     """A VQGanVAE model: the taming module under vae.model. (with some of its training losses' tensors), its config
     from --vqgan_config_path at DALLE-pytorch's 256 px: a 64x downsampling gives a 4x4 grid."""
-    from engine.vqgan import VQGanConfig
+    from engine.codecs.vqgan import VQGanConfig
 
     ckpt = load(FIXTURES / "vqgan_f64.pt", vqgan_config_path=VQGAN_YAML)
     assert ckpt.model.vae.config == VQGanConfig.from_yaml(VQGAN_YAML, image_size=256)
@@ -248,7 +248,7 @@ def test_vqgan_model(tmp_path):
 def test_openai_dvae_model(tmp_path):
     """An OpenAIDiscreteVAE model: dall_e's modules under vae.enc. / vae.dec., the dVAE's sizes read from them, its
     image size DALLE-pytorch's 256 px: a 32x32 grid, 1,032 positions, of which the reference keeps 48 + 16."""
-    from engine.openai_dvae import OpenAIDVAEConfig
+    from engine.codecs.openai_dvae import OpenAIDVAEConfig
 
     def assert_logits(model):
         model.eval()
@@ -273,8 +273,8 @@ def test_openai_dvae_model(tmp_path):
 
 
 def test_openai_dvae_config_is_read_from_the_weights():
-    from engine.dalle_pytorch import openai_config
-    from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
+    from engine.io.dalle_pytorch import openai_config
+    from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
 
     config = OpenAIDVAEConfig(n_hid=8, n_blk_per_group=3, vocab_size=16, n_init=12, group_count=3, image_size=256)
     weights = {f"vae.{k}": t for k, t in OpenAIDiscreteVAE(config).state_dict().items()}
@@ -290,7 +290,7 @@ def test_generate_and_train_accept_a_dalle_pt(tmp_path):
     import generate
     import train
     from engine import convert
-    from engine.checkpoint import load_dalle
+    from engine.io.checkpoint import load_dalle
 
     source = FIXTURES / "rotary_shift_mixed.pt"
     tokenizer = ["--bpe_path", str(FIXTURES / "tokenizer.json"), "--hug"]

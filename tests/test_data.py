@@ -28,7 +28,7 @@ from engine.data import (
     random_resized_crop,
     webdataset_source,
 )
-from engine.tokenizers import HugTokenizer
+from engine.codecs.tokenizers import HugTokenizer
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "one", "two", "three", "four", "five"]
 WORDS += [f"s{i}" for i in range(40)]  # unique sample ids, so a decoded caption names its sample

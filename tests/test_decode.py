@@ -14,8 +14,8 @@ from conftest import random_batch, tiny_config
 from test_checkpoint import tiny_dalle
 
 import kernels
-from engine.dalle import DALLE
-from engine.transformer import ShiftState, shift_step, shift_tokens, shift_weights
+from engine.model.dalle import DALLE
+from engine.model.transformer import ShiftState, shift_step, shift_tokens, shift_weights
 
 ALL_PATTERNS = ("full", "axial_row", "axial_col", "conv_like")
 

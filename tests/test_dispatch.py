@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 import kernels
-from engine.dalle import DALLE
+from engine.model.dalle import DALLE
 
 GEOMETRY = dict(text_len=5, fmap_size=4)
 

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from conftest import random_batch, tiny_config
 
 import kernels
-from engine.config import DALLEConfig, add_config_args, config_from_args
-from engine.dalle import DALLE
-from engine.rotary import rotary_table
-from engine.transformer import Attention, layer_scale_init, run_coupled, shift_tokens
+from engine.model.config import DALLEConfig, add_config_args, config_from_args
+from engine.model.dalle import DALLE
+from engine.model.rotary import rotary_table
+from engine.model.transformer import Attention, layer_scale_init, run_coupled, shift_tokens
 
 OPTIONS = {
     "defaults": {},
@@ -239,7 +239,7 @@ def test_config_cli_round_trip():
 
 
 def test_images_of_the_wrong_size_are_rejected():
-    from engine.vae import DiscreteVAE, DiscreteVAEConfig
+    from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
     vae = DiscreteVAE(DiscreteVAEConfig(image_size=16, num_layers=2, num_tokens=17, codebook_dim=8, hidden_dim=8))
     model = DALLE(tiny_config(num_image_tokens=17, image_fmap_size=4), vae)
@@ -254,7 +254,7 @@ def test_images_of_the_wrong_size_are_rejected():
 def test_guidance_follows_the_training_by_default():
     """A model trained with null captions samples with guidance unless told (one batched forward: the null rows
     ride along), one trained without them does not; an explicit cond_scale always wins."""
-    from engine.config import GUIDED_COND_SCALE
+    from engine.model.config import GUIDED_COND_SCALE
 
     assert GUIDED_COND_SCALE > 1
     text, _ = random_batch(tiny_config(), batch=2)

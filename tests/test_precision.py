@@ -12,11 +12,11 @@ import generate
 import train
 import train_clip
 import train_vae
-from engine.checkpoint import load_dalle, load_vae, save_dalle, save_vae
-from engine.precision import describe, gpu_bf16_supported, requested_precision, sampling_precision, training_precision
-from engine.tokenizers import YttmTokenizer
-from engine.training import deepspeed_config
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.io.checkpoint import load_dalle, load_vae, save_dalle, save_vae
+from engine.model.precision import describe, gpu_bf16_supported, requested_precision, sampling_precision, training_precision
+from engine.codecs.tokenizers import YttmTokenizer
+from engine.train.training import deepspeed_config
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 from test_checkpoint import tiny_dalle
 
 TINY_DALLE = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim_head", "16", "--text_seq_len", "8",

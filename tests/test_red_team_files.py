@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from engine.checkpoint import (
+from engine.io.checkpoint import (
     CheckpointError,
     canonical_names,
     load_clip,
@@ -40,13 +40,13 @@ from engine.checkpoint import (
     save_dalle,
     save_vae,
 )
-from engine.clip import CLIP, CLIPConfig
-from engine.dalle import DALLE
-from engine.dalle_pytorch import is_dalle_pytorch_checkpoint
-from engine.formats import file_format
-from engine.tokenizers import HugTokenizer, tokenizer_from_bytes
-from engine.unpickle import UnsafePickleError, safe_load
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.model.clip import CLIP, CLIPConfig
+from engine.model.dalle import DALLE
+from engine.io.dalle_pytorch import is_dalle_pytorch_checkpoint
+from engine.io.formats import file_format
+from engine.codecs.tokenizers import HugTokenizer, tokenizer_from_bytes
+from engine.io.unpickle import UnsafePickleError, safe_load
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "dalle_pytorch"
@@ -431,8 +431,8 @@ def test_bad_tokenizer_bytes_are_a_value_error(case):
 YTTM_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from engine.checkpoint import CheckpointError, load_dalle
-    from engine.tokenizers import tokenizer_from_bytes
+    from engine.io.checkpoint import CheckpointError, load_dalle
+    from engine.codecs.tokenizers import tokenizer_from_bytes
 
     outcomes = {}
     for case in sorted(Path(sys.argv[1]).iterdir()):
@@ -491,7 +491,7 @@ def _doubling_yttm(rules: int) -> bytes:
 
 
 def test_mutated_yttm_models_are_rejected_or_load_never_abort(good, tmp_path):
-    from engine.tokenizers import YttmTokenizer
+    from engine.codecs.tokenizers import YttmTokenizer
 
     pytest.importorskip("youtokentome")
     base = YttmTokenizer.train(CORPUS, vocab_size=40, model_path=tmp_path / "bpe.model").to_bytes()
@@ -518,8 +518,8 @@ def test_mutated_yttm_models_are_rejected_or_load_never_abort(good, tmp_path):
 
 SIZE_CHILD = textwrap.dedent("""
     import json, resource, sys, time
-    import engine.dalle_pytorch
-    from engine.checkpoint import CheckpointError, load_dalle
+    import engine.io.dalle_pytorch
+    from engine.io.checkpoint import CheckpointError, load_dalle
 
     results = []
     for path, options in json.loads(sys.argv[1]):
@@ -608,8 +608,8 @@ def test_converters_refuse_non_finite_weights(tmp_path):
     from test_vqgan import tiny_vae as tiny_vqgan
     from test_vqgan import write_yaml
 
-    from engine.openai_dvae import OpenAIDiscreteVAE
-    from engine.vqgan import VQGanVAE
+    from engine.codecs.openai_dvae import OpenAIDiscreteVAE
+    from engine.codecs.vqgan import VQGanVAE
 
     state = tiny_vqgan(gumbel=False).state_dict()
     state["quant_conv.weight"][0, 0] = float("nan")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_batch, tiny_config
-from engine.dalle import DALLE
+from engine.model.dalle import DALLE
 from engine.sampling import Settings, noise, resolve, row_keys
 from engine.sampling.continuous import ContinuousBatch, Image
 from engine.sampling.rows import Rows, sample

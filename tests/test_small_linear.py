@@ -1,4 +1,4 @@
-"""The C++ small-batch linear kernel (``kernels.cpp.small_linear``) and its use by ``engine.linear.linear``.
+"""The C++ small-batch linear kernel (``kernels.cpp.small_linear``) and its use by ``engine.model.linear.linear``.
 
 Error budget, element by element against the float64 ``x @ w^T + b``: twice F.linear's float32 accumulation error at
 the same shape, plus one ulp of the result in the output dtype (its final rounding, the whole error of a bfloat16 or
@@ -132,7 +132,7 @@ def test_empty_sizes() -> None:
 
 
 class _Calls:
-    """Counts calls to ``kernels.cpp.small_linear`` as ``engine.linear`` makes them."""
+    """Counts calls to ``kernels.cpp.small_linear`` as ``engine.model.linear`` makes them."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.count = 0

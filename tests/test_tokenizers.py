@@ -11,7 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from engine import tokenizers as tk
-from engine.tokenizers import (
+from engine.codecs.tokenizers import (
     ChineseTokenizer,
     HugTokenizer,
     SimpleTokenizer,
@@ -235,7 +235,7 @@ def test_unknown_kind() -> None:
 
 TRAIN_IN_A_PROCESS = """
 import sys
-from engine.tokenizers import HugTokenizer
+from engine.codecs.tokenizers import HugTokenizer
 colours, shapes, places = ["red", "green", "blue", "yellow"], ["cube", "sphere", "cone"], ["table", "floor", "shelf"]
 captions = [f"A {c} {s} on the {p}, next to a {d} {t}" for c in colours for s in shapes for p in places
             for d in colours for t in shapes]

@@ -14,7 +14,7 @@ from test_training import COLOURS, png_bytes
 
 import train_clip
 from engine import shapes as shape_data
-from engine.checkpoint import load_clip
+from engine.io.checkpoint import load_clip
 from engine.eval_demo import analyse
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import train_vae
-from engine.checkpoint import load_vae
+from engine.io.checkpoint import load_vae
 
 TINY = ["--image_size", "16", "--num_tokens", "16", "--num_layers", "2", "--num_resnet_blocks", "1",
         "--emb_dim", "8", "--hidden_dim", "8", "--batch_size", "4", "--num_workers", "0",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import stand_in_modules
 
-from engine.unpickle import PickleStub, UnsafePickleError, safe_load
+from engine.io.unpickle import PickleStub, UnsafePickleError, safe_load
 
 LIGHTNING_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
 

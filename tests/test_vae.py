@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.vae import DiscreteVAE, DiscreteVAEConfig, _reinmax
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig, _reinmax
 
 TINY = dict(image_size=8, num_layers=2, num_tokens=10, codebook_dim=6, hidden_dim=5)
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from engine.linear import row_invariant
+from engine.model.linear import row_invariant
 from engine.sampling.rows import Rows, Settings, sample
 
 if TYPE_CHECKING:
-    from engine.dalle import DALLE
+    from engine.model.dalle import DALLE
 
 TEXT_STEPS = 1 << 20  # noise steps of caption tokens start here, apart from those of image codes
 

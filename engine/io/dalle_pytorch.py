@@ -1,7 +1,7 @@
 """Import DALLE-pytorch checkpoints (``dalle.pt`` from its ``train_dalle.py``, or the ``<name>-ds-cp`` DeepSpeed
 folder) into this engine's `DALLE`, giving the same logits.
 
-Files are read with the restricted unpickler (`engine.unpickle.safe_load`); no DALLE-pytorch code is imported.
+Files are read with the restricted unpickler (`engine.io.unpickle.safe_load`); no DALLE-pytorch code is imported.
 Transformer weights are matched by layer index and terminal parameter name, because the chain of ``fn.`` wrappers
 in front of them changed across DALLE-pytorch versions (dalle-semantics.md §10.4). Every parameter and persistent
 buffer of the engine's model must be filled exactly once, from the checkpoint alone.
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from engine.config import DALLEConfig
-from engine.dalle import DALLE
-from engine.formats import (
+from engine.model.config import DALLEConfig
+from engine.model.dalle import DALLE
+from engine.io.formats import (
     Checkpoint,
     CheckpointError,
     build_on_meta,
@@ -28,10 +28,10 @@ from engine.formats import (
     check_footprint,
     file_format,
 )
-from engine.tokenizers import build_tokenizer
-from engine.unpickle import safe_load
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
-from engine.vqgan import VQGanConfig, VQGanVAE
+from engine.codecs.tokenizers import build_tokenizer
+from engine.io.unpickle import safe_load
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vqgan import VQGanConfig, VQGanVAE
 
 _AUX_FILE = "auxiliary.pt"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -216,10 +216,10 @@ def _vae(name: str, vae_params: Any, weights: dict, vqgan_model_path, vqgan_conf
         return VQGanVAE, _vqgan_config(weights, vqgan_model_path, vqgan_config_path, path)
     if name == "OpenAIDiscreteVAE":
         try:
-            from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
+            from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
         except ImportError as e:
             raise CheckpointError(f"{path} was trained on OpenAI's dVAE, which this installation cannot load "
-                                  f"(engine.openai_dvae: {e})") from e
+                                  f"(engine.codecs.openai_dvae: {e})") from e
         return OpenAIDiscreteVAE, openai_config(weights, OpenAIDVAEConfig, path)
     raise CheckpointError(f"{path} holds a VAE of unknown class {name!r}")
 

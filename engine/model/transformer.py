@@ -14,9 +14,9 @@ from einops import rearrange
 from torch import nn
 
 import kernels
-from engine.config import DALLEConfig
-from engine.linear import Linear
-from engine.rotary import apply_rotary, rotary_table
+from engine.model.config import DALLEConfig
+from engine.model.linear import Linear
+from engine.model.rotary import apply_rotary, rotary_table
 
 
 def layer_scale_init(layer: int) -> float:

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from engine.config import help_field
-from engine.linear import Linear
-from engine.tokenizers import check_caption_ids
-from engine.transformer import FeedForward, Layer, layer_scale_init
+from engine.model.config import help_field
+from engine.model.linear import Linear
+from engine.codecs.tokenizers import check_caption_ids
+from engine.model.transformer import FeedForward, Layer, layer_scale_init
 
 DIM_HEAD = 64  # DALLE-pytorch's CLIP leaves its transformers' head width at the default
 

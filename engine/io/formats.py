@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from engine.tokenizers import Tokenizer
+    from engine.codecs.tokenizers import Tokenizer
 
 Format = Literal["safetensors", "zip", "pickle", "directory", "unknown"]
 _MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers

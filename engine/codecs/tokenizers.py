@@ -28,7 +28,7 @@ import torch
 from tokenizers import BertWordPieceTokenizer
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.files import write_atomically
+from engine.io.files import write_atomically
 
 PathLike = str | os.PathLike[str]
 _T = TypeVar("_T", bound="Tokenizer")

@@ -28,12 +28,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.clip import CLIP, CLIPConfig
-from engine.config import DALLEConfig
-from engine.dalle import DALLE
-from engine.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch
-from engine.files import umask
-from engine.formats import (
+from engine.model.clip import CLIP, CLIPConfig
+from engine.model.config import DALLEConfig
+from engine.model.dalle import DALLE
+from engine.io.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch
+from engine.io.files import umask
+from engine.io.formats import (
     Checkpoint,
     CheckpointError,
     build_on_meta,
@@ -44,10 +44,10 @@ from engine.formats import (
     check_tensors,
     file_format,
 )
-from engine.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
-from engine.tokenizers import Tokenizer, tokenizer_from_bytes
-from engine.vae import DiscreteVAE, DiscreteVAEConfig
-from engine.vqgan import VQGanConfig, VQGanVAE
+from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
+from engine.codecs.tokenizers import Tokenizer, tokenizer_from_bytes
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vqgan import VQGanConfig, VQGanVAE
 
 FORMAT = "dalle-engine/1"
 _TMP_SUFFIX = ".tmp"  # of the temporary file a save writes before renaming it over the checkpoint
@@ -158,7 +158,7 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
 def load_dalle(path: str | os.PathLike, device: str | torch.device = "cpu", **dalle_pytorch_options) -> Checkpoint:
     """A checkpoint written by ``save_dalle``, or a DALLE-pytorch ``dalle.pt`` (or its DeepSpeed folder), imported by
-    ``engine.dalle_pytorch.load_dalle_pytorch`` with ``dalle_pytorch_options`` (vqgan and tokenizer choices; unused
+    ``engine.io.dalle_pytorch.load_dalle_pytorch`` with ``dalle_pytorch_options`` (vqgan and tokenizer choices; unused
     for this engine's own files, which store their tokenizer)."""
     if is_dalle_pytorch_checkpoint(path):
         return load_dalle_pytorch(path, device, **dalle_pytorch_options)

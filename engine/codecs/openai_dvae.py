@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import help_field
-from engine.formats import CheckpointError, build_on_meta, check_config_ints, check_finite, check_tensors
-from engine.unpickle import PickleStub, safe_load
-from engine.vae import ConfiguredVAE
+from engine.model.config import help_field
+from engine.io.formats import CheckpointError, build_on_meta, check_config_ints, check_finite, check_tensors
+from engine.io.unpickle import PickleStub, safe_load
+from engine.codecs.vae import ConfiguredVAE
 
 LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: pixels live in [eps, 1 - eps] for the logit-Laplace loss
 _MAX_NESTING = 16  # module levels in a pickled dall_e model (it has 4); deeper is not one, and would recurse deeply
@@ -191,7 +191,7 @@ class OpenAIDiscreteVAE(ConfiguredVAE):
     @classmethod
     def from_openai(cls, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,
                     image_size: int | None = None) -> OpenAIDiscreteVAE:
-        """OpenAI's ``encoder.pkl`` and ``decoder.pkl``, read without running pickled code (see engine.unpickle)."""
+        """OpenAI's ``encoder.pkl`` and ``decoder.pkl``, read without running pickled code (see engine.io.unpickle)."""
         if absent := [os.fspath(p) for p in (encoder_path, decoder_path) if not os.path.isfile(p)]:
             raise FileNotFoundError(f"OpenAI dVAE file(s) not found: {', '.join(absent)}. Download them from "
                                     f"{' and '.join(OPENAI_URLS)} (this library never downloads anything)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import help_field
+from engine.model.config import help_field
 
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from engine.checkpoint import stale_temporaries
+from engine.io.checkpoint import stale_temporaries
 from engine.cli import (
     check_device,
     check_writable,
@@ -47,8 +47,8 @@ from engine.data import (
     read_caption,
     webdataset_source,
 )
-from engine.files import write_atomically
-from engine.precision import (
+from engine.io.files import write_atomically
+from engine.model.precision import (
     DTYPES,
     add_precision_args,
     describe,
@@ -56,12 +56,12 @@ from engine.precision import (
     requested_precision,
     training_precision,
 )
-from engine.run_lock import RunLock, RunLocked
-from engine.shapes import HELD_OUT, ShapesDataset
-from engine.tokenizers import HugTokenizer, Tokenizer, YttmTokenizer, build_tokenizer
+from engine.train.run_lock import RunLock, RunLocked
+from engine.demo.shapes import HELD_OUT, ShapesDataset
+from engine.codecs.tokenizers import HugTokenizer, Tokenizer, YttmTokenizer, build_tokenizer
 
 if TYPE_CHECKING:
-    from engine.checkpoint import Checkpoint
+    from engine.io.checkpoint import Checkpoint
 
 
 @dataclass

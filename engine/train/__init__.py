@@ -1,0 +1,1 @@
+"""Training runs: resumable state, checkpoint rotation, logging, and one run per output name."""
