@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from engine.io.checkpoint import load_clip, load_dalle
 from engine.cli import (
     check_device,
     check_writable,
@@ -53,11 +52,12 @@ from engine.cli import (
     rng_seed,
     top_k_arg,
 )
-from engine.data import load_image, random_resized_crop
-from engine.pictures import make_grid, pil_image, to_uint8
-from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 from engine.codecs import tokenizers
 from engine.codecs.tokenizers import build_tokenizer
+from engine.data import load_image, random_resized_crop
+from engine.io.checkpoint import load_clip, load_dalle
+from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine.pictures import make_grid, pil_image, to_uint8
 
 MAX_NAME_BYTES = 100
 

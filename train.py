@@ -24,13 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.io.checkpoint import load_dalle, load_vae, save_dalle, save_vae
 from engine.cli import non_negative_int, positive_int
+from engine.codecs.tokenizers import Tokenizer
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vqgan import VQGanVAE
+from engine.demo.shapes import BACKGROUNDS
+from engine.eval import at_least_two, eval_samples, evaluate
+from engine.io.checkpoint import load_dalle, load_vae, save_dalle, save_vae
 from engine.model.config import DALLEConfig, add_config_args, config_from_args
 from engine.model.dalle import DALLE
-from engine.eval import at_least_two, eval_samples, evaluate
-from engine.demo.shapes import BACKGROUNDS
-from engine.codecs.tokenizers import Tokenizer
 from engine.train.training import (
     Distributed,
     RunLogger,
@@ -52,8 +54,6 @@ from engine.train.training import (
     parse_training_args,
     setup_distributed,
 )
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
-from engine.codecs.vqgan import VQGanVAE
 
 DERIVED = ("num_text_tokens", "num_image_tokens", "image_fmap_size")  # taken from the tokenizer and the VAE
 # Where DALLE-pytorch keeps the ImageNet f16 1024 VQGAN it downloads; nothing is downloaded here.

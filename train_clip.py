@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.cli import non_negative_int, positive_int
+from engine.codecs.tokenizers import Tokenizer
+from engine.data import TokenizedShapes, collate
+from engine.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
 from engine.io.checkpoint import load_clip, save_clip
 from engine.model.clip import CLIP, CLIPConfig
 from engine.model.config import add_config_args, config_from_args
-from engine.data import TokenizedShapes, collate
-from engine.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
-from engine.codecs.tokenizers import Tokenizer
-from engine.cli import non_negative_int, positive_int
 from engine.train.training import (
     Distributed,
     Trainer,

@@ -20,8 +20,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.io.checkpoint import load_vae, save_vae
-from engine.data import ImageFolder, collate_images
 from engine.cli import (
     check_device,
     fraction,
@@ -31,6 +29,9 @@ from engine.cli import (
     positive_int,
     rng_seed,
 )
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.data import ImageFolder, collate_images
+from engine.io.checkpoint import load_vae, save_vae
 from engine.model.precision import (
     add_precision_args,
     autocast,
@@ -55,7 +56,6 @@ from engine.train.training import (
     restore_state,
     too_few_samples,
 )
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import environment, synchronize  # noqa: E402
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
 from engine.model.precision import autocast  # noqa: E402
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,16 @@ import torch
 # a tensor too small to split, before anything else runs, sets the library up.
 torch.log(torch.ones(1))
 
+from engine.codecs.tokenizers import (
+    ChineseTokenizer,
+    HugTokenizer,
+    SimpleTokenizer,
+    Tokenizer,
+    YttmTokenizer,
+    build_tokenizer,
+    tokenizer_from_bytes,
+)
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.io.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -21,16 +31,6 @@ from engine.io.checkpoint import (
 from engine.model.clip import CLIP, CLIPConfig
 from engine.model.config import DALLEConfig
 from engine.model.dalle import DALLE
-from engine.codecs.tokenizers import (
-    ChineseTokenizer,
-    HugTokenizer,
-    SimpleTokenizer,
-    Tokenizer,
-    YttmTokenizer,
-    build_tokenizer,
-    tokenizer_from_bytes,
-)
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 __version__ = "0.1.0"
 

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.io.checkpoint import load_clip, load_dalle
 from engine.cli import check_device, check_writable, number, positive_int, rng_seed
-from engine.data import Sample, Skip, TextImageFolder, WebDatasetStream, webdataset_source
-from engine.io.files import write_atomically
 from engine.codecs.tokenizers import Tokenizer
+from engine.data import Sample, Skip, TextImageFolder, WebDatasetStream, webdataset_source
+from engine.io.checkpoint import load_clip, load_dalle
+from engine.io.files import write_atomically
 from engine.train.training import build_data, load_or_exit
 
 at_least_two = number(int, lambda n: n >= 2, "an integer >= 2 (the own caption and at least one other)")

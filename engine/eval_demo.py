@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.io.checkpoint import load_clip, load_dalle
 from engine.cli import check_device, check_writable, number, positive_float, positive_int, rng_seed
-from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 from engine.demo.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, RADII, SHAPES, SIZES, ShapeSpec
+from engine.io.checkpoint import load_clip, load_dalle
+from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 SCORES = ("found", *ATTRIBUTES, "all")  # the per-image checks that evaluate averages

@@ -11,11 +11,11 @@ import torch
 from conftest import random_batch, tiny_config
 
 import engine.io.checkpoint as checkpoint
-from engine.io.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
-from engine.model.dalle import DALLE
 from engine.codecs.tokenizers import SimpleTokenizer
-from engine.io.unpickle import UnsafePickleError
 from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.io.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
+from engine.io.unpickle import UnsafePickleError
+from engine.model.dalle import DALLE
 
 
 def tiny_vae() -> DiscreteVAE:

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine import CLIP, CheckpointError, CLIPConfig, load_clip, load_dalle, save_clip, save_dalle
+from engine.codecs.tokenizers import HugTokenizer
 from engine.model.config import add_config_args, config_from_args
 from engine.model.dalle import DALLE
-from engine.codecs.tokenizers import HugTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -273,8 +273,8 @@ def test_openai_dvae_model(tmp_path):
 
 
 def test_openai_dvae_config_is_read_from_the_weights():
-    from engine.io.dalle_pytorch import openai_config
     from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
+    from engine.io.dalle_pytorch import openai_config
 
     config = OpenAIDVAEConfig(n_hid=8, n_blk_per_group=3, vocab_size=16, n_init=12, group_count=3, image_size=256)
     weights = {f"vae.{k}": t for k, t in OpenAIDiscreteVAE(config).state_dict().items()}

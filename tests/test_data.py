@@ -14,6 +14,7 @@ from tokenizers import models, pre_tokenizers
 from torch.utils.data import DataLoader
 
 from engine import data
+from engine.codecs.tokenizers import HugTokenizer
 from engine.data import (
     EMPTY_CAPTION,
     MISSING_PART,
@@ -28,7 +29,6 @@ from engine.data import (
     random_resized_crop,
     webdataset_source,
 )
-from engine.codecs.tokenizers import HugTokenizer
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "one", "two", "three", "four", "five"]
 WORDS += [f"s{i}" for i in range(40)]  # unique sample ids, so a decoded caption names its sample

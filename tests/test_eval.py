@@ -17,9 +17,9 @@ from test_checkpoint import tiny_dalle
 from test_clip import tiny_clip
 
 import engine.eval as ev
-from engine.io.checkpoint import load_clip, load_dalle, save_clip, save_dalle
-from engine.data import EMPTY_CAPTION, UNREADABLE_IMAGE, Skip
 from engine.codecs.tokenizers import HugTokenizer
+from engine.data import EMPTY_CAPTION, UNREADABLE_IMAGE, Skip
+from engine.io.checkpoint import load_clip, load_dalle, save_clip, save_dalle
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = {"a red square": (220, 30, 30), "a green circle": (30, 180, 40), "a blue triangle": (30, 60, 220),

@@ -12,13 +12,23 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
+from engine.codecs.tokenizers import YttmTokenizer
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.demo.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapesDataset,
+    ShapeSpec,
+    render,
+)
+from engine.eval_demo import ATTRIBUTES, Detected, analyse, best_of, budgets, demo_prompts, evaluate, main, matches
 from engine.io.checkpoint import save_clip, save_dalle
 from engine.model.clip import CLIP, CLIPConfig
 from engine.model.dalle import DALLE
-from engine.eval_demo import ATTRIBUTES, Detected, analyse, best_of, budgets, demo_prompts, evaluate, main, matches
-from engine.demo.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, ShapesDataset, ShapeSpec, render
-from engine.codecs.tokenizers import YttmTokenizer
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = [ShapeSpec(c, s, z, p) for c in COLOURS for s in SHAPES for z in SIZES for p in POSITIONS]

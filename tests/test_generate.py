@@ -14,11 +14,11 @@ from test_checkpoint import tiny_dalle
 from test_clip import tiny_clip
 
 import generate
+from engine.codecs.tokenizers import YttmTokenizer
 from engine.io.checkpoint import load_dalle, save_clip, save_dalle
 from engine.model.clip import CLIP, CLIPConfig
 from engine.model.config import GUIDED_COND_SCALE
 from engine.model.dalle import DALLE
-from engine.codecs.tokenizers import YttmTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

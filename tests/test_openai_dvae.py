@@ -12,10 +12,10 @@ from conftest import stand_in_modules, tiny_config
 from test_unpickle import RunsShell
 from torch import nn
 
-from engine.io.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
-from engine.model.dalle import DALLE
 from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig, map_pixels, unmap_pixels
+from engine.io.checkpoint import CheckpointError, load_dalle, load_vae, save_dalle, save_vae
 from engine.io.unpickle import UnsafePickleError
+from engine.model.dalle import DALLE
 
 # Widths 8, 16, 32, 64 over dall_e's 4 groups: a 16 px image gives a 2x2 token grid.
 TINY = dict(n_hid=8, n_blk_per_group=1, vocab_size=16, input_channels=3, group_count=4, n_init=8, output_channels=3,

@@ -7,17 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_checkpoint import tiny_dalle
 
 import generate
 import train
 import train_clip
 import train_vae
-from engine.io.checkpoint import load_dalle, load_vae, save_dalle, save_vae
-from engine.model.precision import describe, gpu_bf16_supported, requested_precision, sampling_precision, training_precision
 from engine.codecs.tokenizers import YttmTokenizer
-from engine.train.training import deepspeed_config
 from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
-from test_checkpoint import tiny_dalle
+from engine.io.checkpoint import load_dalle, load_vae, save_dalle, save_vae
+from engine.model.precision import (
+    describe,
+    gpu_bf16_supported,
+    requested_precision,
+    sampling_precision,
+    training_precision,
+)
+from engine.train.training import deepspeed_config
 
 TINY_DALLE = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim_head", "16", "--text_seq_len", "8",
               "--num_workers", "0", "--log_every_n_steps", "1", "--sample_every_n_steps", "0", "--bpe_vocab_size", "300",

@@ -21,9 +21,9 @@ import generate
 import train
 import train_clip
 import train_vae
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.io.checkpoint import load_dalle, save_dalle, save_vae
 from engine.train.run_lock import RunLock
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 READ_ONLY = "/proc/outputs"  # no process can create files in /proc, root included (a chmod would not stop root)

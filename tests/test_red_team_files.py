@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from engine.codecs.tokenizers import HugTokenizer, tokenizer_from_bytes
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.io.checkpoint import (
     CheckpointError,
     canonical_names,
@@ -40,13 +42,11 @@ from engine.io.checkpoint import (
     save_dalle,
     save_vae,
 )
-from engine.model.clip import CLIP, CLIPConfig
-from engine.model.dalle import DALLE
 from engine.io.dalle_pytorch import is_dalle_pytorch_checkpoint
 from engine.io.formats import file_format
-from engine.codecs.tokenizers import HugTokenizer, tokenizer_from_bytes
 from engine.io.unpickle import UnsafePickleError, safe_load
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.model.clip import CLIP, CLIPConfig
+from engine.model.dalle import DALLE
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "dalle_pytorch"

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_batch, tiny_config
+
 from engine.model.dalle import DALLE
 from engine.sampling import Settings, noise, resolve, row_keys
 from engine.sampling.continuous import ContinuousBatch, Image
@@ -123,7 +123,7 @@ def test_images_joining_and_leaving_a_running_batch_are_the_images_sampled_alone
     waiting, done, cancelled, step = list(images), [], {images[4], images[9]}, 0
     while waiting or batch.images:
         joining = []
-        while waiting and batch.used + sum(1 + i.guided for i in joining) + 1 + waiting[0].guided <= 9 and step % 3 == 0:
+        while step % 3 == 0 and waiting and batch.used + sum(1 + i.guided for i in joining + waiting[:1]) <= 9:
             joining.append(waiting.pop(0))
         batch.admit(joining)
         assert batch.used <= 9

@@ -23,9 +23,9 @@ from test_checkpoint import tiny_dalle
 
 import generate
 import serve
+from engine.codecs.tokenizers import YttmTokenizer
 from engine.io.checkpoint import save_dalle
 from engine.model.config import GUIDED_COND_SCALE
-from engine.codecs.tokenizers import YttmTokenizer
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from test_checkpoint import tiny_dalle
 
-from engine.io.checkpoint import save_dalle
 from engine.codecs.tokenizers import YttmTokenizer
+from engine.io.checkpoint import save_dalle
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

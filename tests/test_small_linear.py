@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import linear as linear_module
+from engine.model import linear as linear_module
 from kernels import cpp
 
 pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine import tokenizers as tk
+from engine.codecs import tokenizers as tk
 from engine.codecs.tokenizers import (
     ChineseTokenizer,
     HugTokenizer,

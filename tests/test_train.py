@@ -4,8 +4,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine.io.checkpoint import load_dalle
 from engine.demo.shapes import COLOURS, ShapesDataset
+from engine.io.checkpoint import load_dalle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ from conftest import run_deepspeed
 from test_training import COLOURS, png_bytes
 
 import train_clip
-from engine import shapes as shape_data
-from engine.io.checkpoint import load_clip
+from engine.demo import shapes as shape_data
 from engine.eval_demo import analyse
+from engine.io.checkpoint import load_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim_text", "32", "--dim_image", "32", "--dim_latent", "16", "--text_enc_depth", "1", "--visual_enc_depth",

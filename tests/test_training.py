@@ -12,10 +12,10 @@ from conftest import run_deepspeed
 from PIL import Image
 
 import train
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.io.checkpoint import load_dalle, save_vae
 from engine.model.config import GUIDED_COND_SCALE, NULL_COND_PROB
 from engine.train.training import scheduled_lr
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim_head", "16", "--text_seq_len", "12",

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_config
 from test_unpickle import save_lightning_ckpt
 
+from engine.codecs.vqgan import VQGanConfig, VQGanVAE
 from engine.io.checkpoint import CheckpointError, load_dalle, save_dalle
 from engine.model.dalle import DALLE
-from engine.codecs.vqgan import VQGanConfig, VQGanVAE
 
 # ch=32, not smaller: taming's GroupNorm always has 32 groups.
 TINY = dict(embed_dim=4, n_embed=16, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 2),

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.model.config import help_field
+from engine.codecs.vae import ConfiguredVAE
 from engine.io.formats import CheckpointError, build_on_meta, check_config_ints, check_finite, check_tensors
 from engine.io.unpickle import PickleStub, safe_load
-from engine.codecs.vae import ConfiguredVAE
+from engine.model.config import help_field
 
 LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: pixels live in [eps, 1 - eps] for the logit-Laplace loss
 _MAX_NESTING = 16  # module levels in a pickled dall_e model (it has 4); deeper is not one, and would recurse deeply

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.model.config import help_field
+from engine.codecs.vae import ConfiguredVAE
 from engine.io.formats import CheckpointError, build_on_meta, check_finite, check_tensors
 from engine.io.unpickle import safe_load
-from engine.codecs.vae import ConfiguredVAE
+from engine.model.config import help_field
 
 _GROUPS = 32  # taming's Normalize: GroupNorm(32, C, eps=1e-6)
 

@@ -28,9 +28,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.model.clip import CLIP, CLIPConfig
-from engine.model.config import DALLEConfig
-from engine.model.dalle import DALLE
+from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
+from engine.codecs.tokenizers import Tokenizer, tokenizer_from_bytes
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vqgan import VQGanConfig, VQGanVAE
 from engine.io.dalle_pytorch import is_dalle_pytorch_checkpoint, load_dalle_pytorch
 from engine.io.files import umask
 from engine.io.formats import (
@@ -44,10 +45,9 @@ from engine.io.formats import (
     check_tensors,
     file_format,
 )
-from engine.codecs.openai_dvae import OpenAIDiscreteVAE, OpenAIDVAEConfig
-from engine.codecs.tokenizers import Tokenizer, tokenizer_from_bytes
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
-from engine.codecs.vqgan import VQGanConfig, VQGanVAE
+from engine.model.clip import CLIP, CLIPConfig
+from engine.model.config import DALLEConfig
+from engine.model.dalle import DALLE
 
 FORMAT = "dalle-engine/1"
 _TMP_SUFFIX = ".tmp"  # of the temporary file a save writes before renaming it over the checkpoint

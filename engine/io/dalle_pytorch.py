@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from engine.model.config import DALLEConfig
-from engine.model.dalle import DALLE
+from engine.codecs.tokenizers import build_tokenizer
+from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
+from engine.codecs.vqgan import VQGanConfig, VQGanVAE
 from engine.io.formats import (
     Checkpoint,
     CheckpointError,
@@ -28,10 +29,9 @@ from engine.io.formats import (
     check_footprint,
     file_format,
 )
-from engine.codecs.tokenizers import build_tokenizer
 from engine.io.unpickle import safe_load
-from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
-from engine.codecs.vqgan import VQGanConfig, VQGanVAE
+from engine.model.config import DALLEConfig
+from engine.model.dalle import DALLE
 
 _AUX_FILE = "auxiliary.pt"
 _MODEL_STATES = "mp_rank_00_model_states.pt"

@@ -39,7 +39,8 @@ from engine.io.formats import CheckpointError, Format, file_format
 # Bookkeeping that Lightning checkpoints pickle next to the weights; replaced by inert stubs, never imported.
 STUB_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.")
 # OpenAI's encoder.pkl / decoder.pkl are whole pickled modules: exactly these classes become stubs whose state is the
-# module's __dict__ (_parameters, _modules, n_hid, vocab_size, ...), from which engine.codecs.openai_dvae takes the weights.
+# module's __dict__ (_parameters, _modules, n_hid, vocab_size, ...), from which engine.codecs.openai_dvae takes the
+# weights.
 STUB_NAMES = frozenset({
     "dall_e.encoder.Encoder",
     "dall_e.encoder.EncoderBlock",

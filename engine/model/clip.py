@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from engine.codecs.tokenizers import check_caption_ids
 from engine.model.config import help_field
 from engine.model.linear import Linear
-from engine.codecs.tokenizers import check_caption_ids
 from engine.model.transformer import FeedForward, Layer, layer_scale_init
 
 DIM_HEAD = 64  # DALLE-pytorch's CLIP leaves its transformers' head width at the default

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.codecs.tokenizers import check_caption_ids
 from engine.model.config import DALLEConfig
 from engine.model.linear import Linear, linear
-from engine.sampling import Settings, decode, row_keys
-from engine.codecs.tokenizers import check_caption_ids
 from engine.model.transformer import KVCache, Transformer
+from engine.sampling import Settings, decode, row_keys
 
 
 class DALLE(nn.Module):

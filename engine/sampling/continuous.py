@@ -4,8 +4,8 @@ Every image brings its caption, settings and random key; its rows (a conditional
 guided) take free rows of one static KV cache, prefilled there while the others wait a step, and then decode at their
 own positions (``DALLE.decode_step`` with a position per row). The active rows are kept at the front of the cache: a
 finished image's rows are filled by moving the last ones down. On the CPU every product is row-invariant
-(``engine.model.linear.row_invariant``), so an image is bitwise the one ``decode.image_codes`` samples for the same caption,
-settings and key, whatever joins or leaves beside it.
+(``engine.model.linear.row_invariant``), so an image is bitwise the one ``decode.image_codes`` samples for the same
+caption, settings and key, whatever joins or leaves beside it.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from engine.cli import fraction, non_negative_int, number, positive_float, positive_int, rng_seed, top_k_arg
+from engine.codecs.tokenizers import caption_ids
 from engine.sampling import Settings, resolve
 from engine.serving.scheduler import FINAL, Busy, Request, Scheduler, grid_url, image_url
-from engine.codecs.tokenizers import caption_ids
 
 PAGE = Path(__file__).with_name("page.html")
 HEARTBEAT_S = 15.0  # an SSE comment this often: proxies keep the stream open, and a gone client is noticed

@@ -26,7 +26,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from engine.io.checkpoint import stale_temporaries
 from engine.cli import (
     check_device,
     check_writable,
@@ -37,6 +36,7 @@ from engine.cli import (
     positive_int,
     rng_seed,
 )
+from engine.codecs.tokenizers import HugTokenizer, Tokenizer, YttmTokenizer, build_tokenizer
 from engine.data import (
     Skip,
     TextImageFolder,
@@ -47,6 +47,8 @@ from engine.data import (
     read_caption,
     webdataset_source,
 )
+from engine.demo.shapes import HELD_OUT, ShapesDataset
+from engine.io.checkpoint import stale_temporaries
 from engine.io.files import write_atomically
 from engine.model.precision import (
     DTYPES,
@@ -57,8 +59,6 @@ from engine.model.precision import (
     training_precision,
 )
 from engine.train.run_lock import RunLock, RunLocked
-from engine.demo.shapes import HELD_OUT, ShapesDataset
-from engine.codecs.tokenizers import HugTokenizer, Tokenizer, YttmTokenizer, build_tokenizer
 
 if TYPE_CHECKING:
     from engine.io.checkpoint import Checkpoint

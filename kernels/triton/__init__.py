@@ -65,8 +65,8 @@ def decode_attention(
 
     Same arguments, semantics and result as ``kernels.reference.decode_attention``; fp16, bf16 or fp32 with
     ``dim_head <= 128``, on a CUDA device (or CPU under ``TRITON_INTERPRET=1``). A device tensor ``pos`` (0-dim, or
-    one position per row) keeps the call free of host syncs and CUDA-graph replayable. ``num_splits``: FlashDecoding key splits (default: a
-    heuristic). Not differentiable.
+    one position per row) keeps the call free of host syncs and CUDA-graph replayable. ``num_splits``: FlashDecoding
+    key splits (default: a heuristic). Not differentiable.
     """
     from .decode import decode_attention as triton_decode_attention
 
