@@ -105,13 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="under torchrun or the DeepSpeed launcher each process takes its LOCAL_RANK's GPU")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
     add_sampling_precision_arg(p)
-    vqgan = p.add_argument_group("a DALLE-pytorch dalle.pt trained on a VQGAN other than taming's ImageNet f16-1024")
-    vqgan.add_argument("--vqgan_config_path", default=None, help="the VQGAN's yaml (the dalle.pt holds its weights)")
-    vqgan.add_argument("--vqgan_model_path", default=None, help="its .ckpt, if the dalle.pt lacks the weights")
-    tok = p.add_argument_group("tokenizer (default: the one stored in the checkpoint; CLIP's BPE for a dalle.pt)")
-    tok.add_argument("--bpe_path", default=None)
-    tok.add_argument("--hug", action="store_true")
-    tok.add_argument("--chinese", action="store_true")
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
     check_writable(p, "--outputs_dir", args.outputs_dir)
@@ -132,6 +126,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.clip_path is None:
         args.rerank = True  # keeping the best K needs a ranking; without a CLIP, the model's own
     return args
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The flags ``load_model`` reads beside --dalle_path: a DALLE-pytorch file's VQGAN, another tokenizer."""
+    vqgan = p.add_argument_group("a DALLE-pytorch dalle.pt trained on a VQGAN other than taming's ImageNet f16-1024")
+    vqgan.add_argument("--vqgan_config_path", default=None, help="the VQGAN's yaml (the dalle.pt holds its weights)")
+    vqgan.add_argument("--vqgan_model_path", default=None, help="its .ckpt, if the dalle.pt lacks the weights")
+    tok = p.add_argument_group("tokenizer (default: the one stored in the checkpoint; CLIP's BPE for a dalle.pt)")
+    tok.add_argument("--bpe_path", default=None)
+    tok.add_argument("--hug", action="store_true")
+    tok.add_argument("--chinese", action="store_true")
 
 
 def fail(message: str) -> NoReturn:

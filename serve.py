@@ -28,7 +28,7 @@ from engine.cli import check_device, positive_int
 from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
 from engine.serving.api import create_app
 from engine.serving.scheduler import Request, Scheduler
-from generate import clip_scores, load_model, load_reranker
+from generate import add_checkpoint_args, clip_scores, load_model, load_reranker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,13 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_images_per_request", type=positive_int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_sampling_precision_arg(p)
-    vqgan = p.add_argument_group("a DALLE-pytorch dalle.pt trained on a VQGAN other than taming's ImageNet f16-1024")
-    vqgan.add_argument("--vqgan_config_path", default=None, help="the VQGAN's yaml (the dalle.pt holds its weights)")
-    vqgan.add_argument("--vqgan_model_path", default=None, help="its .ckpt, if the dalle.pt lacks the weights")
-    tok = p.add_argument_group("tokenizer (default: the one stored in the checkpoint; CLIP's BPE for a dalle.pt)")
-    tok.add_argument("--bpe_path", default=None)
-    tok.add_argument("--hug", action="store_true")
-    tok.add_argument("--chinese", action="store_true")
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
     if args.max_images_per_request > args.max_queue:

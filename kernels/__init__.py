@@ -201,7 +201,7 @@ def decode_attention(
                          f"{v_cache.device}")
     masks.check_geometry(pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
                          dilation=dilation, seq_len=k_cache.shape[2])
-    _check_pos(pos, q, k_cache.shape[2])
+    masks.check_pos(pos, q, k_cache.shape[2])
     chosen = choose_decode_backend(q, backend)
     implementation = _IMPLEMENTATIONS[chosen]
     kwargs = dict(pattern=pattern, text_len=text_len, fmap_size=fmap_size, kernel_size=kernel_size,
@@ -213,17 +213,3 @@ def decode_attention(
         out = fallback.guarded(chosen, q.device, run, lambda: choose_decode_backend(q, backend))
         return decode_attention(q, k_cache, v_cache, pos, backend=backend, **kwargs) if out is None else out
     return implementation.decode_attention(q, k_cache, v_cache, pos, **kwargs)
-
-
-def _check_pos(pos: int | torch.Tensor, q: torch.Tensor, max_seq: int) -> None:
-    """Raise ValueError unless ``pos`` is an int in ``[0, max_seq)``, or a 0-dim or ``(batch,)`` integer tensor on q's
-    device (whose values are not read here: that would sync with the device)."""
-    if isinstance(pos, torch.Tensor):
-        if (pos.dim() > 1 or (pos.dim() == 1 and pos.shape[0] != q.shape[0]) or pos.dtype.is_floating_point
-                or pos.dtype.is_complex or pos.dtype == torch.bool):
-            raise ValueError(f"pos must be an int, a 0-dim integer tensor or a (batch,) = ({q.shape[0]},) integer "
-                             f"tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
-        if pos.device != q.device:
-            raise ValueError(f"pos must be on q's device {q.device}, got {pos.device}")
-    elif not 0 <= pos < max_seq:
-        raise ValueError(f"pos must lie in [0, {max_seq}), got {pos}")

@@ -96,6 +96,20 @@ _IMAGE_RULES: dict[str, Callable[[Index, Index, int, int, int], Mask]] = {
 }
 
 
+def check_pos(pos: int | torch.Tensor, q: torch.Tensor, max_seq: int) -> None:
+    """Raise ValueError unless ``pos`` is an int in ``[0, max_seq)``, or a 0-dim or ``(batch,)`` integer tensor on q's
+    device (whose values are not read here: that would sync with the device)."""
+    if isinstance(pos, torch.Tensor):
+        if (pos.dim() > 1 or (pos.dim() == 1 and pos.shape[0] != q.shape[0]) or pos.dtype.is_floating_point
+                or pos.dtype.is_complex or pos.dtype == torch.bool):
+            raise ValueError(f"pos must be an int, a 0-dim integer tensor or a (batch,) = ({q.shape[0]},) integer "
+                             f"tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
+        if pos.device != q.device:
+            raise ValueError(f"pos must be on q's device {q.device}, got {pos.device}")
+    elif not 0 <= pos < max_seq:
+        raise ValueError(f"pos must lie in [0, {max_seq}), got {pos}")
+
+
 def allowed(
     pattern: str,
     q: Index,

@@ -82,14 +82,18 @@ def test_classifier_free_guidance_uses_a_separate_null_caption(model):
 CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
+def tiny_checkpoint(folder: Path, **overrides) -> Path:
+    """``folder``/dalle.safetensors: a tiny DALL-E with its VAE and a BPE trained on CAPTIONS, stored inside it."""
     tokenizer = YttmTokenizer.train(CAPTIONS * 20, vocab_size=60, model_path=folder / "bpe.model")
     torch.manual_seed(0)
-    save_dalle(folder / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size), tokenizer)
+    save_dalle(folder / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size, **overrides), tokenizer)
     (folder / "bpe.model").unlink()  # the checkpoint alone must be enough
     return folder / "dalle.safetensors"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def gen(ckpt, out, *flags, text="a red cube", num_images=2, seed="0"):

@@ -19,26 +19,17 @@ import torch
 import uvicorn
 from conftest import free_port
 from PIL import Image
-from test_checkpoint import tiny_dalle
+from test_generate import CAPTIONS, tiny_checkpoint
 
 import generate
 import serve
-from engine.codecs.tokenizers import YttmTokenizer
-from engine.io.checkpoint import save_dalle
 from engine.model.config import GUIDED_COND_SCALE
-
-CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    tokenizer = YttmTokenizer.train(CAPTIONS * 20, vocab_size=60, model_path=folder / "bpe.model")
-    torch.manual_seed(0)
-    model = tiny_dalle(num_text_tokens=tokenizer.vocab_size, null_cond_prob=0.1,
-                       attn_types=("full", "axial_row", "axial_col", "conv_like"))
-    save_dalle(folder / "dalle.safetensors", model, tokenizer)
-    return folder / "dalle.safetensors"
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), null_cond_prob=0.1,
+                           attn_types=("full", "axial_row", "axial_col", "conv_like"))
 
 
 @contextlib.contextmanager

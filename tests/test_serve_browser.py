@@ -9,23 +9,18 @@ Without /usr/bin/chromium or /usr/bin/chromedriver the test is skipped, unless D
 `make test` sets), which makes a missing browser a failure."""
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from test_checkpoint import tiny_dalle
-
-from engine.codecs.tokenizers import YttmTokenizer
-from engine.io.checkpoint import save_dalle
+from conftest import free_port
+from test_generate import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "ball", "cone")]
 
 
 def require_browser() -> None:
@@ -42,11 +37,7 @@ def require_browser() -> None:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    tokenizer = YttmTokenizer.train(CAPTIONS * 20, vocab_size=60, model_path=folder / "bpe.model")
-    torch.manual_seed(0)
-    save_dalle(folder / "dalle.safetensors", tiny_dalle(num_text_tokens=tokenizer.vocab_size), tokenizer)
-    return folder / "dalle.safetensors"
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +45,7 @@ def server(ckpt, tmp_path_factory):
     """serve.py on a free port, once /api/info answers; its output goes to a log shown if it fails to start."""
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import check_geometry
+from ..masks import check_geometry, check_pos
 from .attention import _DTYPES, _LOG2E, _device_guard, _interpreting
 
 __all__ = ["decode_attention"]
@@ -281,16 +281,8 @@ def decode_attention(
         raise ValueError("triton decode_attention needs GPU tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if isinstance(pos, torch.Tensor):
-        if (pos.dim() > 1 or (pos.dim() == 1 and pos.shape[0] != q.shape[0]) or pos.dtype.is_floating_point
-                or pos.dtype.is_complex or pos.dtype == torch.bool):
-            raise ValueError(f"pos must be an int, a 0-dim integer tensor or a (batch,) = ({q.shape[0]},) integer "
-                             f"tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
-        if pos.device != q.device:
-            raise ValueError(f"pos must be on q's device {q.device}, got {pos.device}")
-    else:
-        if not 0 <= pos < k_cache.shape[2]:
-            raise ValueError(f"pos must lie in [0, {k_cache.shape[2]}), got {pos}")
+    check_pos(pos, q, k_cache.shape[2])
+    if not isinstance(pos, torch.Tensor):
         pos = torch.tensor(pos, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return decode_attention_op(q, k_cache, v_cache, pos, pattern, text_len, fmap_size, kernel_size, dilation, scale,
