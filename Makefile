@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -c "import youtokentome" 2>/dev/null || $(PIP) install --no-build-isolation youtokentome==1.0.6
 	$(PIP) install --no-deps clip-anytorch
 	$(PIP) install --no-build-isolation -e ".[test,deepspeed]"
-	command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+	command -v chromedriver >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 	touch $@
 
 install: $(VENV)/.installed
