@@ -53,7 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_device(p, args.device)
     if args.max_images_per_request > args.max_queue:
         p.error(f"--max_images_per_request {args.max_images_per_request} is more than --max_queue {args.max_queue}")
-    args.truncate_captions = False  # what load_reranker checks prompts with; requests choose for themselves
     return args
 
 

@@ -93,27 +93,30 @@ class ContinuousBatch:
         (they have left the batch)."""
         if not self.images:
             return []
-        c, model = self.model.config, self.model
-        if self._plan is None:
-            self._plan = _Plan.build(self.images, c, self.device)
-        plan = self._plan
-        logits, cond = guide(self.logits[plan.cond_rows], self.logits[plan.null_rows], plan.guided, plan.scales)
-        with decoding(model):
+        c = self.model.config
+        with decoding(self.model):
+            plan = self._current_plan()
+            logits, cond = guide(self.logits[plan.cond_rows], self.logits[plan.null_rows], plan.guided, plan.scales)
             tokens = sample(logits, plan.rows, self.done)
             self.scores += cond.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
-        self.codes[plan.every, self.done] = tokens
-        self.done += 1
-        for image in self.images:
-            image.done += 1
-        finished = [image for image in self.images if image.done == c.image_seq_len]
-        if finished:
-            tokens = tokens[self._leave(finished)]
-        if self.images:  # rows 0, 1, ... in image order
-            plan = self._plan = self._plan or _Plan.build(self.images, c, self.device)
-            with decoding(model):
-                self.logits = model.decode_step(tokens[plan.row_image], c.text_len + self.done[plan.row_image] - 1,
-                                                self.cache.rows(0, len(plan.row_image)))
+            self.codes[plan.every, self.done] = tokens
+            self.done += 1
+            for image in self.images:
+                image.done += 1
+            finished = [image for image in self.images if image.done == c.image_seq_len]
+            if finished:
+                tokens = tokens[self._leave(finished)]
+            if self.images:  # rows 0, 1, ... in image order
+                plan = self._current_plan()
+                self.logits = self.model.decode_step(tokens[plan.row_image],
+                                                     c.text_len + self.done[plan.row_image] - 1,
+                                                     self.cache.rows(0, len(plan.row_image)))
         return finished
+
+    def _current_plan(self) -> _Plan:
+        if self._plan is None:
+            self._plan = _Plan.build(self.images, self.model.config, self.device)
+        return self._plan
 
     def partial_codes(self, images: list[Image]) -> torch.Tensor:
         """The codes sampled so far of ``images`` (in the batch), 0 after them: (len(images), image_seq_len)."""

@@ -137,9 +137,11 @@ def create_app(scheduler: Scheduler, tokenizer, *, max_images: int, model_name: 
     def find(request_id: str) -> Request | None:
         return scheduler.requests.get(request_id)
 
+    page_html = PAGE.read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     @app.get("/api/info")
     def info() -> dict:

@@ -130,6 +130,7 @@ class Scheduler:
         self.batch = ContinuousBatch(model, capacity, self.device)
         self.waiting: collections.deque[Image] = collections.deque()
         self.requests: dict[str, Request] = {}
+        self._finished: collections.deque[str] = collections.deque()  # ids of the finished requests, oldest first
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -244,26 +245,29 @@ class Scheduler:
         cancelled = {r for r in self.requests.values() if r.cancel_requested and r.state not in FINAL}
         if not cancelled:
             return
-        self.waiting = collections.deque(i for i in self.waiting if i.owner[0] not in cancelled)
-        self.batch.cancel([i for i in self.batch.images if i.owner[0] in cancelled])
+        self._withdraw(cancelled)
         for request in cancelled:
             self._end(request, "cancelled", {})
 
     def _fail(self, requests, message: str) -> None:
         with self._lock:
-            self.waiting = collections.deque(i for i in self.waiting if i.owner[0] not in requests)
-            self.batch.cancel([i for i in self.batch.images if i.owner[0] in requests])
+            self._withdraw(requests)
             for request in requests:
                 if request.state not in FINAL:
                     self._end(request, "failed", {"error": message}, error=message)
+
+    def _withdraw(self, requests) -> None:
+        """(With the lock held.) Take the images of ``requests`` out of the queue and the batch."""
+        self.waiting = collections.deque(i for i in self.waiting if i.owner[0] not in requests)
+        self.batch.cancel([i for i in self.batch.images if i.owner[0] in requests])
 
     def _end(self, request: Request, state: str, data: dict, error: str | None = None) -> None:
         request.state, request.error, request.finished = state, error, time.monotonic()
         request.feed.publish(state, data)
         with self._lock:  # forget the oldest finished requests beyond keep_finished
-            finished = sorted((r for r in self.requests.values() if r.state in FINAL), key=lambda r: r.finished)
-            for old in finished[: max(len(finished) - self.keep_finished, 0)]:
-                del self.requests[old.id]
+            self._finished.append(request.id)
+            while len(self._finished) > self.keep_finished:
+                del self.requests[self._finished.popleft()]
 
     def _deliver(self, done: list[Image]) -> None:
         """Decode finished images, store them in their requests, and finish the requests they complete."""
