@@ -15,7 +15,7 @@ from test_checkpoint import tiny_dalle
 
 import kernels
 from engine.model.dalle import DALLE
-from engine.model.transformer import ShiftState, shift_step, shift_tokens, shift_weights
+from engine.model.transformer import ShiftState, ring_slots, shift_step, shift_tokens, shift_weights
 
 ALL_PATTERNS = ("full", "axial_row", "axial_col", "conv_like")
 
@@ -121,7 +121,7 @@ def test_shift_step_equals_shift_tokens(dim):
     steps = []
     for p in range(h.shape[1] + 3):
         pos = (p - lag).clamp(0, h.shape[1] - 1)
-        steps.append(shift_step(h[torch.arange(2), pos][:, None], ShiftState(ring, pos, weights[pos])))
+        steps.append(shift_step(h[torch.arange(2), pos][:, None], ShiftState(ring, pos, weights[pos], ring_slots(pos, ring))))
     rows = torch.cat(steps, dim=1)
     expected = shift_tokens(h, text_len, fmap)
     torch.testing.assert_close(rows[0, : h.shape[1]], expected[0], rtol=0, atol=0)

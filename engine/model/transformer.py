@@ -69,6 +69,21 @@ class ShiftState(NamedTuple):
     ring: torch.Tensor
     pos: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # per-row pos: ``ring_slots(pos, ring)``
+
+
+def row_slots(pos: torch.Tensor, groups: int, size: int) -> torch.Tensor:
+    """Per-row positions ``pos`` (batch,) as rows of a flattened (batch * groups * size, ...) view: row pos[b] % size
+    of each of row b's ``groups`` blocks of ``size`` rows. A step's layers all write and read the same rows, so a step
+    computes them once."""
+    first = torch.arange(pos.shape[0] * groups, device=pos.device) * size
+    return first + (pos % size).repeat_interleave(groups)
+
+
+def ring_slots(pos: torch.Tensor, ring: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row positions: the rows ``shift_step`` writes, and reads as the previous token and the one above, in the
+    (batch * size, dim) view of ``ring``-shaped rings."""
+    return tuple(row_slots(pos + d, 1, ring.shape[1]) for d in (0, -1, 1))
 
 
 def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
@@ -76,7 +91,7 @@ def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
     the previous token and the one a grid row above from it. No branches on the position: static shapes, no host
     synchronisation. The one spare slot lets the write come first (it overwrites pos - fmap_size - 1, which no read
     needs): a compiled step that read the ring before writing it would copy the whole ring at every step."""
-    ring, pos, w = state
+    ring, pos, w, _ = state
     size = ring.shape[1]
     if pos.dim() == 0:
         ring.index_copy_(1, (pos % size).view(1), h)
@@ -84,13 +99,9 @@ def shift_step(h: torch.Tensor, state: ShiftState) -> torch.Tensor:
         above = ring.index_select(1, ((pos + 1) % size).view(1))  # pos - fmap_size, as size = fmap_size + 1
     else:  # each row at its own position: rows of the (batch * size, dim) view
         rows = ring.view(-1, ring.shape[2])
-        first = torch.arange(ring.shape[0], device=ring.device) * size
-
-        def slot(p: torch.Tensor) -> torch.Tensor:
-            return first + p % size
-
-        rows.index_copy_(0, slot(pos), h[:, 0])
-        prev, above = rows.index_select(0, slot(pos - 1))[:, None], rows.index_select(0, slot(pos + 1))[:, None]
+        write, prev, above = state.slots
+        rows.index_copy_(0, write, h[:, 0])
+        prev, above = rows.index_select(0, prev)[:, None], rows.index_select(0, above)[:, None]
     w = w.to(h.dtype)[:, :, None]  # (1 or batch, 3, 1, dim)
     return h * w[:, 0] + prev * w[:, 1] + above * w[:, 2]
 
@@ -132,11 +143,8 @@ class Attention(nn.Module):
                 cache.k.index_copy_(2, cache.pos.view(1), k)
                 cache.v.index_copy_(2, cache.pos.view(1), v)
             else:  # each row at its own position: rows of the (batch * heads * seq, dim_head) view
-                batch, heads, seq, _ = cache.k.shape
-                slot = ((torch.arange(batch * heads, device=k.device) * seq).view(batch, heads)
-                        + cache.pos.view(-1, 1)).view(-1)
-                cache.k.view(-1, k.shape[3]).index_copy_(0, slot, k.flatten(0, 2))
-                cache.v.view(-1, v.shape[3]).index_copy_(0, slot, v.flatten(0, 2))
+                cache.k.view(-1, k.shape[3]).index_copy_(0, cache.slots, k.flatten(0, 2))
+                cache.v.view(-1, v.shape[3]).index_copy_(0, cache.slots, v.flatten(0, 2))
             out = kernels.decode_attention(q[:, :, 0], cache.k, cache.v, cache.pos, pattern=self.pattern,
                                            **self.geometry)[:, :, None]
         else:
@@ -234,19 +242,26 @@ class Transformer(nn.Module):
     def _branch_kwargs(self, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
                        pos: torch.Tensor | None) -> Iterator[tuple[dict, dict]]:
         """Per layer, the keyword arguments of its attention and feed-forward branches."""
+        if cache is None:
+            yield from [({"rotary": rotary}, {})] * len(self.layers)
+            return
+        shift = cache.rings(0) is not None
+        weights = kv_slots = ring = None  # what every layer of a decode step shares
+        if pos is not None:
+            weights = self.shift_weights.index_select(0, pos.view(-1)) if shift else None
+            if pos.dim() == 1:
+                _, heads, seq, _ = cache.layer(0)[0].shape
+                kv_slots = row_slots(pos, heads, seq)
+                ring = ring_slots(pos, cache.rings(0)[0]) if shift else None
         for i in range(len(self.layers)):
-            if cache is None:
-                yield {"rotary": rotary}, {}
-                continue
-            kv = LayerCache(*cache.layer(i), pos)
+            kv = LayerCache(*cache.layer(i), pos, kv_slots)
             rings = cache.rings(i)
             if rings is None:
                 yield {"rotary": rotary, "cache": kv}, {}
                 continue
-            weights = None if pos is None else self.shift_weights.index_select(0, pos.view(-1))
             ring_attn, ring_ff = rings
-            yield ({"rotary": rotary, "cache": kv, "shift_state": ShiftState(ring_attn, pos, weights)},
-                   {"shift_state": ShiftState(ring_ff, pos, weights)})
+            yield ({"rotary": rotary, "cache": kv, "shift_state": ShiftState(ring_attn, pos, weights, ring)},
+                   {"shift_state": ShiftState(ring_ff, pos, weights, ring)})
 
 
 class LayerCache(NamedTuple):
@@ -256,6 +271,7 @@ class LayerCache(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor | None
+    slots: torch.Tensor | None = None  # per-row pos: the rows written, ``row_slots(pos, heads, seq)``
 
 
 class KVCache(nn.Module):
