@@ -1,4 +1,5 @@
-"""What the benchmarks share: timing and the environment record written into their JSON."""
+"""What the benchmarks share: timing, the environment record written into their JSON, and random-weight checkpoints
+with prompts for the benchmarks that run whole models."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from engine import DALLE, DALLEConfig, DiscreteVAE, DiscreteVAEConfig, HugTokenizer, save_dalle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +68,31 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+WORDS = ["a", "small", "large", "red", "green", "blue", "circle", "square", "triangle", "at", "the", "top", "left"]
+CONFIGS = {
+    "tiny": (dict(text_seq_len=8, image_fmap_size=4, dim=32, depth=2, heads=2, dim_head=16),
+             dict(image_size=16, num_layers=2, num_tokens=64, codebook_dim=16, hidden_dim=8)),
+    "small": (dict(text_seq_len=32, image_fmap_size=16, dim=256, depth=4, heads=8, dim_head=32),
+              dict(image_size=64, num_layers=2, num_tokens=512, codebook_dim=64, hidden_dim=32)),
+}
+
+
+def random_checkpoint(name: str, folder: Path) -> Path:
+    """A random-weight DALL-E (sparse attention mix, trained-with-null-captions config: guided by default) with a VAE
+    and a BPE."""
+    torch.manual_seed(0)
+    dalle, vae = CONFIGS[name]
+    captions = [f"a {s} {c} {k}" for s in WORDS[1:3] for c in WORDS[3:6] for k in WORDS[6:9]]
+    tokenizer = HugTokenizer.train(captions * 4, 300, str(folder / "bpe.json"))
+    vae = DiscreteVAE(DiscreteVAEConfig(**vae))
+    config = DALLEConfig(num_text_tokens=tokenizer.vocab_size, num_image_tokens=vae.num_tokens,
+                         attn_types=("axial_row", "axial_col", "axial_row", "conv_like"), **dalle)
+    path = folder / "dalle.safetensors"
+    save_dalle(path, DALLE(config, vae), tokenizer)
+    return path
+
+
+def prompts(count: int) -> list[str]:
+    return [f"{WORDS[i % 13]} {WORDS[(i * 7) % 13]} {WORDS[3 + i % 3]} {WORDS[6 + i % 3]}" for i in range(count)]

@@ -1,6 +1,6 @@
 """One command for a short GPU lease: correctness, benchmarks and results, each part with its own time budget.
 
-    python bench/gpu_check.py              # make gpu-check: ~6-7 minutes on one H100 (README: the parts' estimates)
+    python bench/gpu_check.py              # make gpu-check: ~7-8 minutes on one H100 (README: the parts' estimates)
     python bench/gpu_check.py --quick      # make gpu-check-quick: ~3.5 minutes
     python bench/gpu_check.py --dry-run    # the same script on the CPU at tiny sizes (~30 s): it cannot rot
 
@@ -14,7 +14,9 @@ Parts, in order, each run as child processes with a timeout, so a hang or a CUDA
    our kernels' tiles chosen by the autotuner (``kernels.triton.tuning``) at their first call;
 3. sampling: bench/generate.py, the large configuration with sparse layers, decode steps against the memory floor;
 4. training: bench/train.py's first case (text 256 + 32x32) under bf16 autocast, batch 16;
-5. static (optional, not with --quick): bench/gpu_static.py --targets 90 --subset, a process per pattern, only when
+5. invariance (not with --quick): bench/invariance.py, how many of 8 images come out the same alone and batched, in
+   fp32 and bf16 (cuBLAS is not batch-invariant; the random streams are);
+6. static (optional, not with --quick): bench/gpu_static.py --targets 90 --subset, a process per pattern, only when
    its budget fits in the time left; its result is reported but does not set the exit status.
 
 A part gets its budget or the time left before the overall deadline, whichever is less. Results: a JSON file
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import environment  # noqa: E402
+from bench.invariance import table as invariance_table  # noqa: E402
 from kernels import PATTERNS as ALL_PATTERNS  # noqa: E402
 
 PY = sys.executable
@@ -59,7 +62,7 @@ SHARDS = ("test_attention and fp16", "test_attention and bf16", "test_attention 
 QUICK_SHARDS = SHARDS[:2] + SHARDS[4:5]
 TILE_CACHE = "attention-tiles.json"  # the autotuner's choices during the run, in the logs folder
 # All parts together: make gpu-check adds the build (~1 minute) to the full run's; --quick needs none.
-DEADLINE_S = {"full": 400, "quick": 210, "dry-run": 600}
+DEADLINE_S = {"full": 445, "quick": 210, "dry-run": 600}
 
 
 @dataclass
@@ -110,6 +113,7 @@ def parts_for(mode: str, logs: Path) -> list[Part]:
         generate = ["--configs", "tiny", "--batches", "1", "--positions", "2", "--iters", "1", "--max_run_s", "0",
                     "--no-compile", "--bandwidth_gbs", "100"]
         train = ["--tiny", "--steps", "1", "--warmup", "1", "--no_peer"]
+        invariance = ["--config", "tiny", "--prompts", "2", "--precisions", "fp32,bf16"]
         static = [["--dtypes", "bf16", "--head_dims", "64", "--patterns", "axial_row"]]
     else:
         attn = ["--text_len", "257", "--fmap_size", "32", "--seq", "1280", "--batch", "8", "--heads", "8",
@@ -119,10 +123,11 @@ def parts_for(mode: str, logs: Path) -> list[Part]:
         generate += ["--batches", "64", "--positions", "2", "--max_run_s", "0"] if quick else \
             ["--batches", "1,64", "--positions", "3", "--max_run_s", "5"]
         train = ["--cases", "0", "--batch", "16", "--steps", "5" if quick else "10", "--warmup", "3"]
+        invariance = ["--precisions", "fp32,bf16", "--prompts", "8"]  # eager batch-1 steps: launch-bound
         # one process per pattern: the compiles use the machine's cores
         static = [["--subset", "--patterns", pattern] for pattern in ALL_PATTERNS]
     model_env = {"DALLE_ENGINE_ATTENTION": "triton"} if dry else {}
-    budgets = {"correctness": 150, "attention": 180, "sampling": 180, "training": 60, "static": 60}
+    budgets = {"correctness": 150, "attention": 180, "sampling": 180, "training": 60, "invariance": 45, "static": 60}
     if quick:
         budgets.update(correctness=90, attention=75, sampling=120, training=50)
     if dry:
@@ -140,6 +145,9 @@ def parts_for(mode: str, logs: Path) -> list[Part]:
              summarize_training, model_env),
     ]
     if not quick:
+        parts.append(Part("invariance", budgets["invariance"],
+                          [[PY, "bench/invariance.py", *device, *invariance, "--json", str(logs / "invariance.json")]],
+                          summarize_invariance))
         static_cmds = [[PY, "bench/gpu_static.py", "--targets", "90", *args, "--json", str(logs / f"static-{i}.json")]
                        for i, args in enumerate(static)]
         # the static report compiles for sm_90 ahead of time: never in the interpreter
@@ -323,6 +331,14 @@ def summarize_training(logs: Path) -> tuple[dict, str, str]:
              f"{fmt(r['ours_peak_mib'], ',.0f')} MiB peak")
     return {"precision": result["precision"], "rows": result["results"]}, short, \
         f"Training steps ({result['precision']} autocast, whole optimizer steps):\n\n" + "\n".join(lines)
+
+
+def summarize_invariance(logs: Path) -> tuple[dict, str, str]:
+    result = json.loads((logs / "invariance.json").read_text())
+    rows = result["rows"]
+    short = ", ".join(f"{r['precision']} {r['same_images']}/{r['images']}" for r in rows) + " images the same"
+    return {"rows": rows}, short, ("Batch invariance (each image alone, and all in one batch; bench/invariance.py):\n\n"
+                                   + invariance_table(rows))
 
 
 def summarize_static(logs: Path) -> tuple[dict, str, str]:

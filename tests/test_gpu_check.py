@@ -15,7 +15,7 @@ import pytest
 from _pytest.mark.expression import Expression  # what -k compiles its expression with
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["correctness", "attention", "sampling", "training", "static"]
+PARTS = ["correctness", "attention", "sampling", "training", "invariance", "static"]
 
 
 def load(name: str):
@@ -47,12 +47,14 @@ def test_dry_run_end_to_end(tmp_path: Path) -> None:
     assert figures["attention"]["axial_row"]["ours"]["fwd_bwd_ms"] > 0
     assert all(r["floor_ms"] > 0 for r in figures["sampling"]["rows"] if r["method"] != "naive")
     assert figures["training"]["precision"] == "bf16" and figures["training"]["rows"][0]["ours_tokens_per_s"] > 0
+    assert [(r["precision"], r["same_images"]) for r in figures["invariance"]["rows"]][0] == ("fp32", 2)
     assert figures["static"]["variants"] > 0
     assert all((tmp_path / "gpu-check-logs" / f"{part}-0.log").exists() for part in PARTS)
 
     section = (tmp_path / "RESULTS.md").read_text()
     assert section.lstrip().startswith("## GPU check (dry run on the CPU)")
     assert "| part | status |" in section and "| axial_row |" in section and "| tiny | sparse | 1 | cached |" in section
+    assert "| fp32 | 2 of 2 | 100.0 % | none |" in section
     assert (ROOT / "bench" / "RESULTS.md").read_text() == results_before
 
     table = proc.stdout.rstrip().splitlines()[-(len(PARTS) + 2):]  # the summary table comes last
@@ -70,9 +72,9 @@ def test_dry_run_never_writes_bench_results() -> None:
 def test_gpu_modes_arguments_parse(mode: str, tmp_path: Path) -> None:
     """The GPU modes' benchmark flags, which the dry run replaces with tiny ones, are still accepted."""
     gpu_check = load("gpu_check")
-    parsers = {f"bench/{name}.py": load(name).parse_args for name in ("attn", "generate", "train", "gpu_static")}
+    parsers = {f"bench/{name}.py": load(name).parse_args for name in ("attn", "generate", "train", "invariance", "gpu_static")}
     parts = gpu_check.parts_for(mode, tmp_path)
-    assert [p.name for p in parts] == (PARTS if mode == "full" else PARTS[:-1])
+    assert [p.name for p in parts] == (PARTS if mode == "full" else PARTS[:-2])
     for part in parts:
         for cmd in part.commands:
             if cmd[1] in parsers:
