@@ -56,7 +56,8 @@ from engine.codecs import tokenizers
 from engine.codecs.tokenizers import build_tokenizer
 from engine.data import load_image, random_resized_crop
 from engine.io.checkpoint import load_clip, load_dalle
-from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine.model.precision import add_sampling_precision_arg, prepare_sampling
+from engine.model.quantize import add_weights_arg
 from engine.pictures import make_grid, pil_image, to_uint8
 
 MAX_NAME_BYTES = 100
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="under torchrun or the DeepSpeed launcher each process takes its LOCAL_RANK's GPU")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
     add_sampling_precision_arg(p)
+    add_weights_arg(p)
     add_checkpoint_args(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
@@ -401,12 +403,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Everything is checked before anything is generated or written.
     model, tokenizer, trained = load_model(args)
-    precision = sampling_precision(args.precision, torch.device(args.device).type, gpu_bf16_supported(args.device),
-                                   trained)
-    if precision != "fp32":
-        # The weights themselves, not autocast: the KV cache and the decode kernels take the weights' dtype, and
-        # half-size weights halve the memory traffic of every decode step (as bench/generate.py measures).
-        model.to(DTYPES[precision])
+    precision = prepare_sampling(model, args.precision, args.device, trained, args.weights)
     c = model.config
     texts = encode_prompts(prompts, tokenizer, c.text_seq_len, args)
     prime, num_init = None, None
@@ -466,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
             cond_scale=cond_scale, img=None if prime is None else str(Path(args.img).resolve()),
             num_init_img_tokens=num_init, truncate_captions=args.truncate_captions, gentxt=args.gentxt,
             rerank=args.rerank, clip=None if clip is None else str(Path(args.clip_path).resolve()), keep=args.keep,
-            use_cache=not args.no_cache, compile=step_fn is not None, precision=precision,
+            use_cache=not args.no_cache, compile=step_fn is not None, precision=precision, weights=args.weights,
             images=[f"{i}.jpg" for i in range(len(images))], scores=scores.tolist(),  # log p(image | caption)
             clip_scores=None if similarities is None else similarities[order].tolist(),
             elapsed_s=round(elapsed, 3), images_per_s=round(args.num_images / elapsed, 3),  # candidates, CLIP included

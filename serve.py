@@ -25,7 +25,8 @@ import torch
 import uvicorn
 
 from engine.cli import check_device, positive_int
-from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine.model.precision import add_sampling_precision_arg, prepare_sampling
+from engine.model.quantize import add_weights_arg
 from engine.serving.api import create_app
 from engine.serving.scheduler import Request, Scheduler
 from generate import add_checkpoint_args, clip_scores, load_model, load_reranker
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_images_per_request", type=positive_int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_sampling_precision_arg(p)
+    add_weights_arg(p)
     add_checkpoint_args(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
@@ -60,10 +62,7 @@ def build(args: argparse.Namespace, start_scheduler: bool = True):
     """The app for ``args``: model, tokenizer, optional CLIP, scheduler (everything checked before serving).
     ``start_scheduler``: run the scheduler in a thread of its own once the app starts (else call its ``run``)."""
     model, tokenizer, trained = load_model(args)
-    precision = sampling_precision(args.precision, torch.device(args.device).type, gpu_bf16_supported(args.device),
-                                   trained)
-    if precision != "fp32":
-        model.to(DTYPES[precision])
+    prepare_sampling(model, args.precision, args.device, trained, args.weights)
     rank = None
     if args.clip_path is not None:
         clip, clip_tokenizer = load_reranker(args, [], tokenizer, model.vae)

@@ -17,7 +17,7 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, str pattern, int text_len, int fmap_size, "
       "int kernel_size, int dilation, float scale) -> Tensor");
-  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {

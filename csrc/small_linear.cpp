@@ -6,6 +6,11 @@
 // block is read from memory once, by the first row tile, and re-read from L1/L2 by the others. A tile multiplies the
 // block with kRowBlock rows of x (converted to the compute type up front; small enough to stay in cache), as dot
 // products vectorised along in features.
+//
+// The weight may also be stored in fewer bits than x (weight-only quantisation, for sampling): bfloat16 or float16
+// beside float32 x, or int8 with a float32 scale per output feature, y = (x @ q^T) * scale + bias. Either way each
+// weight element is converted exactly to the compute type as it is loaded, so the product reads a quarter (int8) or
+// half (16-bit) of the bytes of a float32 weight and computes exactly what float32 would on the converted weight.
 
 #include "small_linear.h"
 #include "vector_math.h"
@@ -121,49 +126,62 @@ DALLE_ENGINE_INLINE void tile_1row(const w_t* const (&w)[kOutBlock], const acc_t
   }
 }
 
-// y[r][o + k] = dot(w[k], x row r) + b[k] for every row r and k < n.
-template <typename scalar_t, typename acc_t, typename w_t>
-DALLE_ENGINE_INLINE void block_rows(const w_t* const (&w)[kOutBlock], const acc_t (&b)[kOutBlock], int64_t n,
-                                    const acc_t* x, int64_t x_stride, int64_t rows, int64_t in, scalar_t* y,
-                                    int64_t y_stride) {
+// A dot product's output: times the feature's scale for int8 weights, plus its bias.
+template <bool kScaled, typename acc_t>
+DALLE_ENGINE_INLINE acc_t finish(acc_t dot, acc_t scale, acc_t bias) {
+  if constexpr (kScaled) {
+    return dot * scale + bias;
+  } else {
+    return dot + bias;
+  }
+}
+
+// y[r][o + k] = dot(w[k], x row r) (* sc[k] for int8 weights) + b[k] for every row r and k < n.
+template <bool kScaled, typename scalar_t, typename acc_t, typename w_t>
+DALLE_ENGINE_INLINE void block_rows(const w_t* const (&w)[kOutBlock], const acc_t (&sc)[kOutBlock],
+                                    const acc_t (&b)[kOutBlock], int64_t n, const acc_t* x, int64_t x_stride,
+                                    int64_t rows, int64_t in, scalar_t* y, int64_t y_stride) {
   int64_t r = 0;
   for (; r + kRowBlock <= rows; r += kRowBlock) {
     acc_t s[kOutBlock][kRowBlock];
     tile_2rows(w, x + r * x_stride, x + (r + 1) * x_stride, in, s);
     for (int64_t k = 0; k < n; ++k) {
-      y[r * y_stride + k] = static_cast<scalar_t>(s[k][0] + b[k]);
-      y[(r + 1) * y_stride + k] = static_cast<scalar_t>(s[k][1] + b[k]);
+      y[r * y_stride + k] = static_cast<scalar_t>(finish<kScaled>(s[k][0], sc[k], b[k]));
+      y[(r + 1) * y_stride + k] = static_cast<scalar_t>(finish<kScaled>(s[k][1], sc[k], b[k]));
     }
   }
   if (r < rows) {
     acc_t s[kOutBlock];
     tile_1row(w, x + r * x_stride, in, s);
-    for (int64_t k = 0; k < n; ++k) y[r * y_stride + k] = static_cast<scalar_t>(s[k] + b[k]);
+    for (int64_t k = 0; k < n; ++k) y[r * y_stride + k] = static_cast<scalar_t>(finish<kScaled>(s[k], sc[k], b[k]));
   }
 }
 
 // Output features [begin, end) of every row. A partial last block repeats its last weight row (from L1; the results
-// are dropped). converted: kOutBlock * in elements of scratch for a bfloat16 / float16 block, which is converted once
-// there when more than one tile reads it (null: read the weight as it is).
-template <typename scalar_t, typename acc_t>
-DALLE_ENGINE_VECTOR_CLONES void linear_chunk(const scalar_t* weight, int64_t w_stride, const acc_t* x,
-                                             int64_t x_stride, int64_t rows, int64_t in, const scalar_t* bias,
+// are dropped). converted: kOutBlock * in elements of scratch for a block stored in another type than the compute
+// type, which is converted once there when more than one tile reads it (null: read the weight as it is). scale: one
+// per output feature for int8 weights, else null.
+template <typename scalar_t, typename acc_t, typename w_t>
+DALLE_ENGINE_VECTOR_CLONES void linear_chunk(const w_t* weight, int64_t w_stride, const acc_t* x, int64_t x_stride,
+                                             int64_t rows, int64_t in, const scalar_t* bias, const float* scale,
                                              scalar_t* y, int64_t out, int64_t begin, int64_t end,
                                              acc_t* converted) {
-  const int64_t prefetch_bytes = std::min<int64_t>(kPrefetchBytes, in * sizeof(scalar_t));
+  constexpr bool kScaled = std::is_same_v<w_t, int8_t>;
+  const int64_t prefetch_bytes = std::min<int64_t>(kPrefetchBytes, in * sizeof(w_t));
   for (int64_t o = begin; o < end; o += kOutBlock) {
     const int64_t n = std::min(kOutBlock, end - o);
     for (int64_t k = 0; k < std::min(kOutBlock, end - o - kOutBlock); ++k) {
       const char* next = reinterpret_cast<const char*>(weight + (o + kOutBlock + k) * w_stride);
       for (int64_t byte = 0; byte < prefetch_bytes; byte += kCacheLine) prefetch(next + byte);
     }
-    const scalar_t* w[kOutBlock];
-    acc_t b[kOutBlock];
+    const w_t* w[kOutBlock];
+    acc_t b[kOutBlock], sc[kOutBlock];
     for (int64_t k = 0; k < kOutBlock; ++k) {
       w[k] = weight + (o + std::min(k, n - 1)) * w_stride;
       b[k] = bias == nullptr || k >= n ? acc_t(0) : static_cast<acc_t>(bias[o + k]);
+      sc[k] = kScaled && k < n ? static_cast<acc_t>(scale[o + k]) : acc_t(1);
     }
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    if constexpr (!std::is_same_v<w_t, acc_t>) {
       if (converted != nullptr) {
         const acc_t* wc[kOutBlock];
         for (int64_t k = 0; k < kOutBlock; ++k) {
@@ -172,11 +190,11 @@ DALLE_ENGINE_VECTOR_CLONES void linear_chunk(const scalar_t* weight, int64_t w_s
           for (int64_t i = 0; i < in; ++i) row[i] = static_cast<acc_t>(w[k][i]);
           wc[k] = row;
         }
-        block_rows(wc, b, n, x, x_stride, rows, in, y + o, out);
+        block_rows<kScaled>(wc, sc, b, n, x, x_stride, rows, in, y + o, out);
         continue;
       }
     }
-    block_rows(w, b, n, x, x_stride, rows, in, y + o, out);
+    block_rows<kScaled>(w, sc, b, n, x, x_stride, rows, in, y + o, out);
   }
 }
 
@@ -184,47 +202,51 @@ DALLE_ENGINE_VECTOR_CLONES void linear_chunk(const scalar_t* weight, int64_t w_s
 // us; measured break-even on 2 cores: 2 x 2^16, e.g. 128 x 256 weights at 4 rows or 512 x 256 at 1 row).
 constexpr int64_t kMinTaskWork = int64_t{1} << 16;
 
-template <typename scalar_t>
-void run(const at::Tensor& x, const at::Tensor& weight, const scalar_t* bias, at::Tensor& y) {
+template <typename scalar_t, typename w_t>
+void run(const at::Tensor& x, const at::Tensor& weight, const scalar_t* bias, const float* scale, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
   const acc_t* x_data = x.const_data_ptr<acc_t>();
-  const scalar_t* w_data = weight.const_data_ptr<scalar_t>();
+  const w_t* w_data = weight.const_data_ptr<w_t>();
   scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
   const int64_t x_stride = x.stride(0), w_stride = weight.stride(0);
   const int64_t blocks = (out + kOutBlock - 1) / kOutBlock;
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, kOutBlock * in * rows));
-  const bool convert = !std::is_same_v<scalar_t, acc_t> && rows > kRowBlock;
+  const bool convert = !std::is_same_v<w_t, acc_t>;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> converted(convert ? kOutBlock * in : 0);
     for (int64_t first = 0; first < rows; first += kRowTile) {
-      linear_chunk<scalar_t, acc_t>(w_data, w_stride, x_data + first * x_stride, x_stride,
-                                    std::min(kRowTile, rows - first), in, bias, y_data + first * out, out,
-                                    begin * kOutBlock, std::min(end * kOutBlock, out),
-                                    convert ? converted.data() : nullptr);
+      linear_chunk<scalar_t, acc_t, w_t>(w_data, w_stride, x_data + first * x_stride, x_stride,
+                                         std::min(kRowTile, rows - first), in, bias, scale, y_data + first * out,
+                                         out, begin * kOutBlock, std::min(end * kOutBlock, out),
+                                         convert ? converted.data() : nullptr);
     }
   });
 }
 
 }  // namespace
 
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "small_linear: x must be (rows, in) and weight (out, in), got ",
               x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.size(1) == weight.size(1), "small_linear: x has ", x.size(1), " features but weight expects ",
               weight.size(1), " (x ", x.sizes(), ", weight ", weight.sizes(), ")");
-  const auto dtype = x.scalar_type();
+  const auto dtype = x.scalar_type(), w_dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "small_linear: x must be float32, float64, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(weight.scalar_type() == dtype, "small_linear: weight must have x's dtype ", dtype, ", got ",
-              weight.scalar_type());
+  const bool int8 = w_dtype == at::kChar;
+  const bool narrower = (w_dtype == at::kBFloat16 || w_dtype == at::kHalf) && dtype != at::kDouble;
+  TORCH_CHECK(w_dtype == dtype || int8 || narrower, "small_linear: weight must have x's dtype ", dtype,
+              ", or be int8 (with a scale), or bfloat16 / float16 beside float32, bfloat16 or float16 x; got ",
+              w_dtype);
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear needs CPU tensors, got ", x.device(),
               " and ", weight.device());
   // Reading the weight in place is the point of the kernel: a copy would cost as much as the product.
   TORCH_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1,
               "small_linear: weight must have unit stride along in features, got strides ", weight.strides());
   const int64_t out_features = weight.size(0);
-  at::Tensor b;
+  at::Tensor b, sc;
   if (bias.has_value()) {
     b = bias->contiguous();
     TORCH_CHECK(b.dim() == 1 && b.size(0) == out_features, "small_linear: bias must be (", out_features, ",), got ",
@@ -233,14 +255,34 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
                 b.scalar_type());
     TORCH_CHECK(b.device().is_cpu(), "small_linear needs CPU tensors, got bias on ", b.device());
   }
+  TORCH_CHECK(int8 == scale.has_value(), "small_linear: ",
+              int8 ? "int8 weights need a scale per output feature" : "a scale goes only with int8 weights");
+  if (int8) {
+    sc = scale->contiguous();
+    TORCH_CHECK(sc.dim() == 1 && sc.size(0) == out_features && sc.scalar_type() == at::kFloat && sc.device().is_cpu(),
+                "small_linear: scale must be a float32 CPU tensor of shape (", out_features, ",), got ",
+                sc.scalar_type(), " ", sc.sizes(), " on ", sc.device());
+  }
 
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   if (y.numel() == 0) return y;
   // x in the compute type with unit stride along features (no copy for float32 / float64 rows that have it).
   at::Tensor xc = x.to(at::toOpMathType(dtype));
   if (xc.size(1) > 1 && xc.stride(1) != 1) xc = xc.contiguous();
+  const float* sc_data = int8 ? sc.const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "small_linear", [&] {
-    run<scalar_t>(xc, weight, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y);
+    const scalar_t* b_data = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    if (int8) {
+      run<scalar_t, int8_t>(xc, weight, b_data, sc_data, y);
+    } else if (w_dtype == dtype) {
+      run<scalar_t, scalar_t>(xc, weight, b_data, nullptr, y);
+    } else if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (w_dtype == at::kBFloat16) {
+        run<scalar_t, at::BFloat16>(xc, weight, b_data, nullptr, y);
+      } else {
+        run<scalar_t, at::Half>(xc, weight, b_data, nullptr, y);
+      }
+    }
   });
   return y;
 }

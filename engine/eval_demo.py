@@ -34,7 +34,8 @@ from PIL import Image
 from engine.cli import check_device, check_writable, number, positive_float, positive_int, rng_seed
 from engine.demo.shapes import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, RADII, SHAPES, SIZES, ShapeSpec
 from engine.io.checkpoint import load_clip, load_dalle
-from engine.model.precision import DTYPES, add_sampling_precision_arg, gpu_bf16_supported, sampling_precision
+from engine.model.precision import add_sampling_precision_arg, prepare_sampling
+from engine.model.quantize import add_weights_arg
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 SCORES = ("found", *ATTRIBUTES, "all")  # the per-image checks that evaluate averages
@@ -287,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_dir", default=None, help="write a PNG grid of each prompt's images here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_sampling_precision_arg(p)
+    add_weights_arg(p)
     args = p.parse_args(argv)
     check_device(p, args.device)
     if args.json:
@@ -326,10 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt.tokenizer is None:
         raise SystemExit("error: the checkpoint stores no tokenizer")
     model = ckpt.model.eval()
-    precision = sampling_precision(args.precision, torch.device(args.device).type, gpu_bf16_supported(args.device),
-                                   ckpt.extra.get("precision"))
-    if precision != "fp32":
-        model.to(DTYPES[precision])  # the weights, not autocast: the KV cache takes their dtype (see generate.py)
+    precision = prepare_sampling(model, args.precision, args.device, ckpt.extra.get("precision"), args.weights)
     clip = clip_tokenizer = None
     if args.clip_path is not None:
         try:
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f"; best 1 of {n} by CLIP: {result['rerank']['clip'][n]:.3f}"
         print(line)
     if args.json:
-        report = {"args": vars(args), "precision": precision, "held_out_combinations": sorted(HELD_OUT),
+        report = {"args": vars(args), "precision": precision, "weights": args.weights, "held_out_combinations": sorted(HELD_OUT),
                   "trained_accuracy": headline["trained"], "held_out_accuracy": headline["held_out"], **groups}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -47,7 +47,7 @@ def _load() -> str | None:
         return q.new_empty(q.shape)
 
     @torch.library.register_fake(f"{_NAMESPACE}::small_linear")
-    def _small_linear_fake(x, weight, bias):
+    def _small_linear_fake(x, weight, bias, scale=None):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     return None
@@ -146,15 +146,18 @@ def decode_attention(
                                                            fmap_size, kernel_size, dilation, scale)
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for 2-D x on the C++ CPU kernel, which streams the weight once for all rows (fastest for a handful).
 
     x: ``(rows, in)``, any strides; weight: ``(out, in)`` with unit stride along ``in``, any row stride (row and column
     slices of a bigger matrix are read in place); bias: ``(out,)`` or None. CPU tensors of one dtype (float32,
-    float64, bfloat16 or float16). Computes in float32 (float64 for float64 inputs) and returns ``(rows, out)``,
-    contiguous, in x's dtype. Not differentiable. The op checks the arguments (RuntimeError); raises RuntimeError if
-    the kernels are unavailable (see ``load_error()``).
+    float64, bfloat16 or float16), except that the weight may be stored in fewer bits (weight-only quantisation):
+    int8 with ``scale``, a float32 ``(out,)`` tensor (``(x @ weight^T) * scale + bias``), or bfloat16 / float16 beside
+    float32 x. Computes in float32 (float64 for float64 inputs) and returns ``(rows, out)``, contiguous, in x's dtype.
+    Not differentiable. The op checks the arguments (RuntimeError); raises RuntimeError if the kernels are unavailable
+    (see ``load_error()``).
     """
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
-    return getattr(torch.ops, _NAMESPACE).small_linear(x, weight, bias)
+    return getattr(torch.ops, _NAMESPACE).small_linear(x, weight, bias, scale)

@@ -251,3 +251,79 @@ def test_engine_linear_compiles_fullgraph(monkeypatch: pytest.MonkeyPatch) -> No
         out = compiled(x, w, b)
     assert calls.count == 1
     torch.testing.assert_close(out, F.linear(x, w, b))
+
+
+# --- weight-only quantised weights: int8 with a scale per output feature, or bfloat16 / float16 beside float32 x ---
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output feature, as ``engine.model.quantize`` does (rows of zeros get scale 1)."""
+    scale = (w.abs().amax(dim=1) / 127).where(w.abs().amax(dim=1) > 0, torch.ones(()))
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale.float()
+
+
+WEIGHT_KINDS = ["int8", "bfloat16", "float16"]
+
+
+def stored(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(the weight as stored, its scale or None, the float64 weight the product computes with)."""
+    if kind == "int8":
+        q, scale = quantize_int8(w.float())
+        return q, scale, q.double() * scale.double()[:, None]
+    low = w.to(getattr(torch, kind))
+    return low, None, low.double()
+
+
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 33])
+def test_weight_only_matches_float64(kind: str, x_dtype: torch.dtype, rows: int) -> None:
+    """The product with the stored weight is the float64 product with the weight it stands for (int8: q * scale),
+    within the float32 budget: the conversion of each weight element is exact, the scale one more rounding."""
+    values = pool(torch.float32)
+    for in_features in IN_FEATURES:
+        for out_features in OUT_FEATURES:
+            x = cut(values, rows * in_features + out_features, rows, in_features).to(x_dtype)
+            w = cut(values, max(ROWS) * max(IN_FEATURES) + in_features, out_features, in_features)
+            b = cut(values, values.numel() - out_features - rows, out_features).to(x_dtype)
+            weight, scale, exact_w = stored(w, kind)
+            check(cpp.small_linear(x, weight, b, scale), x, exact_w, b)
+            check(cpp.small_linear(x, weight, None, scale), x, exact_w, None)
+
+
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+def test_weight_only_rows_never_depend_on_the_other_rows(kind: str) -> None:
+    """Batch-invariant sampling with stored weights: every row count converts the weight the same way."""
+    gen = torch.Generator().manual_seed(5)
+    x = randn(150, 1030, dtype=torch.float32, gen=gen)
+    weight, scale, _ = stored(randn(37, 1030, dtype=torch.float32, gen=gen), kind)
+    b = randn(37, dtype=torch.float32, gen=gen)
+    together = cpp.small_linear(x, weight, b, scale)
+    for row in (0, 1, 63, 64, 100, 149):
+        assert torch.equal(cpp.small_linear(x[row:row + 1], weight, b, scale)[0], together[row])
+    for rows in (2, 3, 65, 129):
+        assert torch.equal(cpp.small_linear(x[:rows], weight, b, scale), together[:rows])
+
+
+def test_weight_only_argument_errors() -> None:
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    q, scale = quantize_int8(w)
+    bad = {
+        "int8 weights need a scale": lambda: cpp.small_linear(x, q),
+        "a scale goes only with int8 weights": lambda: cpp.small_linear(x, w, None, scale),
+        "scale must be a float32 CPU tensor of shape (5,)": lambda: cpp.small_linear(x, q, None, scale.double()),
+        "scale must be a float32 CPU tensor of shape (5,), got Float [4]": lambda: cpp.small_linear(x, q, None,
+                                                                                                 scale[:4]),
+        "weight must have x's dtype Double": lambda: cpp.small_linear(x.double(), w.bfloat16()),
+        "weight must have x's dtype Float": lambda: cpp.small_linear(x, w.double()),
+    }
+    for message, call in bad.items():
+        with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            call()
+
+
+def test_op_passes_opcheck() -> None:
+    x, w, b = torch.randn(3, 16), torch.randn(5, 16), torch.randn(5)
+    q, scale = quantize_int8(w)
+    for args in [(x, w, b), (x, w, None), (x, q, b, scale), (x, w.bfloat16(), b)]:
+        torch.library.opcheck(torch.ops.dalle_engine_cpu.small_linear.default, args)

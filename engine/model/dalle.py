@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.codecs.tokenizers import check_caption_ids
 from engine.model.config import DALLEConfig
-from engine.model.linear import Linear, linear
+from engine.model.linear import Linear
 from engine.model.transformer import KVCache, Transformer
 from engine.sampling import Settings, decode, row_keys
 
@@ -208,9 +208,7 @@ class DALLE(nn.Module):
         """Logits over the image vocabulary (or the internal text vocabulary) only: the logits mask allows nothing
         else at a position, so the rest of the output projection is skipped."""
         V = self.config.num_text_tokens_internal
-        h = self.to_logits[0](x)
-        weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
-        return linear(h, weight[V:], bias[V:]) if image else linear(h, weight[:V], bias[:V])
+        return self.to_logits[1].part(self.to_logits[0](x), slice(V, None) if image else slice(None, V))
 
     def image_log_likelihood(self, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Each row's log p(codes | text) (batch,), summed over its image tokens, by one full forward pass: what

@@ -17,6 +17,7 @@ SMALL_LINEAR_MAX_ROWS = 16
 # Rows up to which ``weight @ x^T`` beats ``F.linear``.
 ADDMM_MAX_ROWS = 128
 _SMALL_LINEAR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_NARROW_WEIGHTS = (torch.bfloat16, torch.float16)  # stored beside wider x (weight-only)
 _row_invariant = False
 
 
@@ -34,8 +35,14 @@ def row_invariant() -> Iterator[None]:
         _row_invariant = before
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, with faster CPU paths for few rows, where the product is bound by streaming the weight from memory.
+
+    The weight may be stored in fewer bits than x (``engine.model.quantize``): int8 with ``scale``, one float32 per
+    output feature (``F.linear(x, weight * scale[:, None], bias)``), or bfloat16 beside float32 x. On a CPU the C++
+    kernel reads it as stored whenever it takes the product; elsewhere it is converted to x's dtype for the product
+    and the scale applied to its result.
 
     Up to ``SMALL_LINEAR_MAX_ROWS`` rows (all leading dims together) it runs the C++ kernel, which reads the weight
     once for all rows; it has no autograd, so only where no gradient is needed (under ``no_grad`` or
@@ -47,13 +54,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     # Dispatch costs a few us per call against products of tens of us: attribute checks kept to the cheap ones.
     if not x.is_cpu or x.dim() < 2:
-        return F.linear(x, weight, bias)
+        return _converted_linear(x, weight, bias, scale)
     flat = x if x.dim() == 2 else x.flatten(0, -2)
     rows = flat.shape[0]
     if rows == 0 or flat.shape[1] == 0 or (rows > ADDMM_MAX_ROWS and not _row_invariant):
-        return F.linear(x, weight, bias)
-    if (rows <= SMALL_LINEAR_MAX_ROWS or _row_invariant) and _small_linear_applies(x, weight, bias):
-        out = cpp.small_linear(flat, weight, bias)
+        return _converted_linear(x, weight, bias, scale)
+    if (rows <= SMALL_LINEAR_MAX_ROWS or _row_invariant) and _small_linear_applies(x, weight, bias, scale):
+        out = cpp.small_linear(flat, weight, bias, scale)
+    elif weight.dtype != x.dtype:
+        return _converted_linear(x, weight, bias, scale)
     elif 2 <= rows <= ADDMM_MAX_ROWS:
         out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
         out = out.t()
@@ -62,14 +71,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 
-def _small_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _converted_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      scale: torch.Tensor | None) -> torch.Tensor:
+    """The product with a stored weight converted to x's dtype, the int8 scale applied to the result (one multiply
+    per output, not per weight element); ``F.linear`` itself when the weight is x's dtype."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    out = F.linear(x, weight.to(x.dtype))
+    if scale is not None:
+        out = out * scale.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def _small_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          scale: torch.Tensor | None) -> bool:
     """Whether the C++ kernel can compute this product: built, no gradient wanted, and arguments it takes."""
-    if not cpp.available() or x.dtype not in _SMALL_LINEAR_DTYPES or weight.dtype != x.dtype or not weight.is_cpu:
+    stored = weight.dtype == torch.int8 or (weight.dtype in _NARROW_WEIGHTS and x.dtype != torch.float64)
+    if not cpp.available() or x.dtype not in _SMALL_LINEAR_DTYPES or not weight.is_cpu:
+        return False
+    if weight.dtype != x.dtype and not stored:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return False
     if weight.dim() != 2 or (weight.shape[1] > 1 and weight.stride(1) != 1):
+        return False
+    if scale is not None and not (scale.is_cpu and scale.dtype == torch.float32):
         return False
     return bias is None or (bias.dim() == 1 and bias.dtype == x.dtype and bias.is_cpu)
 
@@ -79,3 +106,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def part(self, x: torch.Tensor, features: slice) -> torch.Tensor:
+        """Only the output features ``features`` (the rest of the product skipped)."""
+        return linear(x, self.weight[features], None if self.bias is None else self.bias[features])

@@ -12,6 +12,8 @@ from contextlib import nullcontext
 
 import torch
 
+from engine.model.quantize import quantize_weights
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLAG_ORDER = ("fp16", "bf16", "fp32")  # as the conflict message names them
 
@@ -92,3 +94,15 @@ def describe(precision: str, requested: str, device_type: str, *, deepspeed: boo
     else:
         why = "default on this GPU, which lacks bf16; --fp32 to train in fp32"
     return f"precision: {how} ({why})"
+
+
+def prepare_sampling(model, requested: str, device: str | torch.device, trained: str | None, weights: str) -> str:
+    """Set ``model`` up to sample: its weights cast to the precision ``sampling_precision`` picks (the weights
+    themselves, not autocast: the KV cache and the decode kernels take their dtype, and half-size weights halve the
+    memory traffic of every decode step), then stored as ``weights`` (``engine.model.quantize``). Returns the
+    precision."""
+    precision = sampling_precision(requested, torch.device(device).type, gpu_bf16_supported(device), trained)
+    if precision != "fp32":
+        model.to(DTYPES[precision])
+    quantize_weights(model, weights)  # after the cast, which would turn the int8 scales to the model's dtype
+    return precision
