@@ -14,9 +14,12 @@ Every cached step timed is first checked against the full forward pass (its logi
 decode-step time at a few positions spread over the image (a cached step's cost barely depends on the position; a
 naive step's grows with it, so the spread matters). Images/s is measured by sampling whole images where that takes
 under ``--max_run_s`` (column "measured"), otherwise estimated as batch / (prefill + image tokens x ms/step)
-("est."). On a GPU the table also gives the memory-bandwidth floor of a cached step (every weight the step uses plus
-the keys and values its layers' patterns read, over the device's bandwidth) and the fraction of it reached. Prints a
-table last and writes JSON (``--json``).
+("est."). ``--weights`` adds the same cached steps with the model's linear layers stored in bf16 or int8
+(``engine.model.quantize``, weight-only). The table gives each cached step's floor and the fraction of it reached:
+the larger of its bytes (every weight the step uses, as stored, plus the keys and values its layers' patterns read)
+over the memory bandwidth and its FLOPs over the matrix-multiply rate. On a GPU the bandwidth is the device's (by
+name); on a CPU both rates are measured in the same run (a sum over 1 GiB, and a 2048^3 float32 product), and the
+floor is a lower bound: a small model's weights may stay in cache. Prints a table last and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import Timer, environment, synchronize  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
+from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights  # noqa: E402
 from kernels import masks  # noqa: E402
 
 CONFIGS = {
@@ -61,6 +66,7 @@ class Row:
     patterns: str
     batch: int
     method: str  # cached, cached+compiled, naive
+    weights: str  # how the linear layers store their weights (fp32: the model's dtype)
     ms_per_step: float
     prefill_ms: float
     images_per_s: float
@@ -136,13 +142,25 @@ def measured_images_per_s(model: DALLE, text: torch.Tensor, device: torch.device
     return text.shape[0] / (time.perf_counter() - start)
 
 
-def floor_ms(model: DALLE, batch: int, dtype: torch.dtype, bandwidth: float) -> float:
-    """Memory-bandwidth floor of a cached image step, averaged over the image: the weights a step reads (all but the
-    text half of the output projection and the embedding tables, of which it reads a row) once, plus each layer's
-    pattern keys and values for every sequence."""
+def step_cost(model: DALLE, batch: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(bytes, FLOPs) of a cached image step, averaged over the image: the weights a step reads as stored (all but
+    the text half of the output projection and the embedding tables, of which it reads a row) once, plus each
+    layer's pattern keys and values for every sequence; two FLOPs per weight element and row of a product, and four
+    per key and head dimension of attention."""
     c = model.config
     size = torch.tensor([], dtype=dtype).element_size()
-    weights = sum(p.numel() for p in model.transformer.parameters()) + (c.dim + 1) * c.num_image_tokens
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    weight_bytes = nbytes(model.transformer.parameters())
+    weight_bytes += sum(nbytes([m.weight, m.scale, m.bias]) for m in model.transformer.modules()
+                        if isinstance(m, StoredLinear))
+    logits = model.to_logits[1]
+    V = c.num_text_tokens_internal
+    weight_bytes += nbytes([logits.weight[V:], logits.bias[V:], getattr(logits, "scale", None)])
+    product_flops = 2 * batch * (sum(m.weight.numel() for m in model.transformer.modules()
+                                     if isinstance(m, nn.Linear | StoredLinear)) + c.dim * c.num_image_tokens)
     geometry = dict(fmap_size=c.image_fmap_size, kernel_size=c.conv_kernel_size, dilation=c.conv_dilation)
     keys = 0
     for attn_type in c.layer_attn_types:
@@ -152,57 +170,80 @@ def floor_ms(model: DALLE, batch: int, dtype: torch.dtype, bandwidth: float) -> 
             cells = sum(1 for r in range(row_lo, row_hi + 1, row_step) for col in range(col_lo, col_hi + 1, col_step)
                         if r * c.image_fmap_size + col <= t)
             keys += c.text_len + cells
-    kv_bytes = 2 * keys / (c.image_seq_len - 1) * c.heads * c.dim_head * size * batch
-    return (weights * size + kv_bytes) / bandwidth * 1e3
+    keys_per_step = keys / (c.image_seq_len - 1)
+    kv_bytes = 2 * keys_per_step * c.heads * c.dim_head * size * batch
+    attention_flops = 4 * keys_per_step * c.heads * c.dim_head * batch
+    return weight_bytes + kv_bytes, product_flops + attention_flops
 
 
-def device_bandwidth(device: torch.device, override_gbs: float | None) -> float | None:
+@dataclass
+class Rates:
+    """The machine's memory bandwidth (bytes/s) and matrix-multiply rate (FLOP/s): a step's floor's denominators."""
+
+    bandwidth: float | None
+    flops: float | None
+    measured: bool
+
+    def floor_ms(self, model: DALLE, batch: int, dtype: torch.dtype) -> float | None:
+        bytes_, flops = step_cost(model, batch, dtype)
+        floors = [bytes_ / self.bandwidth if self.bandwidth else 0.0, flops / self.flops if self.flops else 0.0]
+        return max(floors) * 1e3 if any(floors) else None
+
+
+def machine_rates(device: torch.device, override_gbs: float | None, timer: Timer) -> Rates:
+    """On a GPU the device's bandwidth by name (no FLOP floor: the bandwidth floor dominates a decode step); on a
+    CPU both measured here, best of 5."""
     if override_gbs:
-        return override_gbs * 1e9
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for fragment, bw in BANDWIDTH if fragment in name), None)
+        return Rates(override_gbs * 1e9, None, False)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return Rates(next((bw for fragment, bw in BANDWIDTH if fragment in name), None), None, False)
+    buffer = torch.ones(2**28, device=device)  # 1 GiB, far past any cache
+    read_s = min(timer(buffer.sum) for _ in range(5)) / 1e3
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    mm_s = min(timer(lambda: a @ b) for _ in range(5)) / 1e3
+    return Rates(buffer.numel() * 4 / read_s, 2 * 2048**3 / mm_s, True)
 
 
-def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtype: torch.dtype, timer: Timer
-          ) -> list[Row]:
+def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtype: torch.dtype, timer: Timer,
+          rates: Rates) -> list[Row]:
     model = build(name, patterns, device, dtype)
     c = model.config
     text = prompt(model, batch, device)
     positions = sample_positions(model, args.positions)
-    steps = {"cached": model.decode_step}
-    if args.compile:
-        steps["cached+compiled"] = model.compiled_decode_step()
-    bandwidth = device_bandwidth(device, args.bandwidth_gbs)
     rows = []
     naive_step = time_naive(model, text, positions, timer, args.iters)
     naive_est = batch / (c.image_seq_len * naive_step / 1e3)
-    for method, step in steps.items():
-        prefill, step_ms, diff = time_cached(model, text, positions, step, timer, args.iters)
-        total_s = (prefill + c.image_seq_len * step_ms) / 1e3
-        if total_s <= args.max_run_s:
-            rate, kind = measured_images_per_s(model, text, device, step), "measured"
-        else:
-            rate, kind = batch / total_s, "est."
-        floor = None if bandwidth is None else floor_ms(model, batch, dtype, bandwidth)
-        rows.append(Row(name, patterns, batch, method, step_ms, prefill, rate, kind, rate / naive_est, diff, floor,
-                        None if floor is None else floor / step_ms))
+    for weights in args.weights:
+        stored = quantize_weights(build(name, patterns, device, dtype), weights) if weights != "fp32" else model
+        steps = {"cached": stored.decode_step}
+        if args.compile:
+            steps["cached+compiled"] = stored.compiled_decode_step()
+        for method, step in steps.items():
+            prefill, step_ms, diff = time_cached(stored, text, positions, step, timer, args.iters)
+            total_s = (prefill + c.image_seq_len * step_ms) / 1e3
+            if total_s <= args.max_run_s:
+                rate, kind = measured_images_per_s(stored, text, device, step), "measured"
+            else:
+                rate, kind = batch / total_s, "est."
+            floor = rates.floor_ms(stored, batch, dtype)
+            rows.append(Row(name, patterns, batch, method, weights, step_ms, prefill, rate, kind, rate / naive_est,
+                            diff, floor, None if floor is None else floor / step_ms))
     naive_kind = "est."
     if c.image_seq_len * naive_step / 1e3 <= args.max_run_s:
         naive_est, naive_kind = measured_images_per_s(model, text, device, use_cache=False), "measured"
         for row in rows:
             row.speedup_vs_naive = row.images_per_s / naive_est
-    rows.append(Row(name, patterns, batch, "naive", naive_step, 0.0, naive_est, naive_kind))
+    rows.append(Row(name, patterns, batch, "naive", "fp32", naive_step, 0.0, naive_est, naive_kind))
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    head = ("config", "patterns", "batch", "method", "ms/step", "prefill ms", "images/s", "", "x naive",
+    head = ("config", "patterns", "batch", "method", "weights", "ms/step", "prefill ms", "images/s", "", "x naive",
             "floor ms/step", "of floor")
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        cells = [r.config, r.patterns, str(r.batch), r.method, f"{r.ms_per_step:.2f}", f"{r.prefill_ms:.1f}",
+        cells = [r.config, r.patterns, str(r.batch), r.method, r.weights, f"{r.ms_per_step:.2f}", f"{r.prefill_ms:.1f}",
                  f"{r.images_per_s:.3g}", r.images_per_s_kind,
                  "-" if r.speedup_vs_naive is None else f"{r.speedup_vs_naive:.1f}x",
                  "n/a" if r.floor_ms is None else f"{r.floor_ms:.3f}",
@@ -226,7 +267,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the decode step under torch.compile (with CUDA graphs on a GPU; default: on "
                         "CUDA)")
-    p.add_argument("--bandwidth_gbs", type=float, help="device memory bandwidth for the floor (default: by GPU name)")
+    p.add_argument("--weights", default="fp32", help="comma-separated, how the linear layers store their weights "
+                                                      f"for the cached steps: {', '.join(WEIGHTS)}")
+    p.add_argument("--bandwidth_gbs", type=float,
+                   help="memory bandwidth for the floor (default: by GPU name; on a CPU measured, with the matrix "
+                        "multiply rate)")
     p.add_argument("--json", default=str(ROOT / "bench" / "generate.json"))
     args = p.parse_args(argv)
     for name in args.configs.split(","):
@@ -235,6 +280,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.patterns.split(","):
         if name not in PATTERN_SETS:
             p.error(f"unknown pattern set {name!r}; valid: {', '.join(PATTERN_SETS)}")
+    args.weights = args.weights.split(",")
+    for name in args.weights:
+        if name not in WEIGHTS:
+            p.error(f"unknown weights {name!r}; valid: {', '.join(WEIGHTS)}")
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.iters = args.iters or (20 if cuda else 5)
@@ -255,19 +304,27 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     timer = Timer(device)
+    rates = machine_rates(device, args.bandwidth_gbs, timer)
     rows: list[Row] = []
     for name in args.configs.split(","):
         for patterns in args.patterns.split(","):
             for batch in batches_for(name, args):
-                case = bench(name, patterns, batch, args, device, dtype, timer)
+                case = bench(name, patterns, batch, args, device, dtype, timer, rates)
                 print("\n".join(table(case).splitlines()[2:]), flush=True)
                 rows += case
     result = {"benchmark": "generate", **environment(device), "dtype": args.dtype,
               "configs": {name: CONFIGS[name] for name in args.configs.split(",")}, "pattern_sets": PATTERN_SETS,
               "timing": {"iters": args.iters, "positions": args.positions, "statistic": "median"},
+              "floor": {"bandwidth_gbs": None if rates.bandwidth is None else rates.bandwidth / 1e9,
+                        "matmul_gflops": None if rates.flops is None else rates.flops / 1e9,
+                        "measured": rates.measured},
               "rows": [asdict(r) for r in rows]}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['device_name']}, torch {result['torch']}, {args.dtype}, commit {result['commit']}\n")
+    print(f"\n{result['device_name']}, torch {result['torch']}, {args.dtype}, commit {result['commit']}")
+    if rates.measured:
+        print(f"floors from this machine: {rates.bandwidth / 1e9:.1f} GB/s read, {rates.flops / 1e9:.0f} GFLOP/s "
+              "float32 matrix multiply")
+    print()
     print(table(rows))
     print(f"\nJSON: {args.json}")
 
