@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from engine.model.quantize import StoredLinear, int8_per_feature, quantize_weigh
 from engine.sampling import Settings, image_codes, resolve, row_keys
 from kernels import cpp
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")
 
 
@@ -129,3 +133,18 @@ def test_generate_with_stored_weights(tmp_path) -> None:
         gen(ckpt, tmp_path / "bad", "--weights", "int4")
     assert not (tmp_path / "bad").exists()
     assert json.loads((tmp_path / "int8" / "a_red_cube" / "settings.json").read_text())["precision"] == "fp32"
+
+
+def test_bench_quantize_cpu(tmp_path) -> None:
+    out = tmp_path / "quantize.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quantize.py"), "--config", "tiny", "--prompts", "2",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["weights"] for r in rows] == ["bf16", "int8"]
+    bf16, int8 = rows
+    assert 0.5 <= bf16["bytes_ratio"] < 0.55 and 0.25 <= int8["bytes_ratio"] < 0.35  # biases and scales stay float32
+    for r in rows:
+        assert 0 < r["max_logit_error_over_spread"] < 0.5 and 0 <= r["mean_kl_nats"] <= r["max_kl_nats"] < 0.01
+        assert 0 <= r["top1_agreement"] <= 1 and 0 <= r["same_codes"] <= 1 and 0 <= r["same_images"] <= 2
+    assert "| int8 |" in proc.stdout
