@@ -6,6 +6,34 @@
 #include "decode_attention.h"
 #include "small_linear.h"
 #include "sparse_attention.h"
+#include "vector_math.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace {
+
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+std::string cpu_isa() { return kIsaNames[static_cast<int>(dalle_engine::cpu_isa())]; }
+
+std::string best_cpu_isa() { return kIsaNames[static_cast<int>(dalle_engine::best_cpu_isa())]; }
+
+// Returns the instruction set it replaces.
+std::string set_cpu_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i) {
+    if (name != kIsaNames[i]) continue;
+    TORCH_CHECK(i <= static_cast<int>(dalle_engine::best_cpu_isa()), "set_cpu_isa: this CPU (or build) has no ",
+                name, "; the best it has is ", best_cpu_isa());
+    const std::string before = cpu_isa();
+    dalle_engine::set_cpu_isa(static_cast<dalle_engine::Isa>(i));
+    return before;
+  }
+  TORCH_CHECK(false, "set_cpu_isa: the instruction set must be avx512, avx2 or baseline, got '", name, "'");
+}
+
+}  // namespace
 
 TORCH_LIBRARY(dalle_engine_cpu, m) {
   m.def(
@@ -18,6 +46,10 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, str pattern, int text_len, int fmap_size, "
       "int kernel_size, int dilation, float scale) -> Tensor");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale=None) -> Tensor");
+  // The instruction set the row kernels run (see vector_math.h).
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("best_cpu_isa() -> str", &best_cpu_isa);
+  m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {

@@ -78,7 +78,7 @@ struct KeySet {
 
   // Calls fn(first position, position stride, count) for each span, in a fixed order.
   template <typename Fn>
-  void for_each_span(const Fn& fn) const {
+  DALLE_ENGINE_INLINE void for_each_span(const Fn& fn) const {
     fn(int64_t{0}, int64_t{1}, text_keys);
     if (!image) return;
     const Window& w = window;
@@ -104,7 +104,7 @@ KeySet key_set(Pattern pattern, int64_t pos, int64_t text_len, int64_t fmap_size
 }
 
 // Row arithmetic in the compute type acc_t on rows stored as scalar_t: plain loops the compiler vectorises, inlined
-// into each build of attend (its AVX2 clone included).
+// into each instruction set's build of attend.
 template <typename acc_t, typename scalar_t>
 DALLE_ENGINE_INLINE acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
   acc_t sum = 0;
@@ -122,7 +122,7 @@ DALLE_ENGINE_INLINE void axpy(acc_t* y, acc_t alpha, const scalar_t* x, int64_t 
 // One (batch, head). k and v point at the head's position 0, k_step and v_step are their position strides (elements);
 // scratch holds 2 * dim + keys.count() elements.
 template <typename scalar_t, typename acc_t>
-DALLE_ENGINE_VECTOR_CLONES void attend(const KeySet& keys, const scalar_t* q, const scalar_t* k, int64_t k_step,
+DALLE_ENGINE_INLINE void attend(const KeySet& keys, const scalar_t* q, const scalar_t* k, int64_t k_step,
                                        const scalar_t* v, int64_t v_step, scalar_t* out, int64_t dim, acc_t scale,
                                        acc_t* scratch) {
   acc_t* query = scratch;
@@ -132,7 +132,7 @@ DALLE_ENGINE_VECTOR_CLONES void attend(const KeySet& keys, const scalar_t* q, co
 
   int64_t n = 0;
   acc_t top = -std::numeric_limits<acc_t>::infinity();
-  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) {
+  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) DALLE_ENGINE_INLINE_LAMBDA {
     const scalar_t* row = k + first * k_step;
     for (int64_t i = 0; i < count; ++i, row += stride * k_step) {
       const acc_t s = dot(query, row, dim) * scale;
@@ -150,7 +150,7 @@ DALLE_ENGINE_VECTOR_CLONES void attend(const KeySet& keys, const scalar_t* q, co
 
   std::fill(acc, acc + dim, acc_t(0));
   n = 0;
-  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) {
+  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) DALLE_ENGINE_INLINE_LAMBDA {
     const scalar_t* row = v + first * v_step;
     for (int64_t i = 0; i < count; ++i, row += stride * v_step) axpy(acc, probs[n++], row, dim);
   });
@@ -184,12 +184,14 @@ void run(const std::vector<KeySet>& keys, const at::Tensor& q, const at::Tensor&
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (2 * mean_keys * dim));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(2 * dim + max_keys);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / heads, h = i % heads;
-      attend<scalar_t, acc_t>(keys[b], q_data + b * qs[0] + h * qs[1], k_data + b * ks[0] + h * ks[1], ks[2],
-                              v_data + b * vs[0] + h * vs[1], vs[2], out_data + i * dim, dim,
-                              static_cast<acc_t>(scale), scratch.data());
-    }
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / heads, h = i % heads;
+        attend<scalar_t, acc_t>(keys[b], q_data + b * qs[0] + h * qs[1], k_data + b * ks[0] + h * ks[1], ks[2],
+                                v_data + b * vs[0] + h * vs[1], vs[2], out_data + i * dim, dim,
+                                static_cast<acc_t>(scale), scratch.data());
+      }
+    });
   });
 }
 

@@ -162,7 +162,7 @@ DALLE_ENGINE_INLINE void block_rows(const w_t* const (&w)[kOutBlock], const acc_
 // type, which is converted once there when more than one tile reads it (null: read the weight as it is). scale: one
 // per output feature for int8 weights, else null.
 template <typename scalar_t, typename acc_t, typename w_t>
-DALLE_ENGINE_VECTOR_CLONES void linear_chunk(const w_t* weight, int64_t w_stride, const acc_t* x, int64_t x_stride,
+DALLE_ENGINE_INLINE void linear_chunk(const w_t* weight, int64_t w_stride, const acc_t* x, int64_t x_stride,
                                              int64_t rows, int64_t in, const scalar_t* bias, const float* scale,
                                              scalar_t* y, int64_t out, int64_t begin, int64_t end,
                                              acc_t* converted) {
@@ -215,12 +215,14 @@ void run(const at::Tensor& x, const at::Tensor& weight, const scalar_t* bias, co
   const bool convert = !std::is_same_v<w_t, acc_t>;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> converted(convert ? kOutBlock * in : 0);
-    for (int64_t first = 0; first < rows; first += kRowTile) {
-      linear_chunk<scalar_t, acc_t, w_t>(w_data, w_stride, x_data + first * x_stride, x_stride,
-                                         std::min(kRowTile, rows - first), in, bias, scale, y_data + first * out,
-                                         out, begin * kOutBlock, std::min(end * kOutBlock, out),
-                                         convert ? converted.data() : nullptr);
-    }
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t first = 0; first < rows; first += kRowTile) {
+        linear_chunk<scalar_t, acc_t, w_t>(w_data, w_stride, x_data + first * x_stride, x_stride,
+                                           std::min(kRowTile, rows - first), in, bias, scale, y_data + first * out,
+                                           out, begin * kOutBlock, std::min(end * kOutBlock, out),
+                                           convert ? converted.data() : nullptr);
+      }
+    });
   });
 }
 

@@ -181,16 +181,21 @@ DALLE_ENGINE_INLINE void softmax_backward_row(T* p, T* ds, int64_t visible, int6
 }
 
 
-DALLE_ENGINE_VECTOR_CLONES std::pair<float, float> softmax_forward_row(float* text, int64_t visible,
-                                                                       int64_t text_end, float* local,
-                                                                       const float* bias, int64_t nl) {
-  return softmax_forward_row<float>(text, visible, text_end, local, bias, nl);
+// The float rows run the build for cpu_isa() (see vector_math.h); double rows need no vector exp.
+std::pair<float, float> softmax_forward_row(float* text, int64_t visible, int64_t text_end, float* local,
+                                            const float* bias, int64_t nl) {
+  std::pair<float, float> result;
+  with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+    result = softmax_forward_row<float>(text, visible, text_end, local, bias, nl);
+  });
+  return result;
 }
 
-DALLE_ENGINE_VECTOR_CLONES void softmax_backward_row(float* p, float* ds, int64_t visible, int64_t text_end,
-                                                     float* p_local, float* ds_local, const float* bias,
-                                                     int64_t nl) {
-  softmax_backward_row<float>(p, ds, visible, text_end, p_local, ds_local, bias, nl);
+void softmax_backward_row(float* p, float* ds, int64_t visible, int64_t text_end, float* p_local, float* ds_local,
+                          const float* bias, int64_t nl) {
+  with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+    softmax_backward_row<float>(p, ds, visible, text_end, p_local, ds_local, bias, nl);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-// Vectorisation helpers shared by the CPU kernels: an always-inline marker, AVX2 clones picked at load time, and a
-// branch-free exp the compiler can vectorise.
+// Vectorisation helpers shared by the CPU kernels: an always-inline marker, builds of the row kernels for each x86
+// instruction set picked at run time, and a branch-free exp the compiler can vectorise.
 #pragma once
 
 #include <algorithm>
@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-// Row helpers are inlined into each build of the kernels that use them (their AVX2 clone included).
+// Row helpers are inlined into each build of the kernels that use them (see with_cpu_isa below).
 #if defined(__GNUC__)
 #define DALLE_ENGINE_INLINE inline __attribute__((always_inline))
 #else
@@ -39,11 +39,57 @@ DALLE_ENGINE_INLINE float exp_fast(float x) {
 
 DALLE_ENGINE_INLINE double exp_fast(double x) { return std::exp(x); }
 
-// Row kernels also get an AVX2 build picked at load time (function multi-versioning): the row arithmetic, exp above
-// all, is a large part of their time, and the baseline x86-64 build only uses SSE2. GCC only: Clang cannot clone
-// templates.
+// Row kernels are built three times, for AVX-512, for AVX2 and for the baseline x86-64 (SSE2), and each call runs the
+// build for the instruction set cpu_isa() names: the best this CPU has, unless DALLE_ENGINE_CPU_ISA (avx512, avx2 or
+// baseline) or set_cpu_isa() asks for a lower one, e.g. to measure or test an AVX2-only machine on an AVX-512 one. The
+// row arithmetic, exp above all, is a large part of their time, and the baseline build only uses SSE2. A build
+// differs from another in vector width, so in the order of its sums: results agree to rounding, not bit for bit,
+// across instruction sets (within one they never depend on the batch). GCC on x86-64 Linux only; elsewhere one build.
+//
+// with_cpu_isa(f) runs f, a lambda marked DALLE_ENGINE_INLINE_LAMBDA whose kernels are all DALLE_ENGINE_INLINE, inlined
+// into a function compiled for the chosen instruction set.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DALLE_ENGINE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define DALLE_ENGINE_ISA_BUILDS 1
+#define DALLE_ENGINE_INLINE_LAMBDA __attribute__((always_inline))
 #else
-#define DALLE_ENGINE_VECTOR_CLONES
+#define DALLE_ENGINE_ISA_BUILDS 0
+#define DALLE_ENGINE_INLINE_LAMBDA
 #endif
+
+namespace dalle_engine {
+
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa cpu_isa();          // what the kernels run now
+Isa best_cpu_isa();     // the best this CPU (and this build) has
+void set_cpu_isa(Isa);  // at most best_cpu_isa() (checked by the caller)
+
+#if DALLE_ENGINE_ISA_BUILDS
+template <typename F>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))) void run_avx512(F& f) {
+  f();
+}
+template <typename F>
+__attribute__((target("avx2,fma"))) void run_avx2(F& f) {
+  f();
+}
+#endif
+
+template <typename F>
+DALLE_ENGINE_INLINE void with_cpu_isa(F&& f) {
+#if DALLE_ENGINE_ISA_BUILDS
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      run_avx512(f);
+      return;
+    case Isa::kAvx2:
+      run_avx2(f);
+      return;
+    case Isa::kBaseline:
+      break;
+  }
+#endif
+  f();
+}
+
+}  // namespace dalle_engine

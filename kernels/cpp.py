@@ -3,20 +3,24 @@
 The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse),
 ``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv), ``decode_attention`` (q, k_cache, v_cache, pos
 -> out, one query per sequence against a KV cache) and ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
-handful of rows, bound by streaming the weight); this module loads it, gives the ops fake (meta) implementations so
+handful of rows, bound by streaming the weight), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
+for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta) implementations so
 ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
 import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 
 import torch
 
 from . import masks
 
-__all__ = ["available", "decode_attention", "load_error", "small_linear", "sparse_attention"]
+__all__ = ["available", "cpu_isa", "cpu_isas", "decode_attention", "load_error", "small_linear", "sparse_attention",
+           "use_cpu_isa"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -144,6 +148,35 @@ def decode_attention(
     pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)  # a tensor: no graph break when compiled
     return getattr(torch.ops, _NAMESPACE).decode_attention(q, k_cache, v_cache, pos, pattern, text_len,
                                                            fmap_size, kernel_size, dilation, scale)
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ row kernels run: "avx512", "avx2" or "baseline" (x86-64 SSE2). The best the CPU
+    has unless ``DALLE_ENGINE_CPU_ISA`` (read when the kernels first run) or ``use_cpu_isa`` chose a lower one."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    return getattr(torch.ops, _NAMESPACE).cpu_isa()
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets this CPU (and build) can run the row kernels with, best first."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    order = ["avx512", "avx2", "baseline"]
+    return order[order.index(getattr(torch.ops, _NAMESPACE).best_cpu_isa()):]
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Inside: the row kernels run the ``name`` build (one of ``cpu_isas()``), e.g. to measure an AVX2-only machine on
+    an AVX-512 one. Process-wide, not per thread."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    before = getattr(torch.ops, _NAMESPACE).set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        getattr(torch.ops, _NAMESPACE).set_cpu_isa(before)
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

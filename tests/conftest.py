@@ -11,6 +11,7 @@ import torch
 
 from engine.model.config import DALLEConfig
 from engine.model.dalle import DALLE
+from kernels import cpp
 
 
 def tiny_config(**overrides) -> DALLEConfig:
@@ -73,6 +74,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=cpp.cpu_isas() if cpp.available() else ["unavailable"])
+def cpu_isa(request):
+    """Each build of the C++ row kernels this CPU can run (AVX-512, AVX2, baseline), one after the other: a test using
+    this fixture runs once per instruction set."""
+    if not cpp.available():
+        pytest.skip(f"C++ kernels unavailable: {cpp.load_error()}")
+    with cpp.use_cpu_isa(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ from test_reference_attention import Config, geometry, make_inputs, run
 
 from kernels import PATTERNS, cpp, dense_mask
 
-pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")
+pytestmark = [pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}"),
+              pytest.mark.usefixtures("cpu_isa")]  # every test once per instruction set the CPU has
 
 CONFIGS: list[Config] = [
     (2, 3, 97, 32, 33, 8, 5, 1),       # batch and heads > 1; caption 33 + full 8x8 grid
@@ -177,6 +178,7 @@ def test_compiles_without_graph_breaks() -> None:
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
+    kwargs = dict(kwargs)  # the parameter itself is shared by every instruction set's run
     dtype = kwargs.pop("dtype", torch.float32)
     q = torch.zeros(1, 1, 9, 4, dtype=dtype)
     args = dict(pattern="conv_like", text_len=5, fmap_size=3) | kwargs

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from engine.model import linear as linear_module
 from kernels import cpp
 
-pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")
+pytestmark = [pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}"),
+              pytest.mark.usefixtures("cpu_isa")]  # every test once per instruction set the CPU has
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ROWS = [1, 2, 3, 4, 5, 7, 8, 16, 33]
@@ -322,8 +323,9 @@ def test_weight_only_argument_errors() -> None:
             call()
 
 
-def test_op_passes_opcheck() -> None:
+
+def test_weight_only_op_passes_opcheck() -> None:
     x, w, b = torch.randn(3, 16), torch.randn(5, 16), torch.randn(5)
     q, scale = quantize_int8(w)
-    for args in [(x, w, b), (x, w, None), (x, q, b, scale), (x, w.bfloat16(), b)]:
+    for args in [(x, q, b, scale), (x, q, None, scale), (x, w.bfloat16(), b)]:
         torch.library.opcheck(torch.ops.dalle_engine_cpu.small_linear.default, args)

@@ -1,0 +1,56 @@
+// The instruction set the row kernels run (see with_cpu_isa in vector_math.h): chosen once from the CPU and
+// DALLE_ENGINE_CPU_ISA, changed by set_cpu_isa.
+
+#include "vector_math.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+namespace dalle_engine {
+namespace {
+
+Isa detect() {
+#if DALLE_ENGINE_ISA_BUILDS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+Isa initial() {
+  const Isa best = best_cpu_isa();
+  const char* requested = std::getenv("DALLE_ENGINE_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') return best;
+  const std::string name(requested);
+  const Isa isa = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kBaseline;
+  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
+              "DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "DALLE_ENGINE_CPU_ISA=", name,
+              " is more than this CPU (or build) has");
+  return isa;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> isa{static_cast<int>(initial())};
+  return isa;
+}
+
+}  // namespace
+
+Isa best_cpu_isa() {
+  static const Isa best = detect();
+  return best;
+}
+
+Isa cpu_isa() { return static_cast<Isa>(current().load(std::memory_order_relaxed)); }
+
+void set_cpu_isa(Isa isa) { current().store(static_cast<int>(isa), std::memory_order_relaxed); }
+
+}  // namespace dalle_engine
