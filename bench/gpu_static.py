@@ -6,7 +6,8 @@
     python bench/gpu_static.py --search                # every tile setting of the attention kernels: which pass
 
 Every variant comes from the kernels' own launch code (``kernels.triton.static``), run at DALL-E's geometry (caption
-256 + a 32x32 grid) for each dtype, head dim, pattern and decode split count, fp32 both with and without TF32. The
+256 + a 32x32 grid) for each dtype, head dim, pattern and decode split count, fp32 both with and without TF32, and
+the int8 weight-only linear layer of sampling (``w8_linear``) at each row tile it launches, fp16 and bf16. The
 table gives registers, spill bytes, shared memory against the architecture's per-block limit, blocks per SM, how
 each product was lowered (wgmma / mma.sync / fma, "(dup)" when its warps repeat each other's work) and the MMA
 instructions in the PTX. ``--gate`` exits 1 when any variant fails to compile, spills, needs more shared memory than
@@ -41,13 +42,14 @@ SEQ = TEXT_LEN - 1 + FMAP_SIZE**2  # the model's input: every position but the l
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PATTERNS = ("full", "axial_row", "axial_col", "conv_like", "conv_like_centered")
 SPLITS = (1, 4)  # decode: one program per (batch, head), and FlashDecoding splits with their combine kernel
+W8_SHAPE, W8_ROWS = (4096, 1024), (1, 32, 128)  # the int8 linear layer: the large model's feed-forward, 16/32/64-row tiles
 
 
 def compile_target(arch: int, dtypes: list[str], head_dims: list[int], patterns: list[str],
                    overrides: dict[str, int], tuned: list[tuple[str, str]]) -> list[dict]:
     """Compile every launch of the training and decode entry points for sm_``arch``; one dict per variant. The
     autotuner's alternatives are compiled for the (dtype, pattern) pairs in ``tuned`` (the defaults for all)."""
-    from kernels.triton import attention, decode, static, tuning
+    from kernels.triton import attention, decode, linear, static, tuning
 
     defaults_only = {key: ((), (), ()) for key in tuning.DEFAULTS}
     with static.compiling_for(arch) as recorder:
@@ -69,6 +71,11 @@ def compile_target(arch: int, dtypes: list[str], head_dims: list[int], patterns:
                         for splits in SPLITS:
                             recorder.label = f"{pattern} splits={splits}"
                             decode._decode(q[:, :, 0], q, q, torch.zeros((), dtype=torch.int64), *geometry, splits)
+            weight, scale = torch.zeros(W8_SHAPE, dtype=torch.int8), torch.zeros(W8_SHAPE[0])
+            for rows in W8_ROWS if dtype != torch.float32 else ():  # each row tile the int8 linear layer launches
+                recorder.label = f"rows={rows}"
+                linear._launch(torch.zeros(rows, W8_SHAPE[1], dtype=dtype), weight, scale, torch.zeros(W8_SHAPE[0],
+                                                                                                    dtype=dtype))
         torch.backends.cuda.matmul.allow_tf32 = False
     return [{**asdict(r), "blocks_per_sm": r.blocks_per_sm, "problems": r.problems()} for r in recorder.records]
 
@@ -150,7 +157,7 @@ def folded_table(rows: list[dict]) -> str:
     lines = ["| kernel | sm | products | head dims | settings | variants | warps/stages | tiles | registers | "
              "spill B | shared KiB (max) | blocks/SM | products lowered to | problems |",
              "|---|---|---|---|---|---:|---|---|---|---:|---:|---|---|---:|"]
-    order = ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq", "decode", "combine")
+    order = ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq", "decode", "combine", "w8_linear")
     for (arch, products, half, kernel, role), group in sorted(
             groups.items(), key=lambda g: (-g[0][0], g[0][1].split()[-1] == "tf32", g[0][1] != "fp16/bf16", g[0][2],
                                            order.index(g[0][3]), g[0][4])):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cpp
+from kernels import triton as triton_kernels
 
 # Rows up to which the C++ kernel (``kernels.cpp.small_linear``) is used: it wins clearly up to 8 rows; at 16 it wins
 # with the weight out of cache (1.1-1.4x) and loses with it in cache (0.7-1.0x), a net gain in the decode step.
@@ -18,6 +19,7 @@ SMALL_LINEAR_MAX_ROWS = 16
 ADDMM_MAX_ROWS = 128
 _SMALL_LINEAR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NARROW_WEIGHTS = (torch.bfloat16, torch.float16)  # stored beside wider x (weight-only)
+_TRITON_INT8_ROWS = (torch.float16, torch.bfloat16)  # what the Triton int8 kernel takes (tensor cores)
 _row_invariant = False
 
 
@@ -41,8 +43,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     The weight may be stored in fewer bits than x (``engine.model.quantize``): int8 with ``scale``, one float32 per
     output feature (``F.linear(x, weight * scale[:, None], bias)``), or bfloat16 beside float32 x. On a CPU the C++
-    kernel reads it as stored whenever it takes the product; elsewhere it is converted to x's dtype for the product
-    and the scale applied to its result.
+    kernel reads it as stored whenever it takes the product, and on a GPU the Triton kernel reads int8 weights
+    beside fp16 / bf16 rows;
+    elsewhere the weight is converted to x's dtype for the product and the scale applied to its result.
 
     Up to ``SMALL_LINEAR_MAX_ROWS`` rows (all leading dims together) it runs the C++ kernel, which reads the weight
     once for all rows; it has no autograd, so only where no gradient is needed (under ``no_grad`` or
@@ -53,6 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Inside ``row_invariant()`` the C++ kernel takes every row count.
     """
     # Dispatch costs a few us per call against products of tens of us: attribute checks kept to the cheap ones.
+    if x.is_cuda and weight.dtype == torch.int8 and x.dtype in _TRITON_INT8_ROWS and triton_kernels.available():
+        return _triton_int8_linear(x, weight, bias, scale)
     if not x.is_cpu or x.dim() < 2:
         return _converted_linear(x, weight, bias, scale)
     flat = x if x.dim() == 2 else x.flatten(0, -2)
@@ -68,6 +73,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = out.t()
     else:
         return F.linear(x, weight, bias)
+    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
+
+
+def _triton_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel, which reads the int8 weight as stored (converting it first would write and re-read it at
+    twice its size); no autograd, like the C++ kernel (stored weights are for sampling)."""
+    flat = x if x.dim() == 2 else x.flatten(0, -2)
+    out = triton_kernels.weight_only_linear(flat, weight, scale, bias)
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 

@@ -1,5 +1,6 @@
-"""Triton attention for the DALL-E patterns: block-sparse training attention (forward and backward,
-``attention.py``) and KV-cache decode attention (``decode.py``).
+"""Triton kernels: block-sparse training attention for the DALL-E patterns (forward and backward,
+``attention.py``), KV-cache decode attention (``decode.py``) and the weight-only int8 linear layer of sampling
+(``linear.py``).
 
 Importing this package never imports Triton: each kernel module loads on its first call, so ``import kernels``
 works on machines without Triton. Set ``TRITON_INTERPRET=1`` before that first call to run
@@ -12,7 +13,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["available", "decode_attention", "sparse_attention"]
+__all__ = ["available", "decode_attention", "sparse_attention", "weight_only_linear"]
 
 
 # Checked once without importing Triton: a constant is also what torch.compile can trace through.
@@ -72,3 +73,13 @@ def decode_attention(
 
     return triton_decode_attention(q, k_cache, v_cache, pos, pattern=pattern, text_len=text_len, fmap_size=fmap_size,
                                    kernel_size=kernel_size, dilation=dilation, scale=scale, num_splits=num_splits)
+
+
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight * scale[:, None], bias)`` for int8 ``weight`` (out, in) read as stored, float32 ``scale``
+    (out,), x (rows, in) fp16 or bf16 on a CUDA device (or CPU under ``TRITON_INTERPRET=1``). Not
+    differentiable."""
+    from .linear import weight_only_linear as triton_weight_only_linear
+
+    return triton_weight_only_linear(x, weight, scale, bias)

@@ -32,7 +32,8 @@ SMEM_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 KERNEL_NAMES = {"_fwd_kernel": "fwd", "_bwd_preprocess_kernel": "bwd_pre", "_bwd_dkdv_kernel": "bwd_dkdv",
-                "_bwd_dq_kernel": "bwd_dq", "_decode_kernel": "decode", "_combine_kernel": "combine"}
+                "_bwd_dq_kernel": "bwd_dq", "_decode_kernel": "decode", "_combine_kernel": "combine",
+                "_w8_linear_kernel": "w8_linear"}
 SIXTEEN_BIT = ("f16", "bf16")
 
 _MMA_LAYOUT = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
