@@ -1,5 +1,6 @@
 """Choosing which build of the C++ row kernels runs (AVX-512, AVX2 or baseline x86-64): ``kernels.cpp.use_cpu_isa``
-and ``DALLE_ENGINE_CPU_ISA``. The kernels' own tests run once per instruction set (the ``cpu_isa`` fixture)."""
+and ``DALLE_ENGINE_CPU_ISA``. The kernels' own tests run once for each of the two best instruction sets (the
+``cpu_isa`` fixture); here every build, the baseline included, is checked against the float64 product."""
 
 from __future__ import annotations
 
