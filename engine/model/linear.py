@@ -56,7 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Inside ``row_invariant()`` the C++ kernel takes every row count.
     """
     # Dispatch costs a few us per call against products of tens of us: attribute checks kept to the cheap ones.
-    if x.is_cuda and weight.dtype == torch.int8 and x.dtype in _TRITON_INT8_ROWS and triton_kernels.available():
+    if x.is_cuda and weight.dtype == torch.int8 and x.dtype in _TRITON_INT8_ROWS and x.dim() >= 2 and \
+            triton_kernels.available():
         return _triton_int8_linear(x, weight, bias, scale)
     if not x.is_cpu or x.dim() < 2:
         return _converted_linear(x, weight, bias, scale)
