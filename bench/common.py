@@ -1,12 +1,14 @@
-"""What the benchmarks share: timing, the environment record written into their JSON, and random-weight checkpoints
-with prompts for the benchmarks that run whole models."""
+"""What the benchmarks share: timing, the environment record written into their JSON, random-weight checkpoints
+with prompts for the benchmarks that run whole models, and DALLE-pytorch, the peer they compare with."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
 import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,3 +98,23 @@ def random_checkpoint(name: str, folder: Path) -> Path:
 
 def prompts(count: int) -> list[str]:
     return [f"{WORDS[i % 13]} {WORDS[(i * 7) % 13]} {WORDS[3 + i % 3]} {WORDS[6 + i % 3]}" for i in range(count)]
+
+
+def import_dalle_pytorch():
+    """DALLE-pytorch with its unused heavy imports (pretrained VAEs, torchvision, transformers) stubbed out."""
+    def stub(name: str, **attrs) -> None:
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules.setdefault(name, module)
+
+    stub("pkg_resources", get_distribution=lambda _: types.SimpleNamespace(version="1.6.6"))
+    for name in ("torchvision", "torchvision.transforms", "transformers", "taming", "taming.models",
+                 "taming.models.vqgan", "dall_e", "omegaconf", "requests", "yaml"):
+        try:
+            __import__(name)
+        except ImportError:
+            stub(name, BertTokenizer=object, VQModel=object, GumbelVQ=object, OmegaConf=object, load_model=None,
+                 map_pixels=None, unmap_pixels=None)
+    import dalle_pytorch
+
+    return dalle_pytorch

@@ -19,7 +19,11 @@ under ``--max_run_s`` (column "measured"), otherwise estimated as batch / (prefi
 the larger of its bytes (every weight the step uses, as stored, plus the keys and values its layers' patterns read)
 over the memory bandwidth and its FLOPs over the matrix-multiply rate. On a GPU the bandwidth is the device's (by
 name); on a CPU both rates are measured in the same run (a sum over 1 GiB, and a 2048^3 float32 product), and the
-floor is a lower bound: a small model's weights may stay in cache. Prints a table last and writes JSON (``--json``).
+floor is a lower bound: a small model's weights may stay in cache. With DALLE-pytorch 1.6.6 installed (``pip install
+--no-deps dalle-pytorch==1.6.6 rotary-embedding-torch axial_positional_embedding``), each case also samples whole
+images with its ``generate_images`` at the same configuration (its defaults: no cache; VAE decoding excluded on both
+sides) where ours' naive estimate says that takes under ``--max_peer_s``, and gives each row's speed-up over it.
+Prints a table last and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Timer, environment, synchronize  # noqa: E402
+from bench.common import Timer, environment, import_dalle_pytorch, synchronize  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
 from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights  # noqa: E402
@@ -75,6 +79,7 @@ class Row:
     max_rel_diff: float | None = None  # cached step logits vs the full forward pass
     floor_ms: float | None = None
     floor_fraction: float | None = None
+    speedup_vs_dalle_pytorch: float | None = None
 
 
 def build(name: str, patterns: str, device: torch.device, dtype: torch.dtype) -> DALLE:
@@ -205,8 +210,27 @@ def machine_rates(device: torch.device, override_gbs: float | None, timer: Timer
     return Rates(buffer.numel() * 4 / read_s, 2 * 2048**3 / mm_s, True)
 
 
+@torch.no_grad()
+def peer_images_per_s(model: DALLE, text: torch.Tensor, dalle_pytorch) -> float:
+    """DALLE-pytorch 1.6.6 sampling whole images at ``model``'s configuration (random weights, its defaults), its VAE
+    decoding left out as ours is."""
+    c = model.config
+    torch.manual_seed(0)
+    vae = dalle_pytorch.DiscreteVAE(image_size=8 * c.image_fmap_size, num_layers=3, num_tokens=c.num_image_tokens)
+    peer = dalle_pytorch.DALLE(dim=c.dim, vae=vae, num_text_tokens=c.num_text_tokens, text_seq_len=c.text_seq_len,
+                               depth=c.depth, heads=c.heads, dim_head=c.dim_head, attn_types=c.attn_types,
+                               rotary_emb=c.rotary_emb, shift_tokens=c.shift_tokens
+                               ).to(text.device, next(model.parameters()).dtype)
+    vae.decode = lambda codes: codes
+    synchronize(text.device)
+    start = time.perf_counter()
+    peer.generate_images(text, filter_thres=0.9)
+    synchronize(text.device)
+    return text.shape[0] / (time.perf_counter() - start)
+
+
 def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtype: torch.dtype, timer: Timer,
-          rates: Rates) -> list[Row]:
+          rates: Rates, dalle_pytorch=None) -> list[Row]:
     model = build(name, patterns, device, dtype)
     c = model.config
     text = prompt(model, batch, device)
@@ -235,17 +259,24 @@ def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtyp
         for row in rows:
             row.speedup_vs_naive = row.images_per_s / naive_est
     rows.append(Row(name, patterns, batch, "naive", "fp32", naive_step, 0.0, naive_est, naive_kind))
+    if dalle_pytorch is not None and c.image_seq_len * naive_step / 1e3 <= args.max_peer_s:
+        peer_rate = peer_images_per_s(model, text, dalle_pytorch)
+        for row in rows:
+            row.speedup_vs_dalle_pytorch = row.images_per_s / peer_rate
+        rows.append(Row(name, patterns, batch, "DALLE-pytorch", "fp32", 1e3 * batch / peer_rate / c.image_seq_len,
+                        0.0, peer_rate, "measured"))
     return rows
 
 
 def table(rows: list[Row]) -> str:
     head = ("config", "patterns", "batch", "method", "weights", "ms/step", "prefill ms", "images/s", "", "x naive",
-            "floor ms/step", "of floor")
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
+            "x DALLE-pytorch", "floor ms/step", "of floor")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r.config, r.patterns, str(r.batch), r.method, r.weights, f"{r.ms_per_step:.2f}", f"{r.prefill_ms:.1f}",
                  f"{r.images_per_s:.3g}", r.images_per_s_kind,
                  "-" if r.speedup_vs_naive is None else f"{r.speedup_vs_naive:.1f}x",
+                 "-" if r.speedup_vs_dalle_pytorch is None else f"{r.speedup_vs_dalle_pytorch:.1f}x",
                  "n/a" if r.floor_ms is None else f"{r.floor_ms:.3f}",
                  "n/a" if r.floor_fraction is None else f"{100 * r.floor_fraction:.0f} %"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -267,6 +298,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the decode step under torch.compile (with CUDA graphs on a GPU; default: on "
                         "CUDA)")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also sample with DALLE-pytorch where it is installed (default: on)")
+    p.add_argument("--max_peer_s", type=float, default=120.0,
+                   help="run DALLE-pytorch where ours' naive sampling is estimated under this many seconds")
     p.add_argument("--weights", default="fp32", help="comma-separated, how the linear layers store their weights "
                                                       f"for the cached steps: {', '.join(WEIGHTS)}")
     p.add_argument("--bandwidth_gbs", type=float,
@@ -305,11 +340,17 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     timer = Timer(device)
     rates = machine_rates(device, args.bandwidth_gbs, timer)
+    dalle_pytorch = None
+    if args.peer:
+        try:
+            dalle_pytorch = import_dalle_pytorch()
+        except ImportError:
+            print("DALLE-pytorch is not installed: no side-by-side figures (see the docstring to add it)")
     rows: list[Row] = []
     for name in args.configs.split(","):
         for patterns in args.patterns.split(","):
             for batch in batches_for(name, args):
-                case = bench(name, patterns, batch, args, device, dtype, timer, rates)
+                case = bench(name, patterns, batch, args, device, dtype, timer, rates, dalle_pytorch)
                 print("\n".join(table(case).splitlines()[2:]), flush=True)
                 rows += case
     result = {"benchmark": "generate", **environment(device), "dtype": args.dtype,

@@ -138,7 +138,7 @@ def parts_for(mode: str, logs: Path) -> list[Part]:
         Part("attention", budgets["attention"],
              [[PY, "bench/attn.py", *device, *attn, "--json", str(logs / "attn.json")]], summarize_attention),
         Part("sampling", budgets["sampling"],
-             [[PY, "bench/generate.py", *device, *generate, "--patterns", "sparse",
+             [[PY, "bench/generate.py", *device, *generate, "--patterns", "sparse", "--no-peer",
                "--json", str(logs / "generate.json")]], summarize_sampling, model_env),
         Part("training", budgets["training"],
              [[PY, "bench/train.py", *device, "--bf16", *train, "--json", str(logs / "train.json")]],

@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment, synchronize  # noqa: E402
+from bench.common import environment, import_dalle_pytorch, synchronize  # noqa: E402
 from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
@@ -57,26 +56,6 @@ CASES = (
 )
 TINY = Case("text 8 + 4x4, axial/conv, batch 2", 8, 2, CASES[0].attn_types, 2, dim=32, depth=2, heads=2,
             dim_head=16, image_size=16, num_text_tokens=100)
-
-
-def import_dalle_pytorch():
-    """DALLE-pytorch with its unused heavy imports (pretrained VAEs, torchvision, transformers) stubbed out."""
-    def stub(name: str, **attrs) -> None:
-        module = types.ModuleType(name)
-        module.__dict__.update(attrs)
-        sys.modules.setdefault(name, module)
-
-    stub("pkg_resources", get_distribution=lambda _: types.SimpleNamespace(version="1.6.6"))
-    for name in ("torchvision", "torchvision.transforms", "transformers", "taming", "taming.models",
-                 "taming.models.vqgan", "dall_e", "omegaconf", "requests", "yaml"):
-        try:
-            __import__(name)
-        except ImportError:
-            stub(name, BertTokenizer=object, VQModel=object, GumbelVQ=object, OmegaConf=object, load_model=None,
-                 map_pixels=None, unmap_pixels=None)
-    import dalle_pytorch
-
-    return dalle_pytorch
 
 
 def build_ours(case: Case):

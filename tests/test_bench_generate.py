@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +18,7 @@ def test_bench_generate_cpu(tmp_path: Path) -> None:
     out = tmp_path / "generate.json"
     cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--configs", "small", "--patterns", "full,sparse",
            "--batches", "1", "--positions", "2", "--iters", "1", "--max_run_s", "0", "--weights", "fp32,int8",
-           "--json", str(out)]
+           "--no-peer", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,3 +42,18 @@ def test_bench_generate_cpu(tmp_path: Path) -> None:
     fp32, int8 = rows[0], rows[1]
     assert int8["floor_ms"] < fp32["floor_ms"] / 2
     assert "| small | sparse | 1 | cached | int8 |" in proc.stdout[proc.stdout.index("| config |"):]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dalle_pytorch") is None, reason="DALLE-pytorch is not installed")
+def test_bench_generate_beside_dalle_pytorch(tmp_path: Path) -> None:
+    out = tmp_path / "generate.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--configs", "tiny", "--patterns", "sparse",
+           "--batches", "2", "--positions", "2", "--iters", "1", "--max_run_s", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["cached", "naive", "DALLE-pytorch"]
+    peer = rows[-1]
+    assert peer["images_per_s"] > 0 and peer["images_per_s_kind"] == "measured"
+    for row in rows[:-1]:
+        assert row["speedup_vs_dalle_pytorch"] == row["images_per_s"] / peer["images_per_s"]
