@@ -179,8 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head_dims", default="16,32,64,80,96,128")
     p.add_argument("--patterns", default=",".join(PATTERNS))
     p.add_argument("--subset", action="store_true",
-                   help="make test's representative subset: head dims 64 and 128, every pattern, kernel and dtype, "
-                        "the autotuner's alternatives for conv_like in bf16 and fp32 only")
+                   help="make test's representative subset: head dims 64 and 128, bf16 and fp32 (fp16 compiles as "
+                        "bf16 does), every pattern and kernel, the autotuner's alternatives for conv_like only")
     p.add_argument("--gate", action="store_true", help="exit 1 if any variant has a problem")
     p.add_argument("--override", default="",
                    help="force launch settings, e.g. block_m=128,block_n=128 (to check that the gate can fail)")
@@ -190,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="write the folded table (bench/RESULTS.md's) here")
     args = p.parse_args(argv)
     if args.subset:
-        args.head_dims = "64,128"
+        args.head_dims, args.dtypes = "64,128", "bf16,fp32"
     return args
 
 
@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [int(t) for t in args.targets.split(",")]
     dtypes, patterns = args.dtypes.split(","), args.patterns.split(",")
     tuned = [(d, p) for d in dtypes for p in patterns]
-    if args.subset:  # conv_like has the most mask code; fp16 compiles as bf16 does
-        tuned = [(d, p) for d, p in tuned if p == "conv_like" and d != "fp16"]
+    if args.subset:  # conv_like has the most mask code
+        tuned = [(d, p) for d, p in tuned if p == "conv_like"]
     work = (dtypes, [int(h) for h in args.head_dims.split(",")], patterns, overrides, tuned)
     started = time.perf_counter()
     if args.search:

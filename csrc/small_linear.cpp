@@ -238,10 +238,9 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "small_linear: x must be float32, float64, bfloat16 or float16, got ", dtype);
   const bool int8 = w_dtype == at::kChar;
-  const bool narrower = (w_dtype == at::kBFloat16 || w_dtype == at::kHalf) && dtype != at::kDouble;
+  const bool narrower = (w_dtype == at::kBFloat16 || w_dtype == at::kHalf) && dtype == at::kFloat;
   TORCH_CHECK(w_dtype == dtype || int8 || narrower, "small_linear: weight must have x's dtype ", dtype,
-              ", or be int8 (with a scale), or bfloat16 / float16 beside float32, bfloat16 or float16 x; got ",
-              w_dtype);
+              ", or be int8 (with a scale), or bfloat16 / float16 beside float32 x; got ", w_dtype);
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear needs CPU tensors, got ", x.device(),
               " and ", weight.device());
   // Reading the weight in place is the point of the kernel: a copy would cost as much as the product.
@@ -278,7 +277,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
       run<scalar_t, int8_t>(xc, weight, b_data, sc_data, y);
     } else if (w_dtype == dtype) {
       run<scalar_t, scalar_t>(xc, weight, b_data, nullptr, y);
-    } else if constexpr (!std::is_same_v<scalar_t, double>) {
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
       if (w_dtype == at::kBFloat16) {
         run<scalar_t, at::BFloat16>(xc, weight, b_data, nullptr, y);
       } else {

@@ -11,7 +11,7 @@ namespace dalle_engine {
 // x: (rows, in), any strides; weight: (out, in) with unit stride along in (any row stride, so a row slice of a bigger
 // matrix works); bias: (out,) or none. CPU tensors of one dtype: float32, float64, bfloat16 or float16, except that
 // the weight may be stored in fewer bits (weight-only quantisation): int8 with scale, a float32 (out,) tensor, giving
-// y = (x @ weight^T) * scale + bias, or bfloat16 / float16 beside float32 (or 16-bit) x. Computes in float32 (float64
+// y = (x @ weight^T) * scale + bias, or bfloat16 / float16 beside float32 x. Computes in float32 (float64
 // for float64 x) and returns (rows, out), contiguous, in x's dtype. Reads the weight once whatever the number of
 // rows; meant for up to ~16 rows but correct for any.
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -32,13 +32,12 @@ def test_every_variant_of_the_subset_passes_the_gate(tmp_path):
     covered = {(v["kernel"], v["arch"], v["dtype"], v["head_dim"]) for v in variants}
     for kernel in ("fwd", "bwd_dkdv", "bwd_dq", "decode"):
         for arch in (80, 90):
-            for dtype in ("fp16", "bf16", "fp32"):
+            for dtype in ("bf16", "fp32"):  # the subset's: fp16 compiles as bf16 does
                 for head_dim in (64, 128):
                     assert (kernel, arch, dtype, head_dim) in covered
     assert {"bwd_pre", "combine"} <= {v["kernel"] for v in variants}
     w8 = {(v["arch"], v["dtype"], v["label"]) for v in variants if v["kernel"] == "w8_linear"}
-    assert w8 == {(arch, dtype, f"rows={rows}") for arch in (80, 90) for dtype in ("fp16", "bf16")
-                  for rows in (1, 32, 128)}
+    assert w8 == {(arch, "bf16", f"rows={rows}") for arch in (80, 90) for rows in (1, 32, 128)}
     assert {v["label"].split()[0] for v in variants} >= {"full", "axial_row", "conv_like", "conv_like_centered"}
     sixteen_bit = [d for v in variants for d in v["dots"] if d["operand"] in ("f16", "bf16")]
     assert sixteen_bit and all(d["lowering"] in ("wgmma", "mma.sync") for d in sixteen_bit)

@@ -281,6 +281,8 @@ def stored(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | Non
 def test_weight_only_matches_float64(kind: str, x_dtype: torch.dtype, rows: int) -> None:
     """The product with the stored weight is the float64 product with the weight it stands for (int8: q * scale),
     within the float32 budget: the conversion of each weight element is exact, the scale one more rounding."""
+    if x_dtype == torch.bfloat16 and kind == "float16":
+        pytest.skip("16-bit weights go with float32 rows (or their own dtype)")
     values = pool(torch.float32)
     for in_features in IN_FEATURES:
         for out_features in OUT_FEATURES:
@@ -316,6 +318,7 @@ def test_weight_only_argument_errors() -> None:
         "scale must be a float32 CPU tensor of shape (5,), got Float [4]": lambda: cpp.small_linear(x, q, None,
                                                                                                  scale[:4]),
         "weight must have x's dtype Double": lambda: cpp.small_linear(x.double(), w.bfloat16()),
+        "weight must have x's dtype BFloat16": lambda: cpp.small_linear(x.bfloat16(), w.half()),
         "weight must have x's dtype Float": lambda: cpp.small_linear(x, w.double()),
     }
     for message, call in bad.items():

@@ -18,7 +18,7 @@ SMALL_LINEAR_MAX_ROWS = 16
 # Rows up to which ``weight @ x^T`` beats ``F.linear``.
 ADDMM_MAX_ROWS = 128
 _SMALL_LINEAR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_NARROW_WEIGHTS = (torch.bfloat16, torch.float16)  # stored beside wider x (weight-only)
+_NARROW_WEIGHTS = (torch.bfloat16, torch.float16)  # stored beside float32 x (weight-only)
 _TRITON_INT8_ROWS = (torch.float16, torch.bfloat16)  # what the Triton int8 kernel takes (tensor cores)
 _row_invariant = False
 
@@ -101,7 +101,7 @@ def _converted_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _small_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           scale: torch.Tensor | None) -> bool:
     """Whether the C++ kernel can compute this product: built, no gradient wanted, and arguments it takes."""
-    stored = weight.dtype == torch.int8 or (weight.dtype in _NARROW_WEIGHTS and x.dtype != torch.float64)
+    stored = weight.dtype == torch.int8 or (weight.dtype in _NARROW_WEIGHTS and x.dtype == torch.float32)
     if not cpp.available() or x.dtype not in _SMALL_LINEAR_DTYPES or not weight.is_cpu:
         return False
     if weight.dtype != x.dtype and not stored:
