@@ -4,6 +4,7 @@ with prompts for the benchmarks that run whole models, and DALLE-pytorch, the pe
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -71,6 +72,13 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
+
+
+def write_report(result: dict, path: str | Path, table: str) -> None:
+    """A benchmark's end: its JSON written to ``path``, its table printed last (what a cut-off log still shows)."""
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + table)
+    print(f"\nJSON: {path}")
 
 WORDS = ["a", "small", "large", "red", "green", "blue", "circle", "square", "triangle", "at", "the", "top", "left"]
 CONFIGS = {

@@ -14,7 +14,6 @@ guidance). Prints a table last and writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
-from bench.common import CONFIGS, environment, prompts, random_checkpoint, synchronize  # noqa: E402
+from bench.common import CONFIGS, environment, prompts, random_checkpoint, synchronize, write_report  # noqa: E402
 from engine.model.precision import DTYPES  # noqa: E402
 from engine.sampling import Settings, image_codes, resolve, row_keys  # noqa: E402
 
@@ -95,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             print(table(rows[-1:]), flush=True)
     result = {"benchmark": "invariance", "environment": environment(torch.device(args.device)),
               "config": args.config, "dalle_path": args.dalle_path, "seed": args.seed, "rows": rows}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n" + table(rows))
-    print(f"\nJSON: {args.json}")
+    write_report(result, args.json, table(rows))
 
 
 if __name__ == "__main__":

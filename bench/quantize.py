@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
-from bench.common import CONFIGS, environment, prompts, random_checkpoint  # noqa: E402
+from bench.common import CONFIGS, environment, prompts, random_checkpoint, write_report  # noqa: E402
 from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights  # noqa: E402
 from engine.sampling import Settings, image_codes, resolve, row_keys  # noqa: E402
 from engine.sampling.decode import decoding  # noqa: E402
@@ -116,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(rows[-1:]), flush=True)
     result = {"benchmark": "quantize", "environment": environment(torch.device("cpu")), "config": args.config,
               "dalle_path": args.dalle_path, "prompts": args.prompts, "seed": args.seed, "rows": rows}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n" + table(rows))
-    print(f"\nJSON: {args.json}")
+    write_report(result, args.json, table(rows))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
-from bench.common import CONFIGS, environment, prompts, random_checkpoint  # noqa: E402
+from bench.common import CONFIGS, environment, prompts, random_checkpoint, write_report  # noqa: E402
 
 def offline(ckpt: Path, texts: list[str], num_images: int, batch_size: int) -> tuple[float, float]:
     """(images/s, seconds) of generate.py's batched sampler on ``texts``, model load excluded."""
@@ -132,9 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"benchmark": "serve", "environment": environment(torch.device("cpu")), "config": args.config,
               "dalle_path": args.dalle_path, "requests_per_client": args.requests, "num_images": args.num_images,
               "batch_size": args.batch_size, "repeats": args.repeats, "rows": rows}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n" + table(rows))
-    print(f"\nJSON: {args.json}")
+    write_report(result, args.json, table(rows))
 
 
 def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
