@@ -14,23 +14,20 @@
 
 namespace {
 
-constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+std::string cpu_isa() { return dalle_engine::isa_name(dalle_engine::cpu_isa()); }
 
-std::string cpu_isa() { return kIsaNames[static_cast<int>(dalle_engine::cpu_isa())]; }
-
-std::string best_cpu_isa() { return kIsaNames[static_cast<int>(dalle_engine::best_cpu_isa())]; }
+std::string best_cpu_isa() { return dalle_engine::isa_name(dalle_engine::best_cpu_isa()); }
 
 // Returns the instruction set it replaces.
 std::string set_cpu_isa(const std::string& name) {
-  for (int i = 0; i < 3; ++i) {
-    if (name != kIsaNames[i]) continue;
-    TORCH_CHECK(i <= static_cast<int>(dalle_engine::best_cpu_isa()), "set_cpu_isa: this CPU (or build) has no ",
-                name, "; the best it has is ", best_cpu_isa());
-    const std::string before = cpu_isa();
-    dalle_engine::set_cpu_isa(static_cast<dalle_engine::Isa>(i));
-    return before;
-  }
-  TORCH_CHECK(false, "set_cpu_isa: the instruction set must be avx512, avx2 or baseline, got '", name, "'");
+  dalle_engine::Isa isa;
+  TORCH_CHECK(dalle_engine::isa_from_name(name, isa),
+              "set_cpu_isa: the instruction set must be avx512, avx2 or baseline, got '", name, "'");
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(dalle_engine::best_cpu_isa()),
+              "set_cpu_isa: this CPU (or build) has no ", name, "; the best it has is ", best_cpu_isa());
+  const std::string before = cpu_isa();
+  dalle_engine::set_cpu_isa(isa);
+  return before;
 }
 
 }  // namespace

@@ -7,7 +7,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <string>
 
 namespace dalle_engine {
 namespace {
@@ -28,11 +27,10 @@ Isa initial() {
   const Isa best = best_cpu_isa();
   const char* requested = std::getenv("DALLE_ENGINE_CPU_ISA");
   if (requested == nullptr || *requested == '\0') return best;
-  const std::string name(requested);
-  const Isa isa = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kBaseline;
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
-              "DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
-  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "DALLE_ENGINE_CPU_ISA=", name,
+  Isa isa;
+  TORCH_CHECK(isa_from_name(requested, isa), "DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got '",
+              requested, "'");
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "DALLE_ENGINE_CPU_ISA=", requested,
               " is more than this CPU (or build) has");
   return isa;
 }
@@ -43,6 +41,28 @@ std::atomic<int>& current() {
 }
 
 }  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kBaseline:
+      break;
+  }
+  return "baseline";
+}
+
+bool isa_from_name(std::string_view name, Isa& isa) {
+  for (const Isa candidate : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+    if (name == isa_name(candidate)) {
+      isa = candidate;
+      return true;
+    }
+  }
+  return false;
+}
 
 Isa best_cpu_isa() {
   static const Isa best = detect();

@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 
 // Row helpers are inlined into each build of the kernels that use them (see with_cpu_isa below).
 #if defined(__GNUC__)
@@ -63,6 +64,8 @@ enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa cpu_isa();          // what the kernels run now
 Isa best_cpu_isa();     // the best this CPU (and this build) has
 void set_cpu_isa(Isa);  // at most best_cpu_isa() (checked by the caller)
+const char* isa_name(Isa);  // "avx512", "avx2" or "baseline"
+bool isa_from_name(std::string_view name, Isa& isa);  // false for any other name
 
 #if DALLE_ENGINE_ISA_BUILDS
 template <typename F>
