@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import Timer, environment, import_dalle_pytorch, synchronize  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
-from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights  # noqa: E402
+from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights, stored_bytes  # noqa: E402
 from engine.sampling.decode import decoding  # noqa: E402
 from kernels import masks  # noqa: E402
 
@@ -164,17 +164,11 @@ def step_cost(model: DALLE, batch: int, dtype: torch.dtype) -> tuple[float, floa
     c = model.config
     size = torch.tensor([], dtype=dtype).element_size()
 
-    def nbytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    weight_bytes = nbytes(model.transformer.parameters())
-    weight_bytes += sum(nbytes([m.weight, m.scale, m.bias]) for m in model.transformer.modules()
-                        if isinstance(m, StoredLinear))
-    logits = model.to_logits[1]
-    V = c.num_text_tokens_internal
-    weight_bytes += nbytes([logits.weight[V:], logits.bias[V:], getattr(logits, "scale", None)])
-    product_flops = 2 * batch * (sum(m.weight.numel() for m in model.transformer.modules()
-                                     if isinstance(m, nn.Linear | StoredLinear)) + c.dim * c.num_image_tokens)
+    linears = [m for m in model.transformer.modules() if isinstance(m, nn.Linear | StoredLinear)]
+    others = [p for m in model.transformer.modules() if m not in linears for p in m.parameters(recurse=False)]
+    weight_bytes = sum(stored_bytes(m) for m in linears) + sum(p.numel() * p.element_size() for p in others)
+    weight_bytes += stored_bytes(model.to_logits[1], slice(c.num_text_tokens_internal, None))
+    product_flops = 2 * batch * (sum(m.weight.numel() for m in linears) + c.dim * c.num_image_tokens)
     geometry = dict(fmap_size=c.image_fmap_size, kernel_size=c.conv_kernel_size, dilation=c.conv_dilation)
     keys = 0
     for attn_type in c.layer_attn_types:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
 from bench.common import CONFIGS, environment, prompts, random_checkpoint, write_report  # noqa: E402
-from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights  # noqa: E402
+from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights, stored_bytes  # noqa: E402
 from engine.sampling import Settings, image_codes, resolve, row_keys  # noqa: E402
 from engine.sampling.decode import decoding  # noqa: E402
 
@@ -84,9 +84,7 @@ def table(rows: list[dict]) -> str:
 
 def linear_bytes(model) -> int:
     """Bytes of the linear layers' weights, scales and biases, as stored."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear | StoredLinear)]
-    return sum(t.numel() * t.element_size() for m in layers for t in (m.weight, m.bias, getattr(m, "scale", None))
-               if t is not None)
+    return sum(stored_bytes(m) for m in model.modules() if isinstance(m, nn.Linear | StoredLinear))
 
 
 def main(argv: list[str] | None = None) -> None:

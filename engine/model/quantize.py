@@ -57,6 +57,12 @@ class StoredLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weights}"
 
 
+def stored_bytes(layer: nn.Linear | StoredLinear, features: slice = slice(None)) -> int:
+    """Bytes a product with ``layer``'s output features ``features`` reads: weight, bias and scale, as stored."""
+    tensors = (layer.weight, layer.bias, getattr(layer, "scale", None))
+    return sum(t[features].numel() * t.element_size() for t in tensors if t is not None)
+
+
 def quantize_weights(model, weights: str):
     """Store the weights of ``model``'s (a DALLE's) transformer and logits projection as ``weights`` ("int8",
     "bf16"; "fp32" leaves the model as it is), in place; returns the model. The logits projection keeps its weight
