@@ -27,11 +27,17 @@ Isa initial() {
   const Isa best = best_cpu_isa();
   const char* requested = std::getenv("DALLE_ENGINE_CPU_ISA");
   if (requested == nullptr || *requested == '\0') return best;
+  // A tuning knob read in the middle of a run: a bad value warns and runs the best build rather than failing.
   Isa isa;
-  TORCH_CHECK(isa_from_name(requested, isa), "DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got '",
-              requested, "'");
-  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "DALLE_ENGINE_CPU_ISA=", requested,
-              " is more than this CPU (or build) has");
+  if (!isa_from_name(requested, isa)) {
+    TORCH_WARN("DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got '", requested, "': running ",
+               isa_name(best));
+    return best;
+  }
+  if (static_cast<int>(isa) > static_cast<int>(best)) {
+    TORCH_WARN("DALLE_ENGINE_CPU_ISA=", requested, " is more than this CPU (or build) has: running ", isa_name(best));
+    return best;
+  }
   return isa;
 }
 

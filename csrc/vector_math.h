@@ -42,10 +42,11 @@ DALLE_ENGINE_INLINE double exp_fast(double x) { return std::exp(x); }
 
 // Row kernels are built three times, for AVX-512, for AVX2 and for the baseline x86-64 (SSE2), and each call runs the
 // build for the instruction set cpu_isa() names: the best this CPU has, unless DALLE_ENGINE_CPU_ISA (avx512, avx2 or
-// baseline) or set_cpu_isa() asks for a lower one, e.g. to measure or test an AVX2-only machine on an AVX-512 one. The
-// row arithmetic, exp above all, is a large part of their time, and the baseline build only uses SSE2. A build
-// differs from another in vector width, so in the order of its sums: results agree to rounding, not bit for bit,
-// across instruction sets (within one they never depend on the batch). GCC on x86-64 Linux only; elsewhere one build.
+// baseline; another value warns) or set_cpu_isa() asks for a lower one, e.g. to measure or test an AVX2-only machine
+// on an AVX-512 one. The row arithmetic, exp above all, is a large part of their time, and the baseline build only
+// uses SSE2. A build differs from another in vector width, so in the order of its sums: results agree to rounding,
+// not bit for bit, across instruction sets (within one they never depend on the batch). GCC on x86-64 Linux only;
+// elsewhere one build.
 //
 // with_cpu_isa(f) runs f, a lambda marked DALLE_ENGINE_INLINE_LAMBDA whose kernels are all DALLE_ENGINE_INLINE, inlined
 // into a function compiled for the chosen instruction set.

@@ -46,5 +46,6 @@ def test_the_instruction_set_is_read_from_the_environment() -> None:
     for isa in cpp.cpu_isas():
         out = run(isa)
         assert out.returncode == 0 and out.stdout.strip() == isa, out.stderr[-2000:]
-    bad = run("avx9")
-    assert bad.returncode != 0 and "DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got 'avx9'" in bad.stderr
+    bad = run("avx9")  # a warning, and the best build: never a failure in the middle of a run
+    assert bad.returncode == 0 and bad.stdout.strip() == cpp.cpu_isas()[0], bad.stderr[-2000:]
+    assert "DALLE_ENGINE_CPU_ISA must be avx512, avx2 or baseline, got 'avx9': running" in bad.stderr
