@@ -43,9 +43,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     The weight may be stored in fewer bits than x (``engine.model.quantize``): int8 with ``scale``, one float32 per
     output feature (``F.linear(x, weight * scale[:, None], bias)``), or bfloat16 beside float32 x. On a CPU the C++
-    kernel reads it as stored whenever it takes the product, and on a GPU the Triton kernel reads int8 weights
-    beside fp16 / bf16 rows;
-    elsewhere the weight is converted to x's dtype for the product and the scale applied to its result.
+    kernel reads it as stored whenever it takes the product, and on a GPU the Triton kernel reads int8 weights beside
+    fp16 / bf16 rows; elsewhere the weight is converted to x's dtype for the product and the scale applied to its
+    result.
 
     Up to ``SMALL_LINEAR_MAX_ROWS`` rows (all leading dims together) it runs the C++ kernel, which reads the weight
     once for all rows; it has no autograd, so only where no gradient is needed (under ``no_grad`` or
@@ -56,16 +56,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Inside ``row_invariant()`` the C++ kernel takes every row count.
     """
     # Dispatch costs a few us per call against products of tens of us: attribute checks kept to the cheap ones.
-    if x.is_cuda and weight.dtype == torch.int8 and x.dtype in _TRITON_INT8_ROWS and x.dim() >= 2 and \
-            triton_kernels.available():
-        return _triton_int8_linear(x, weight, bias, scale)
-    if not x.is_cpu or x.dim() < 2:
+    if x.dim() < 2:
         return _converted_linear(x, weight, bias, scale)
     flat = x if x.dim() == 2 else x.flatten(0, -2)
     rows = flat.shape[0]
-    if rows == 0 or flat.shape[1] == 0 or (rows > ADDMM_MAX_ROWS and not _row_invariant):
+    if rows == 0 or flat.shape[1] == 0:
         return _converted_linear(x, weight, bias, scale)
-    if (rows <= SMALL_LINEAR_MAX_ROWS or _row_invariant) and _small_linear_applies(x, weight, bias, scale):
+    if x.is_cuda and weight.dtype == torch.int8 and x.dtype in _TRITON_INT8_ROWS and triton_kernels.available():
+        # reads the int8 weight as stored: converting it first would write and re-read it at twice its size
+        out = triton_kernels.weight_only_linear(flat, weight, scale, bias)
+    elif not x.is_cpu or (rows > ADDMM_MAX_ROWS and not _row_invariant):
+        return _converted_linear(x, weight, bias, scale)
+    elif (rows <= SMALL_LINEAR_MAX_ROWS or _row_invariant) and _small_linear_applies(x, weight, bias, scale):
         out = cpp.small_linear(flat, weight, bias, scale)
     elif weight.dtype != x.dtype:
         return _converted_linear(x, weight, bias, scale)
@@ -74,15 +76,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = out.t()
     else:
         return F.linear(x, weight, bias)
-    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
-
-
-def _triton_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        scale: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel, which reads the int8 weight as stored (converting it first would write and re-read it at
-    twice its size); no autograd, like the C++ kernel (stored weights are for sampling)."""
-    flat = x if x.dim() == 2 else x.flatten(0, -2)
-    out = triton_kernels.weight_only_linear(flat, weight, scale, bias)
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 
