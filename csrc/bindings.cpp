@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "decode_attention.h"
+#include "decode_layer.h"
 #include "small_linear.h"
 #include "sparse_attention.h"
 #include "vector_math.h"
@@ -43,6 +44,10 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, str pattern, int text_len, int fmap_size, "
       "int kernel_size, int dilation, float scale) -> Tensor");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale=None) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor?[] attn, Tensor?[] ff, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, "
+      "Tensor? rotary_cos, Tensor? rotary_sin, Tensor(c!)? ring_attn, Tensor(d!)? ring_ff, Tensor? shift_weights, "
+      "str pattern, int text_len, int fmap_size, int kernel_size, int dilation, float eps, bool reversible) -> Tensor");
   // The instruction set the row kernels run (see vector_math.h).
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("best_cpu_isa() -> str", &best_cpu_isa);
@@ -54,4 +59,5 @@ TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {
   m.impl("sparse_attention_bwd", &dalle_engine::sparse_attention_bwd);
   m.impl("decode_attention", &dalle_engine::decode_attention);
   m.impl("small_linear", &dalle_engine::small_linear);
+  m.impl("decode_layer", &dalle_engine::decode_layer);
 }

@@ -2,8 +2,8 @@
 
 The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse),
 ``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv), ``decode_attention`` (q, k_cache, v_cache, pos
--> out, one query per sequence against a KV cache) and ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
-handful of rows, bound by streaming the weight), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
+-> out, one query per sequence against a KV cache), ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
+handful of rows, bound by streaming the weight) and ``decode_layer`` (one transformer layer of a decode step), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
 for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta) implementations so
 ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
 import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
@@ -19,8 +19,8 @@ import torch
 
 from . import masks
 
-__all__ = ["available", "cpu_isa", "cpu_isas", "decode_attention", "load_error", "small_linear", "sparse_attention",
-           "use_cpu_isa"]
+__all__ = ["BRANCH_TENSORS", "available", "cpu_isa", "cpu_isas", "decode_attention", "decode_layer", "load_error",
+           "small_linear", "sparse_attention", "use_cpu_isa"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -53,6 +53,11 @@ def _load() -> str | None:
     @torch.library.register_fake(f"{_NAMESPACE}::small_linear")
     def _small_linear_fake(x, weight, bias, scale=None):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake(f"{_NAMESPACE}::decode_layer")
+    def _decode_layer_fake(x, attn, ff, k_cache, v_cache, pos, rotary_cos, rotary_sin, ring_attn, ring_ff,
+                           shift_weights, pattern, text_len, fmap_size, kernel_size, dilation, eps, reversible):
+        return x.new_empty(x.shape)
 
     return None
 
@@ -194,3 +199,34 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
     return getattr(torch.ops, _NAMESPACE).small_linear(x, weight, bias, scale)
+
+
+# What ``decode_layer`` takes for each branch, in order (None where the branch has none).
+BRANCH_TENSORS = ("norm_weight", "norm_bias", "in_weight", "in_bias", "in_scale", "out_weight", "out_bias", "out_scale",
+                  "norm_out_weight", "norm_out_bias", "layer_scale")
+
+
+def decode_layer(x: torch.Tensor, attn: list[torch.Tensor | None], ff: list[torch.Tensor | None],
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
+                 rotary: tuple[torch.Tensor, torch.Tensor] | None, rings: tuple[torch.Tensor, torch.Tensor] | None,
+                 shift_weights: torch.Tensor | None, pattern: str, text_len: int, fmap_size: int, kernel_size: int,
+                 dilation: int, eps: float, reversible: bool) -> torch.Tensor:
+    """One transformer layer of a cached decode step (``engine.model.fused_decode``): both PreNorm branches with
+    their residuals, writing the position's keys and values into the caches and its normed inputs into the
+    token-shift rings.
+
+    x: ``(batch, dim)`` float32 or float64 CPU rows, ``(batch, 2 * dim)`` for a reversible layer's two streams.
+    attn, ff: each branch's tensors in ``BRANCH_TENSORS`` order (the attention's input weight is its QKV projection,
+    the feed-forward's its GEGLU projection; weights as ``small_linear`` takes them). k_cache, v_cache: ``(batch,
+    heads, max_seq, dim_head)`` of x's dtype. pos: one position for every row, or ``(batch,)``. rotary: ``(cos, sin)``
+    of the positions' angles, each ``(1 or batch, rot)``; rings: the branches' ``(batch, fmap_size + 1, dim)`` rings
+    and shift_weights their positions' ``(1 or batch, 3, dim)`` rows of ``shift_weights`` (token shift), or None. All
+    of x's dtype, but for the stored weights. Returns x's shape. Not differentiable; the op checks its arguments (RuntimeError).
+    """
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    cos, sin = rotary if rotary is not None else (None, None)
+    ring_attn, ring_ff = rings if rings is not None else (None, None)
+    return getattr(torch.ops, _NAMESPACE).decode_layer(x, attn, ff, k_cache, v_cache, pos, cos, sin, ring_attn,
+                                                       ring_ff, shift_weights, pattern, text_len, fmap_size,
+                                                       kernel_size, dilation, eps, reversible)

@@ -91,13 +91,18 @@ def _converted_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out if bias is None else out + bias
 
 
+def kernel_takes(weight: torch.dtype, x: torch.dtype) -> bool:
+    """Whether the C++ kernel takes a weight of dtype ``weight`` beside rows of dtype ``x``: x's own, int8 (with a
+    scale), or bfloat16 / float16 beside float32."""
+    return weight == x or weight == torch.int8 or (weight in _NARROW_WEIGHTS and x == torch.float32)
+
+
 def _small_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           scale: torch.Tensor | None) -> bool:
     """Whether the C++ kernel can compute this product: built, no gradient wanted, and arguments it takes."""
-    stored = weight.dtype == torch.int8 or (weight.dtype in _NARROW_WEIGHTS and x.dtype == torch.float32)
     if not cpp.available() or x.dtype not in _SMALL_LINEAR_DTYPES or not weight.is_cpu:
         return False
-    if weight.dtype != x.dtype and not stored:
+    if not kernel_takes(weight.dtype, x.dtype):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import nn
 
 import kernels
+from engine.model import fused_decode
 from engine.model.config import DALLEConfig
 from engine.model.linear import Linear
 from engine.model.rotary import apply_rotary, rotary_table
@@ -226,6 +227,8 @@ class Transformer(nn.Module):
             else:  # (1 or batch, 1, 1, rot): one position for all rows, or one per row
                 angles = self.rotary.index_select(0, pos.view(-1))[:, None, None]
             rotary = (angles.cos(), angles.sin())
+        if pos is not None and fused_decode.applies(self, x, cache.layer(0)[0]):
+            return fused_decode.decode(self, x, cache, pos, rotary)
         calls = list(self._branch_kwargs(rotary, cache, pos))
         if not self.reversible:
             for layer, (attn_kwargs, ff_kwargs) in zip(self.layers, calls):

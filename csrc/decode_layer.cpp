@@ -1,0 +1,263 @@
+// One transformer layer of a KV-cache decode step in one call: PreNorm, token shift, QKV, rotary, cache write, decode
+// attention, output projection, sandwich norm, LayerScale and residual, then the same around the GEGLU feed-forward.
+//
+// An eager decode step is otherwise ~50 PyTorch operations per layer on (batch, dim) rows, each a few microseconds of
+// dispatch against microseconds of work: the step's time was the operations' count, not its arithmetic. Here the
+// products and the attention are the small_linear and decode_attention kernels (each weight read once for all rows),
+// the norms and GELU ATen's CPU kernels (what the unfused layer runs), and the rest (the token shift, rotary, the cache
+// write) plain loops over the rows. Every row is computed alone and in a fixed order, so a row's result never depends
+// on the batch; the arithmetic follows the unfused layer's order, operation for operation.
+
+#include "decode_layer.h"
+#include "decode_attention.h"
+#include "small_linear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <vector>
+
+namespace dalle_engine {
+namespace {
+
+// A branch's tensors, in the order of the op's lists (see decode_layer.h).
+enum Slot { kNormW, kNormB, kInW, kInB, kInScale, kOutW, kOutB, kOutScale, kNormOutW, kNormOutB, kLayerScale, kSlots };
+
+struct Branch {
+  std::optional<at::Tensor> t[kSlots];
+
+  const at::Tensor& operator[](Slot s) const { return *t[s]; }
+  const std::optional<at::Tensor>& opt(Slot s) const { return t[s]; }
+};
+
+Branch unpack(const c10::List<std::optional<at::Tensor>>& list, const char* name, int64_t dim) {
+  TORCH_CHECK(static_cast<int64_t>(list.size()) == kSlots, "decode_layer: ", name, " needs ", int64_t{kSlots},
+              " tensors (norm weight, norm bias, input weight, input bias, input scale, output weight, output bias, "
+              "output scale, sandwich norm weight, sandwich norm bias, LayerScale), got ", list.size());
+  Branch branch;
+  for (int64_t i = 0; i < kSlots; ++i) branch.t[i] = list.get(i);
+  for (Slot s : {kNormW, kNormB, kInW, kOutW, kLayerScale}) {
+    TORCH_CHECK(branch.t[s].has_value(), "decode_layer: ", name, " tensor ", int64_t{s}, " is required");
+  }
+  TORCH_CHECK(branch.t[kNormOutW].has_value() == branch.t[kNormOutB].has_value(), "decode_layer: ", name,
+              "'s sandwich norm needs both its weight and its bias");
+  for (Slot s : {kNormW, kNormB, kLayerScale}) {
+    TORCH_CHECK(branch[s].dim() == 1 && branch[s].size(0) == dim, "decode_layer: ", name, " tensor ", int64_t{s},
+                " must be (", dim, ",), got ", branch[s].sizes());
+  }
+  return branch;
+}
+
+// Each row's position, range-checked.
+std::vector<int64_t> row_positions(const at::Tensor& pos, int64_t batch, int64_t max_seq) {
+  TORCH_CHECK(pos.device().is_cpu() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false),
+              "decode_layer: pos must be a CPU integer tensor, got ", pos.scalar_type(), " on ", pos.device());
+  const bool per_row = pos.numel() != 1;
+  TORCH_CHECK(!per_row || (pos.dim() == 1 && pos.size(0) == batch), "decode_layer: pos must hold one position or one "
+              "per row (shape (", batch, ",)), got shape ", pos.sizes());
+  const at::Tensor p = pos.to(at::kLong).contiguous();
+  std::vector<int64_t> rows(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    rows[b] = p.const_data_ptr<int64_t>()[per_row ? b : 0];
+    TORCH_CHECK(rows[b] >= 0 && rows[b] < max_seq, "decode_layer: pos must lie in [0, ", max_seq, "), got ", rows[b]);
+  }
+  return rows;
+}
+
+// Token shift of normed rows h (batch, dim), in place: each row is written into its ring at slot pos % size, then
+// becomes h * w0 + (previous token) * w1 + (token a grid row above) * w2, read from the ring (see shift_step in
+// engine/model/transformer.py).
+template <typename scalar_t>
+void shift_rows(at::Tensor& h, const at::Tensor& ring, const at::Tensor& weights, const std::vector<int64_t>& pos) {
+  const int64_t batch = h.size(0), dim = h.size(1), size = ring.size(1);
+  scalar_t* rows = h.mutable_data_ptr<scalar_t>();
+  scalar_t* ring_data = ring.mutable_data_ptr<scalar_t>();
+  const scalar_t* w_data = weights.const_data_ptr<scalar_t>();
+  const int64_t w_rows = weights.size(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    scalar_t* row = rows + b * dim;
+    scalar_t* slots = ring_data + b * ring.stride(0);
+    const int64_t p = pos[b];
+    scalar_t* own = slots + (p % size) * ring.stride(1);
+    const scalar_t* prev = slots + ((p + size - 1) % size) * ring.stride(1);
+    const scalar_t* above = slots + ((p + 1) % size) * ring.stride(1);  // p - fmap_size, as size = fmap_size + 1
+    const scalar_t* w = w_data + (w_rows == 1 ? 0 : b) * 3 * dim;
+    for (int64_t j = 0; j < dim; ++j) own[j] = row[j];
+    for (int64_t j = 0; j < dim; ++j) row[j] = row[j] * w[j] + prev[j] * w[dim + j] + above[j] * w[2 * dim + j];
+  }
+}
+
+// Rotary on the first rot features of every head's query, key and value in qkv (batch, 3 * heads * dim_head), in
+// place (pairs (2i, 2i + 1) turned by the row's angles, as apply_rotary), then each row's key and value written into
+// the caches at its position.
+template <typename scalar_t>
+void rotate_and_cache(at::Tensor& qkv, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, const std::vector<int64_t>& pos) {
+  const int64_t batch = qkv.size(0), heads = k_cache.size(1), dim_head = k_cache.size(3);
+  const int64_t inner = heads * dim_head, rot = cos.has_value() ? cos->size(1) : 0;
+  scalar_t* data = qkv.mutable_data_ptr<scalar_t>();
+  const scalar_t* cos_data = rot ? cos->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sin_data = rot ? sin->const_data_ptr<scalar_t>() : nullptr;
+  const int64_t angle_rows = rot ? cos->size(0) : 0;
+  scalar_t* caches[2] = {k_cache.mutable_data_ptr<scalar_t>(), v_cache.mutable_data_ptr<scalar_t>()};
+  const at::IntArrayRef strides[2] = {k_cache.strides(), v_cache.strides()};
+  for (int64_t b = 0; b < batch; ++b) {
+    const scalar_t* c = cos_data + (angle_rows == 1 ? 0 : b) * rot;
+    const scalar_t* s = sin_data + (angle_rows == 1 ? 0 : b) * rot;
+    for (int64_t part = 0; part < 3; ++part) {
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* x = data + b * 3 * inner + part * inner + h * dim_head;
+        for (int64_t i = 0; i < rot; i += 2) {
+          const scalar_t x0 = x[i], x1 = x[i + 1];
+          x[i] = x0 * c[i] + -x1 * s[i];
+          x[i + 1] = x1 * c[i + 1] + x0 * s[i + 1];
+        }
+        if (part == 0) continue;
+        const at::IntArrayRef st = strides[part - 1];
+        scalar_t* slot = caches[part - 1] + b * st[0] + h * st[1] + pos[b] * st[2];
+        for (int64_t j = 0; j < dim_head; ++j) slot[j] = x[j];
+      }
+    }
+  }
+}
+
+at::Tensor project(const at::Tensor& x, const Branch& branch, Slot weight, Slot bias, Slot scale) {
+  return small_linear(x, branch[weight], branch.opt(bias), branch.opt(scale));
+}
+
+// The branch's output before LayerScale: sandwich norm of the projection out.
+at::Tensor sandwich(const at::Tensor& out, const Branch& branch, double eps) {
+  if (!branch.opt(kNormOutW).has_value()) return out;
+  return at::layer_norm(out, {out.size(1)}, branch.opt(kNormOutW), branch.opt(kNormOutB), eps);
+}
+
+struct Geometry {
+  std::string_view pattern;
+  int64_t text_len, fmap_size, kernel_size, dilation;
+};
+
+template <typename scalar_t>
+at::Tensor attention_branch(const at::Tensor& x, const Branch& branch, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& pos_tensor, const std::vector<int64_t>& pos,
+                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                            const std::optional<at::Tensor>& ring, const std::optional<at::Tensor>& shift_weights,
+                            const Geometry& g, double eps) {
+  at::Tensor h = at::layer_norm(x, {x.size(1)}, branch[kNormW], branch[kNormB], eps);
+  if (ring.has_value()) shift_rows<scalar_t>(h, *ring, *shift_weights, pos);
+  at::Tensor qkv = project(h, branch, kInW, kInB, kInScale);
+  rotate_and_cache<scalar_t>(qkv, cos, sin, k_cache, v_cache, pos);
+  const int64_t batch = x.size(0), heads = k_cache.size(1), dim_head = k_cache.size(3);
+  const at::Tensor q = qkv.view({batch, 3, heads, dim_head}).select(1, 0);
+  const at::Tensor out = decode_attention(q, k_cache, v_cache, pos_tensor, g.pattern, g.text_len, g.fmap_size,
+                                          g.kernel_size, g.dilation, std::pow(static_cast<double>(dim_head), -0.5));
+  return sandwich(project(out.view({batch, heads * dim_head}), branch, kOutW, kOutB, kOutScale), branch, eps);
+}
+
+template <typename scalar_t>
+at::Tensor feed_forward_branch(const at::Tensor& x, const Branch& branch, const std::vector<int64_t>& pos,
+                               const std::optional<at::Tensor>& ring, const std::optional<at::Tensor>& shift_weights,
+                               double eps) {
+  at::Tensor h = at::layer_norm(x, {x.size(1)}, branch[kNormW], branch[kNormB], eps);
+  if (ring.has_value()) shift_rows<scalar_t>(h, *ring, *shift_weights, pos);
+  const at::Tensor in = project(h, branch, kInW, kInB, kInScale);
+  const int64_t hidden = in.size(1) / 2;
+  at::Tensor geglu = at::gelu(in.narrow(1, hidden, hidden).contiguous());  // GEGLU: first half times GELU(second)
+  geglu.mul_(in.narrow(1, 0, hidden));
+  return sandwich(project(geglu, branch, kOutW, kOutB, kOutScale), branch, eps);
+}
+
+// y = res + out * layer_scale, row by row (y may be res itself, or a column slice of a wider tensor). Separate
+// multiply and add, as the unfused layer (ATen's addcmul fuses them into one rounding).
+template <typename scalar_t>
+void add_scaled(at::Tensor& y, const at::Tensor& res, const at::Tensor& out, const at::Tensor& layer_scale) {
+  const int64_t batch = out.size(0), dim = out.size(1);
+  const scalar_t* r = res.const_data_ptr<scalar_t>();
+  const scalar_t* o = out.const_data_ptr<scalar_t>();
+  const scalar_t* ls = layer_scale.const_data_ptr<scalar_t>();
+  scalar_t* dest = y.mutable_data_ptr<scalar_t>();
+  const int64_t y_stride = y.stride(0), res_stride = res.stride(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < dim; ++j) {
+      const scalar_t scaled = o[b * dim + j] * ls[j];
+      dest[b * y_stride + j] = r[b * res_stride + j] + scaled;
+    }
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == sizes, "decode_layer: ", name, " must be ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype && t.device().is_cpu(), "decode_layer: ", name, " must be a ", dtype,
+              " CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "decode_layer: ", name, " must have unit stride along its last "
+              "dim, got strides ", t.strides());
+}
+
+}  // namespace
+
+at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& attn,
+                        const c10::List<std::optional<at::Tensor>>& ff, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& pos_tensor,
+                        const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+                        const std::optional<at::Tensor>& ring_attn, const std::optional<at::Tensor>& ring_ff,
+                        const std::optional<at::Tensor>& shift_weights, std::string_view pattern, int64_t text_len,
+                        int64_t fmap_size, int64_t kernel_size, int64_t dilation, double eps, bool reversible) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble),
+              "decode_layer: x must be a (batch, dim) float32 or float64 CPU tensor, got ", x.scalar_type(), " ",
+              x.sizes(), " on ", x.device());
+  const int64_t batch = x.size(0), dim = reversible ? x.size(1) / 2 : x.size(1);
+  TORCH_CHECK(!reversible || x.size(1) % 2 == 0, "decode_layer: a reversible layer's x holds two streams of dim "
+              "features, got ", x.size(1), " features");
+  const Branch attn_branch = unpack(attn, "attn", dim), ff_branch = unpack(ff, "ff", dim);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch, "decode_layer: k_cache must be (", batch,
+              ", heads, max_seq, dim_head), got ", k_cache.sizes());
+  check_rows(k_cache, "k_cache", k_cache.sizes(), dtype);
+  check_rows(v_cache, "v_cache", k_cache.sizes(), dtype);
+  const int64_t heads = k_cache.size(1), dim_head = k_cache.size(3);
+  TORCH_CHECK(attn_branch[kInW].size(0) == 3 * heads * dim_head, "decode_layer: the QKV weight must have 3 * heads * "
+              "dim_head = ", 3 * heads * dim_head, " output features, got ", attn_branch[kInW].size(0));
+  const std::vector<int64_t> pos = row_positions(pos_tensor, batch, k_cache.size(2));
+  TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "decode_layer: rotary needs both cos and sin");
+  if (rotary_cos.has_value()) {
+    const int64_t rot = rotary_cos->size(-1);
+    TORCH_CHECK(rotary_cos->dim() == 2 && (rotary_cos->size(0) == 1 || rotary_cos->size(0) == batch) &&
+                rot % 2 == 0 && rot <= dim_head, "decode_layer: rotary_cos must be (1 or batch, an even rot <= "
+                "dim_head), got ", rotary_cos->sizes());
+    check_rows(*rotary_cos, "rotary_cos", rotary_cos->sizes(), dtype);
+    check_rows(*rotary_sin, "rotary_sin", rotary_cos->sizes(), dtype);
+    TORCH_CHECK(rotary_cos->is_contiguous() && rotary_sin->is_contiguous(), "decode_layer: rotary must be contiguous");
+  }
+  const bool shift = shift_weights.has_value();
+  TORCH_CHECK(ring_attn.has_value() == shift && ring_ff.has_value() == shift,
+              "decode_layer: token shift needs both rings and the shift weights");
+  if (shift) {
+    TORCH_CHECK(ring_attn->dim() == 3 && ring_attn->size(0) == batch && ring_attn->size(1) == fmap_size + 1,
+                "decode_layer: ring_attn must be (", batch, ", ", fmap_size + 1, ", ", dim, "), got ",
+                ring_attn->sizes());
+    check_rows(*ring_attn, "ring_attn", {batch, fmap_size + 1, dim}, dtype);
+    check_rows(*ring_ff, "ring_ff", {batch, fmap_size + 1, dim}, dtype);
+    TORCH_CHECK(shift_weights->dim() == 3 && (shift_weights->size(0) == 1 || shift_weights->size(0) == batch) &&
+                shift_weights->is_contiguous(), "decode_layer: shift_weights must be contiguous (1 or batch, 3, dim)");
+    check_rows(*shift_weights, "shift_weights", {shift_weights->size(0), 3, dim}, dtype);
+  }
+
+  const Geometry g{pattern, text_len, fmap_size, kernel_size, dilation};
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  // Non-reversible: y1 = x + f(x), y = y1 + g(y1). Reversible, streams (x1, x2): y1 = x1 + f(x2), y2 = x2 + g(y1).
+  const at::Tensor f_in = reversible ? xc.narrow(1, dim, dim) : xc;
+  const at::Tensor f_res = reversible ? xc.narrow(1, 0, dim) : xc;
+  at::Tensor y1 = reversible ? y.narrow(1, 0, dim) : y;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "decode_layer", [&] {
+    const at::Tensor f = attention_branch<scalar_t>(f_in, attn_branch, k_cache, v_cache, pos_tensor, pos, rotary_cos,
+                                                    rotary_sin, ring_attn, shift_weights, g, eps);
+    add_scaled<scalar_t>(y1, f_res, f, attn_branch[kLayerScale].contiguous());
+    const at::Tensor g = feed_forward_branch<scalar_t>(y1.contiguous(), ff_branch, pos, ring_ff, shift_weights, eps);
+    at::Tensor y2 = reversible ? y.narrow(1, dim, dim) : y;
+    add_scaled<scalar_t>(y2, reversible ? f_in : y1, g, ff_branch[kLayerScale].contiguous());
+  });
+  return y;
+}
+
+}  // namespace dalle_engine

@@ -1,0 +1,31 @@
+// CPU kernel for one transformer layer of a KV-cache decode step, fused into one call (engine/model/transformer.py's
+// Layer on one position per row, as engine/model/fused_decode.py passes it).
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace dalle_engine {
+
+// x: (batch, dim), or (batch, 2 * dim) for a reversible layer (its two streams side by side); float32 or float64.
+// attn, ff: each branch's 11 tensors, in this order: norm weight, norm bias, input weight, input bias, input scale,
+// output weight, output bias, output scale, sandwich norm weight, sandwich norm bias, LayerScale (absent ones None;
+// the attention's input is its fused QKV projection, the feed-forward's the GEGLU projection). The weights may be
+// stored as small_linear takes them (int8 with a scale, bfloat16 / float16 beside float32 x).
+// k_cache, v_cache: (batch, heads, max_seq, dim_head), written at each row's position; pos: one position for every
+// row or one per row (batch,). rotary_cos, rotary_sin: (1 or batch, rot), the positions' angles (None: no rotary).
+// ring_attn, ring_ff: (batch, fmap_size + 1, dim) token-shift rings and shift_weights (1 or batch, 3, dim) (all None:
+// no token shift). All of x's dtype, except the stored weights. Returns the layer's output, x's shape.
+at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& attn,
+                        const c10::List<std::optional<at::Tensor>>& ff, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& pos, const std::optional<at::Tensor>& rotary_cos,
+                        const std::optional<at::Tensor>& rotary_sin, const std::optional<at::Tensor>& ring_attn,
+                        const std::optional<at::Tensor>& ring_ff, const std::optional<at::Tensor>& shift_weights,
+                        std::string_view pattern, int64_t text_len, int64_t fmap_size, int64_t kernel_size,
+                        int64_t dilation, double eps, bool reversible);
+
+}  // namespace dalle_engine
