@@ -10,7 +10,9 @@ dim 1024, depth 24, 16 heads x 64, caption 256 + 32x32; "tiny" (caption 8 + 4x4)
 full attention in every layer ("full") and with DALLE-pytorch's sparse mix (axial_row, axial_col, axial_row,
 conv_like; "sparse").
 
-Every cached step timed is first checked against the full forward pass (its logits). ms/step is the median
+The cached step ("cached") is the eager one: on a CPU one fused C++ call per layer (``engine.model.fused_decode``);
+``--unfused`` adds it layer by layer in PyTorch operations ("cached+unfused"), ``--compile`` under torch.compile
+("cached+compiled"). Every cached step timed is first checked against the full forward pass (its logits). ms/step is the median
 decode-step time at a few positions spread over the image (a cached step's cost barely depends on the position; a
 naive step's grows with it, so the spread matters). Images/s is measured by sampling whole images where that takes
 under ``--max_run_s`` (column "measured"), otherwise estimated as batch / (prefill + image tokens x ms/step)
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import Timer, environment, import_dalle_pytorch, synchronize  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
+from engine.model import fused_decode  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
 from engine.model.quantize import WEIGHTS, StoredLinear, quantize_weights, stored_bytes  # noqa: E402
 from engine.sampling.decode import decoding  # noqa: E402
@@ -244,6 +247,8 @@ def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtyp
     for weights in args.weights:
         stored = quantize_weights(build(name, patterns, device, dtype), weights) if weights != "fp32" else model
         steps = {"cached": stored.decode_step}
+        if args.unfused:
+            steps["cached+unfused"] = unfused_step(stored)
         if args.compile:
             steps["cached+compiled"] = stored.compiled_decode_step()
         for method, step in steps.items():
@@ -269,6 +274,14 @@ def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtyp
         rows.append(Row(name, patterns, batch, "DALLE-pytorch", "fp32", 1e3 * batch / peer_rate / c.image_seq_len,
                         0.0, peer_rate, "measured"))
     return rows
+
+
+def unfused_step(model: DALLE):
+    """The eager decode step layer by layer in PyTorch operations (the fused C++ layer off)."""
+    def step(token: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        with fused_decode.unfused():
+            return model.decode_step(token, pos, cache)
+    return step
 
 
 def table(rows: list[Row]) -> str:
@@ -301,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the decode step under torch.compile (with CUDA graphs on a GPU; default: on "
                         "CUDA)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time the eager step layer by layer, without the fused C++ decode layer (CPU)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also sample with DALLE-pytorch where it is installed (default: on)")
     p.add_argument("--max_peer_s", type=float, default=120.0,

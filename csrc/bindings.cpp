@@ -3,6 +3,7 @@
 
 #include <torch/library.h>
 
+#include "counter_noise.h"
 #include "decode_attention.h"
 #include "decode_layer.h"
 #include "small_linear.h"
@@ -48,6 +49,7 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       "decode_layer(Tensor x, Tensor?[] attn, Tensor?[] ff, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, "
       "Tensor? rotary_cos, Tensor? rotary_sin, Tensor(c!)? ring_attn, Tensor(d!)? ring_ff, Tensor? shift_weights, "
       "str pattern, int text_len, int fmap_size, int kernel_size, int dilation, float eps, bool reversible) -> Tensor");
+  m.def("counter_uniform(Tensor keys, Tensor step, int columns) -> Tensor");
   // The instruction set the row kernels run (see vector_math.h).
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("best_cpu_isa() -> str", &best_cpu_isa);
@@ -60,4 +62,5 @@ TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {
   m.impl("decode_attention", &dalle_engine::decode_attention);
   m.impl("small_linear", &dalle_engine::small_linear);
   m.impl("decode_layer", &dalle_engine::decode_layer);
+  m.impl("counter_uniform", &dalle_engine::counter_uniform);
 }

@@ -3,7 +3,8 @@
 The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse),
 ``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv), ``decode_attention`` (q, k_cache, v_cache, pos
 -> out, one query per sequence against a KV cache), ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
-handful of rows, bound by streaming the weight) and ``decode_layer`` (one transformer layer of a decode step), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
+handful of rows, bound by streaming the weight), ``decode_layer`` (one transformer layer of a decode step) and
+``counter_uniform`` (the sampler's counter-based noise), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
 for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta) implementations so
 ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
 import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
@@ -19,8 +20,8 @@ import torch
 
 from . import masks
 
-__all__ = ["BRANCH_TENSORS", "available", "cpu_isa", "cpu_isas", "decode_attention", "decode_layer", "load_error",
-           "small_linear", "sparse_attention", "use_cpu_isa"]
+__all__ = ["BRANCH_TENSORS", "available", "counter_uniform", "cpu_isa", "cpu_isas", "decode_attention", "decode_layer",
+           "load_error", "small_linear", "sparse_attention", "use_cpu_isa"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -53,6 +54,10 @@ def _load() -> str | None:
     @torch.library.register_fake(f"{_NAMESPACE}::small_linear")
     def _small_linear_fake(x, weight, bias, scale=None):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake(f"{_NAMESPACE}::counter_uniform")
+    def _counter_uniform_fake(keys, step, columns):
+        return keys.new_empty(keys.shape[0], columns, dtype=torch.float32)
 
     @torch.library.register_fake(f"{_NAMESPACE}::decode_layer")
     def _decode_layer_fake(x, attn, ff, k_cache, v_cache, pos, rotary_cos, rotary_sin, ring_attn, ring_ff,
@@ -227,6 +232,15 @@ def decode_layer(x: torch.Tensor, attn: list[torch.Tensor | None], ff: list[torc
         raise RuntimeError(_LOAD_ERROR)
     cos, sin = rotary if rotary is not None else (None, None)
     ring_attn, ring_ff = rings if rings is not None else (None, None)
-    return getattr(torch.ops, _NAMESPACE).decode_layer(x, attn, ff, k_cache, v_cache, pos, cos, sin, ring_attn,
+    # The overload itself: through the overload packet, matching the schema's tensor lists costs hundreds of us.
+    return getattr(torch.ops, _NAMESPACE).decode_layer.default(x, attn, ff, k_cache, v_cache, pos, cos, sin, ring_attn,
                                                        ring_ff, shift_weights, pattern, text_len, fmap_size,
                                                        kernel_size, dilation, eps, reversible)
+
+
+def counter_uniform(keys: torch.Tensor, step: torch.Tensor, columns: int) -> torch.Tensor:
+    """``engine.sampling.noise.uniform`` on the C++ CPU kernel, bit for bit: keys ``(rows,)`` int64 words in [0,
+    2^32), step one CPU integer tensor element or one per row. Raises RuntimeError if the kernels are unavailable."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    return getattr(torch.ops, _NAMESPACE).counter_uniform.default(keys, step, columns)

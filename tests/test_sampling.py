@@ -13,6 +13,7 @@ from engine.model.dalle import DALLE
 from engine.sampling import Settings, noise, resolve, row_keys
 from engine.sampling.continuous import ContinuousBatch, Image
 from engine.sampling.rows import Rows, sample
+from kernels import cpp
 
 
 def test_noise_is_uniform_and_a_function_of_key_step_and_column():
@@ -34,6 +35,19 @@ def test_noise_is_uniform_and_a_function_of_key_step_and_column():
     assert len(set(keys.tolist()) | set(row_keys(8, torch.arange(64)).tolist())) == 128
     with pytest.raises(ValueError, match="seed"):
         row_keys(-1, torch.arange(2))
+
+
+@pytest.mark.skipif(not cpp.available(), reason="C++ kernels unavailable")
+@pytest.mark.parametrize("rows, columns", [(5, 4096), (3, 17), (1, 1), (4, 0)])
+def test_cpp_noise_is_the_tensor_code_bit_for_bit(rows, columns):
+    keys = torch.randint(0, 2**32, (rows,))
+    for step in (0, 3, (1 << 20) + 77, torch.randint(0, 2**21, (rows,))):
+        got = cpp.counter_uniform(keys, torch.as_tensor(step), columns)
+        assert torch.equal(got, noise.tensor_uniform(keys, step, columns))
+    with pytest.raises(RuntimeError, match="keys must lie in"):
+        cpp.counter_uniform(keys - 2**32, torch.tensor(0), columns)
+    with pytest.raises(RuntimeError, match="one per row"):
+        cpp.counter_uniform(keys, torch.arange(rows + 1), columns)
 
 
 def filtered_probs(logits: torch.Tensor, s: Settings, vocab_size: int) -> torch.Tensor:

@@ -1,19 +1,26 @@
 """Eager decode steps on CPUs through the fused C++ layer (``kernels.cpp.decode_layer``): one call per layer per
-step instead of ~50 PyTorch operations, each costing more dispatch than arithmetic at a handful of rows. The result is
-the layer-by-layer step's, to rounding (the same operations in the same order; float64 agrees to 1e-12).
+step instead of ~50 PyTorch operations, each costing more dispatch than arithmetic at a handful of rows. Its result is
+the layer-by-layer step's to rounding (float64 agrees to ~1e-15).
 
 ``Transformer`` takes this path by itself for a decode step it can serve: float32 or float64 rows on a CPU with the
-C++ kernels built and chosen for decode attention, no gradient, eval mode, and not inside ``torch.compile`` (a
-compiled step fuses the layer-by-layer graph itself). ``unfused()`` turns it off, to compare or measure.
+C++ kernels built and chosen for decode attention, weights the C++ products take, no gradient, eval mode, and not
+inside ``torch.compile`` (a compiled step fuses the layer-by-layer graph itself). ``unfused()`` turns it off, to
+compare or measure.
+
+A step passes ~25 tensors per layer: gathered through ``nn.Module.__getattr__`` at every step, that alone cost ~40 us
+per layer, so they are gathered once into a plan, kept until the model's modules or tensors are replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (register_module_buffer_registration_hook, register_module_module_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 import kernels
 from engine.model.linear import kernel_takes
@@ -34,48 +41,106 @@ def unfused() -> Iterator[None]:
         _enabled = before
 
 
-def applies(transformer: nn.Module, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the fused layer can run ``transformer``'s decode step of rows ``x`` on caches like ``k_cache``."""
-    if not (_enabled and x.dtype in _DTYPES and x.device.type == "cpu" and k_cache.dtype == x.dtype):
-        return False
+def try_decode(transformer: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor | None:
+    """``Transformer.forward`` of one position per row through the fused layers, or None where they do not apply
+    (nothing is written then): x (batch, 1, dim) at ``pos`` (0-dim or (batch,)) through every layer, reading and
+    writing ``cache``."""
+    k0 = cache.layer(0)[0]
+    if not (_enabled and x.dtype in _DTYPES and x.device.type == "cpu" and k0.dtype == x.dtype):
+        return None
     if transformer.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or not cpp.available():
-        return False
+        return None
     if kernels.choose_decode_backend(x) != "cpp":  # e.g. DALLE_ENGINE_ATTENTION=reference
-        return False
-    return all(kernel_takes(linear.weight.dtype, x.dtype) for layer in transformer.layers
-               for linear in _projections(layer))
-
-
-def decode(transformer: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor,
-           rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """``Transformer.forward`` of one position per row: x (batch, 1, dim) at ``pos`` (0-dim or (batch,)) through every
-    layer, reading and writing ``cache``; ``rotary``: the positions' (cos, sin), (1 or batch, 1, 1, rot)."""
-    if rotary is not None:
-        rotary = tuple(t.view(t.shape[0], -1) for t in rotary)
+        return None
+    plan = _plan(transformer)
+    if not plan.takes(x.dtype):
+        return None
+    rotary = None
+    if transformer.rotary is not None:
+        angles = transformer.rotary.index_select(0, pos.view(-1))  # (1 or batch, rot)
+        rotary = (angles.cos(), angles.sin())
     shift = None if transformer.shift_weights is None else transformer.shift_weights.index_select(0, pos.view(-1))
     h = x[:, 0]
-    if transformer.reversible:
+    if plan.reversible:
         h = torch.cat([h, h], dim=-1)
-    for i, layer in enumerate(transformer.layers):
-        attn = layer.attn.fn
-        h = cpp.decode_layer(h, _branch(layer.attn), _branch(layer.ff), *cache.layer(i), pos, rotary=rotary,
-                             rings=cache.rings(i), shift_weights=shift, pattern=attn.pattern, **attn.geometry,
-                             eps=layer.attn.norm.eps, reversible=transformer.reversible)
-    if transformer.reversible:
+    for i, (attn, ff, pattern, geometry) in enumerate(plan.layers):
+        h = cpp.decode_layer(h, attn, ff, *cache.layer(i), pos, rotary=rotary, rings=cache.rings(i),
+                             shift_weights=shift, pattern=pattern, **geometry, eps=plan.eps,
+                             reversible=plan.reversible)
+    if plan.reversible:
         h = torch.stack(h.chunk(2, dim=-1)).mean(dim=0)
     return h[:, None]
 
 
-def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
-    attn, ff = layer.attn.fn, layer.ff.fn
-    return attn.to_qkv, attn.to_out, ff.proj_in, ff.proj_out
+class _Plan(NamedTuple):
+    """What a fused step passes for each layer, gathered once: (attention tensors, feed-forward tensors, pattern,
+    geometry) per layer, every projection's weight (their dtypes decide whether the C++ products take them), the
+    norms' eps and whether the layers are reversible."""
+
+    generation: int
+    layers: list[tuple[list, list, str, dict]]
+    weights: list[torch.Tensor]
+    eps: float
+    reversible: bool
+
+    def takes(self, dtype: torch.dtype) -> bool:
+        return all(kernel_takes(w.dtype, dtype) for w in self.weights)
+
+
+# Bumped whenever a module, parameter or buffer is registered anywhere (module surgery such as quantize_weights, a
+# parameter replaced): a plan gathered before then may hold replaced tensors, so it is gathered again. Casts and moves
+# (Module._apply) replace tensors too: Transformer._apply calls forget.
+_generation = 0
+
+
+def _registered(*_) -> None:
+    global _generation
+    _generation += 1
+
+
+for _register in (register_module_module_registration_hook, register_module_parameter_registration_hook,
+                  register_module_buffer_registration_hook):
+    _register(_registered)
+
+
+def forget(transformer: nn.Module) -> None:
+    """Drop ``transformer``'s gathered plan (its tensors are about to be replaced)."""
+    transformer.__dict__.pop("_fused_plan", None)
+
+
+def _plan(transformer: nn.Module) -> _Plan:
+    plan = transformer.__dict__.get("_fused_plan")
+    if plan is None or plan.generation != _generation:
+        layers, weights = [], []
+        for layer in transformer.layers:
+            attn, ff = (layer._modules[name] for name in ("attn", "ff"))
+            fn = attn.fn
+            layers.append((_branch(attn), _branch(ff), fn.pattern, fn.geometry))
+            weights += [t[i] for t in layers[-1][:2] for i in _WEIGHTS]
+        plan = _Plan(_generation, layers, weights, transformer.layers[0].attn.norm.eps, transformer.reversible)
+        transformer.__dict__["_fused_plan"] = plan
+    return plan
+
+
+_WEIGHTS = (cpp.BRANCH_TENSORS.index("in_weight"), cpp.BRANCH_TENSORS.index("out_weight"))
 
 
 def _branch(branch: nn.Module) -> list[torch.Tensor | None]:
     """A ``Branch``'s tensors in ``kernels.cpp.BRANCH_TENSORS`` order."""
-    fn = branch.fn
-    into, out = (fn.to_qkv, fn.to_out) if hasattr(fn, "to_qkv") else (fn.proj_in, fn.proj_out)
-    norm_out = branch.norm_out
-    sandwich = (norm_out.weight, norm_out.bias) if isinstance(norm_out, nn.LayerNorm) else (None, None)
-    return [branch.norm.weight, branch.norm.bias, into.weight, into.bias, getattr(into, "scale", None), out.weight,
-            out.bias, getattr(out, "scale", None), *sandwich, branch.scale]
+    modules = branch._modules
+    norm, fn, norm_out = (modules[name] for name in ("norm", "fn", "norm_out"))
+    into, out = (fn._modules[name] for name in (("to_qkv", "to_out") if "to_qkv" in fn._modules
+                                                else ("proj_in", "proj_out")))
+    return [*_norm(norm), *_projection(into), *_projection(out), *_norm(norm_out), branch._parameters["scale"]]
+
+
+def _norm(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias) of a ``LayerNorm``; (None, None) for the ``Identity`` of a branch without a sandwich norm."""
+    parameters = norm._parameters
+    return (parameters["weight"], parameters["bias"]) if "weight" in parameters else (None, None)
+
+
+def _projection(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias, scale) of a ``Linear`` or a ``StoredLinear`` (as stored)."""
+    tensors = linear._buffers if "weight" in linear._buffers else linear._parameters
+    return tensors["weight"], tensors["bias"], tensors.get("scale")

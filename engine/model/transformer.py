@@ -213,6 +213,10 @@ class Transformer(nn.Module):
             shift = shift_weights(config.text_len, config.image_fmap_size, config.dim, config.total_seq_len)
         self.register_buffer("shift_weights", shift, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        fused_decode.forget(self)  # casts and moves replace the tensors a fused decode step passes
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of ``x`` (batch, n, dim).
 
@@ -220,6 +224,8 @@ class Transformer(nn.Module):
         the cache. With both: x (batch, 1, dim) is the one position ``pos`` (a 0-dim long tensor), or each row at its
         own position (a (batch,) long tensor), attending to the cache.
         """
+        if pos is not None and (out := fused_decode.try_decode(self, x, cache, pos)) is not None:
+            return out
         rotary = None
         if self.rotary is not None:
             if pos is None:
@@ -227,8 +233,6 @@ class Transformer(nn.Module):
             else:  # (1 or batch, 1, 1, rot): one position for all rows, or one per row
                 angles = self.rotary.index_select(0, pos.view(-1))[:, None, None]
             rotary = (angles.cos(), angles.sin())
-        if pos is not None and fused_decode.applies(self, x, cache.layer(0)[0]):
-            return fused_decode.decode(self, x, cache, pos, rotary)
         calls = list(self._branch_kwargs(rotary, cache, pos))
         if not self.reversible:
             for layer, (attn_kwargs, ff_kwargs) in zip(self.layers, calls):
