@@ -85,6 +85,30 @@ DALLE_ENGINE_INLINE void block_2rows(const w_t* const (&w)[kOutBlock], const acc
   s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
 }
 
+// s[o][r] = dot(w[o], x_r) over [begin, end) for 4 rows: 16 accumulators, each weight and x element loaded once for
+// 4 products (the 2-row tile loads each weight element once for 2).
+template <typename acc_t, typename w_t>
+DALLE_ENGINE_INLINE void block_4rows(const w_t* const (&w)[kOutBlock], const acc_t* const (&x)[4], int64_t begin,
+                                     int64_t end, acc_t (&s)[kOutBlock][4]) {
+  const w_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const acc_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  acc_t s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+  acc_t s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t a0 = static_cast<acc_t>(w0[i]), a1 = static_cast<acc_t>(w1[i]);
+    const acc_t a2 = static_cast<acc_t>(w2[i]), a3 = static_cast<acc_t>(w3[i]);
+    const acc_t b0 = x0[i], b1 = x1[i], b2 = x2[i], b3 = x3[i];
+    s00 += a0 * b0, s01 += a0 * b1, s02 += a0 * b2, s03 += a0 * b3;
+    s10 += a1 * b0, s11 += a1 * b1, s12 += a1 * b2, s13 += a1 * b3;
+    s20 += a2 * b0, s21 += a2 * b1, s22 += a2 * b2, s23 += a2 * b3;
+    s30 += a3 * b0, s31 += a3 * b1, s32 += a3 * b2, s33 += a3 * b3;
+  }
+  s[0][0] = s00, s[0][1] = s01, s[0][2] = s02, s[0][3] = s03, s[1][0] = s10, s[1][1] = s11, s[1][2] = s12;
+  s[1][3] = s13, s[2][0] = s20, s[2][1] = s21, s[2][2] = s22, s[2][3] = s23, s[3][0] = s30, s[3][1] = s31;
+  s[3][2] = s32, s[3][3] = s33;
+}
+
 // s[o] = dot(w[o], x0) over [begin, end).
 template <typename acc_t, typename w_t>
 DALLE_ENGINE_INLINE void block_1row(const w_t* const (&w)[kOutBlock], const acc_t* x0, int64_t begin, int64_t end,
@@ -111,6 +135,20 @@ DALLE_ENGINE_INLINE void tile_2rows(const w_t* const (&w)[kOutBlock], const acc_
     acc_t part[kOutBlock][kRowBlock];
     block_2rows(w, x0, x1, begin, std::min(in, begin + kSumBlock), part);
     for (int64_t k = 0; k < kOutBlock; ++k) s[k][0] += part[k][0], s[k][1] += part[k][1];
+  }
+}
+
+// s[o][r] = dot(w[o], x_r) over [0, in) for 4 rows, summed by blocks.
+template <typename acc_t, typename w_t>
+DALLE_ENGINE_INLINE void tile_4rows(const w_t* const (&w)[kOutBlock], const acc_t* const (&x)[4], int64_t in,
+                                    acc_t (&s)[kOutBlock][4]) {
+  block_4rows(w, x, 0, std::min(in, kSumBlock), s);
+  for (int64_t begin = kSumBlock; begin < in; begin += kSumBlock) {
+    acc_t part[kOutBlock][4];
+    block_4rows(w, x, begin, std::min(in, begin + kSumBlock), part);
+    for (int64_t k = 0; k < kOutBlock; ++k) {
+      for (int64_t r = 0; r < 4; ++r) s[k][r] += part[k][r];
+    }
   }
 }
 
@@ -142,6 +180,15 @@ DALLE_ENGINE_INLINE void block_rows(const w_t* const (&w)[kOutBlock], const acc_
                                     const acc_t (&b)[kOutBlock], int64_t n, const acc_t* x, int64_t x_stride,
                                     int64_t rows, int64_t in, scalar_t* y, int64_t y_stride) {
   int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    acc_t s[kOutBlock][4];
+    const acc_t* const xs[4] = {x + r * x_stride, x + (r + 1) * x_stride, x + (r + 2) * x_stride,
+                                x + (r + 3) * x_stride};
+    tile_4rows(w, xs, in, s);
+    for (int64_t k = 0; k < n; ++k) {
+      for (int64_t j = 0; j < 4; ++j) y[(r + j) * y_stride + k] = static_cast<scalar_t>(finish<kScaled>(s[k][j], sc[k], b[k]));
+    }
+  }
   for (; r + kRowBlock <= rows; r += kRowBlock) {
     acc_t s[kOutBlock][kRowBlock];
     tile_2rows(w, x + r * x_stride, x + (r + 1) * x_stride, in, s);
