@@ -4,11 +4,14 @@
 //   - text blocks: up to kTextBlock consecutive text queries over the text keys [0, end of block), causal;
 //     for the "full" pattern the whole sequence is handled this way;
 //   - image blocks: whole grid rows (grid columns for axial_col) of image queries over all text keys plus the
-//     "local" image keys their pattern can reach (own row/column, or the rows of the conv window).
+//     "local" image keys their pattern can reach: the own row or column, or for the conv patterns each query's window.
 // Scores of a block are GEMMs on strided row views of q and k (a grid column is a matrix with a row stride of
-// fmap_size * dim_head), so nothing is gathered. Local keys are masked exactly with a precomputed additive bias built
-// from the same predicates as kernels/masks.py; text keys need no mask (image queries see all of them) or a causal
-// prefix (text queries).
+// fmap_size * dim_head), so nothing is gathered. A conv window holds only kernel_size keys of each of its rows, so
+// GEMMs over whole window rows would compute mostly masked scores, and GEMMs per window are too small to pay for their
+// calls: a conv query's local keys are instead its window's slots, keys at fixed offsets from it, each scored with a
+// dot product on the rows of k and v in place. Local keys are masked exactly with a precomputed additive bias built
+// from the same predicates as kernels/masks.py (window slots off the grid are masked and never read); text keys need
+// no mask (image queries see all of them) or a causal prefix (text queries).
 //
 // The backward recomputes the scores and, as every query's keys lie in one block, each row's softmax exactly as the
 // forward did (so it needs neither out nor lse). It runs in two phases, both parallel without atomics and
@@ -16,7 +19,8 @@
 //   1. per query block: P and dS = P * (dP - rowsum(P * dP)) into buffers (text part by query position, local part
 //      per block) and dQ;
 //   2. per key range: dK = scale * dS^T Q and dV = P^T dO, for chunks of text keys with one GEMM over every query
-//      that can see them, and for each grid line of image keys from the blocks whose local keys contain it.
+//      that can see them, and for each grid line of image keys from the blocks whose local keys contain it (conv
+//      patterns: key by key, from the queries whose window slots hold it).
 // The buffers hold queries x text keys plus the local parts, never seq x seq (except for "full", which is dense).
 // All arithmetic is float32 (float64 for float64 inputs); bfloat16/float16 inputs are converted up front.
 
@@ -151,6 +155,32 @@ DALLE_ENGINE_INLINE void scale_row(T* x, int64_t n, T factor) {
   for (int64_t j = 0; j < n; ++j) x[j] *= factor;
 }
 
+// y += a * x.
+template <typename T>
+DALLE_ENGINE_INLINE void axpy(T* y, T a, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// The window of one conv query (see Plan::window): `rows` points at the query's own row of a seq x dim matrix and slot
+// s is the row offsets[s] rows from it. Slots with a nonzero bias are skipped: they may lie off the grid.
+
+// out[s] = factor * x . (row of slot s); 0 for skipped slots, which the bias masks.
+template <typename T>
+DALLE_ENGINE_INLINE void window_dots(const T* x, const T* rows, const int64_t* offsets, const float* bias,
+                                     int64_t slots, int64_t dim, T factor, T* out) {
+  for (int64_t s = 0; s < slots; ++s) out[s] = bias[s] == 0 ? factor * dot(x, rows + offsets[s] * dim, dim) : T(0);
+}
+
+// acc += factor * sum over slots of weights[s] * (row of slot s).
+template <typename T>
+DALLE_ENGINE_INLINE void window_sum(const T* weights, const T* rows, const int64_t* offsets, const float* bias,
+                                    int64_t slots, int64_t dim, T factor, T* acc) {
+  for (int64_t s = 0; s < slots; ++s) {
+    if (bias[s] == 0) axpy(acc, factor * weights[s], rows + offsets[s] * dim, dim);
+  }
+}
+
 // A row of a block's scores: `visible` text scores (the rest of the text part, up to `text_end`, is masked) and `nl`
 // local scores masked by the additive `bias` (0 or -inf).
 
@@ -263,8 +293,9 @@ struct Block {
   Span queries;
   int64_t text_keys = 0;      // keys [0, text_keys) come first in the block's scores
   bool text_causal = false;   // text block: key j is allowed for query i iff j <= i
-  int64_t local_keys = 0;     // image keys after the text keys, from `segments`
+  int64_t local_keys = 0;     // image keys after the text keys, from `segments` or the window slots
   std::vector<Segment> segments;
+  bool window = false;        // conv pattern: each query's local keys are its window slots (Plan::window)
   int64_t bias_offset = 0;    // its (queries, local_keys) additive mask (0 or -inf) in Plan::bias
   int64_t local_offset = 0;   // its (queries, local_keys) matrices in the backward's local buffers
 };
@@ -278,31 +309,10 @@ struct Plan {
   int64_t text_cols = 0;  // text keys: [0, text_cols); the backward's text buffers are seq x text_cols
   std::vector<Block> blocks;
   std::vector<KeyLine> lines;
+  std::vector<int64_t> window;  // conv patterns: offset of each window slot's key from the query's position
   std::vector<float> bias;
   int64_t local_size = 0;
 };
-
-// Grid lines (indices into Plan::lines) holding the local keys of query lines first..last.
-std::vector<int64_t> window_lines(const Geometry& g, int64_t first, int64_t last) {
-  int64_t steps = 1;  // lines r, r - d, ..., r - (steps - 1) * d for each query line r
-  int64_t stride = 1;
-  if (g.pattern == Pattern::kConvLike) {
-    steps = g.kernel_size;
-    stride = g.dilation;
-  } else if (g.pattern == Pattern::kConvLikeCentered) {
-    steps = g.kernel_size / 2 + 1;  // rows above the query and its own row; rows below are in the future
-    stride = g.dilation;
-  }
-  std::vector<bool> used(last + 1, false);
-  for (int64_t r = first; r <= last; ++r) {
-    for (int64_t a = 0; a < steps && r - a * stride >= 0; ++a) used[r - a * stride] = true;
-  }
-  std::vector<int64_t> lines;
-  for (int64_t r = 0; r <= last; ++r) {
-    if (used[r]) lines.push_back(r);
-  }
-  return lines;
-}
 
 Plan make_plan(const Geometry& g) {
   Plan plan;
@@ -330,6 +340,22 @@ Plan make_plan(const Geometry& g) {
       plan.lines.push_back({{text + r * f, 1, std::min(f, num_image - r * f)}, {}});
     }
   }
+  // Conv window slots: rows dr above the query (0 last) by columns dc on the dilation lattice, leaving out those off
+  // the grid for every query and, in the query's own row, those after it. So every offset is <= 0.
+  std::vector<std::pair<int64_t, int64_t>> slots;  // (dr, dc)
+  if (g.pattern == Pattern::kConvLike || g.pattern == Pattern::kConvLikeCentered) {
+    const int64_t half = (g.kernel_size / 2) * g.dilation;
+    const int64_t reach = g.pattern == Pattern::kConvLike ? (g.kernel_size - 1) * g.dilation : half;
+    const int64_t right = g.pattern == Pattern::kConvLike ? 0 : half;
+    for (int64_t dr = -reach; dr <= 0; dr += g.dilation) {
+      for (int64_t dc = -reach; dc <= right; dc += g.dilation) {
+        if (-dr < f && std::abs(dc) < f && (dr < 0 || dc <= 0)) {
+          slots.emplace_back(dr, dc);
+          plan.window.push_back(dr * f + dc);
+        }
+      }
+    }
+  }
   const int64_t num_lines = static_cast<int64_t>(plan.lines.size());
   const int64_t lines_per_block = columns ? 1 : std::max<int64_t>(1, (kMinImageQueries + f - 1) / f);
   const float masked = -std::numeric_limits<float>::infinity();
@@ -341,7 +367,9 @@ Plan make_plan(const Geometry& g) {
     const Span& end = plan.lines[last].keys;
     block.queries = columns ? begin : Span{begin.start, 1, end.start + end.count - begin.start};
     block.text_keys = text;
-    for (int64_t line : window_lines(g, first, last)) {
+    block.window = !slots.empty();
+    block.local_keys = static_cast<int64_t>(slots.size());
+    for (int64_t line = first; line <= last && !block.window; ++line) {  // axial: the block's own lines
       const Span& keys = plan.lines[line].keys;
       plan.lines[line].uses.emplace_back(index, block.local_keys);
       Segment* prev = block.segments.empty() ? nullptr : &block.segments.back();
@@ -356,6 +384,11 @@ Plan make_plan(const Geometry& g) {
     block.bias_offset = static_cast<int64_t>(plan.bias.size());
     for (int64_t i = 0; i < block.queries.count; ++i) {
       const int64_t q = block.queries.start + i * block.queries.stride;
+      const int64_t row = (q - text) / f, col = (q - text) % f;
+      for (const auto& [dr, dc] : slots) {
+        const bool on_grid = row + dr >= 0 && col + dc >= 0 && col + dc < f;
+        plan.bias.push_back(on_grid && allowed(g, q, q + dr * f + dc) ? 0.0f : masked);
+      }
       for (const Segment& seg : block.segments) {
         for (int64_t j = 0; j < seg.keys.count; ++j) {
           plan.bias.push_back(allowed(g, q, seg.keys.start + j * seg.keys.stride) ? 0.0f : masked);
@@ -456,12 +489,20 @@ void forward_block(const Plan& plan, const Block& block, const Head<T>& h, T* ou
     gemm<T>(false, true, nq, seg.keys.count, dim, scale, q, ld, h.k + seg.keys.start * dim, seg.keys.stride * dim,
             0, scores + nt + seg.column, cols);
   }
+  const float* bias = plan.bias.data() + block.bias_offset;
+  if (block.window) {  // window blocks are whole grid rows: query i is at position queries.start + i
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        window_dots(q + i * dim, h.k + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl, nl, dim,
+                    scale, scores + i * cols + nt);
+      }
+    });
+  }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t position = block.queries.start + i * block.queries.stride;
     const int64_t visible = visible_text(block, position);
     T* text = scores + i * cols;
-    const float* bias = plan.bias.data() + block.bias_offset + i * nl;
-    const auto [top, sum] = softmax_forward_row(text, visible, nt, text + nt, bias, nl);
+    const auto [top, sum] = softmax_forward_row(text, visible, nt, text + nt, bias + i * nl, nl);
     lse[position] = top + std::log(sum);
     row_scale[i] = T(1) / sum;
   }
@@ -470,6 +511,14 @@ void forward_block(const Plan& plan, const Block& block, const Head<T>& h, T* ou
   for (const Segment& seg : block.segments) {
     gemm<T>(false, false, nq, dim, seg.keys.count, 1, scores + nt + seg.column, cols, h.v + seg.keys.start * dim,
             seg.keys.stride * dim, 1, o, ld);
+  }
+  if (block.window) {
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        window_sum(scores + i * cols + nt, h.v + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl,
+                   nl, dim, T(1), o + i * dim);
+      }
+    });
   }
   for (int64_t i = 0; i < nq; ++i) scale_row(o + i * ld, dim, row_scale[i]);
 }
@@ -503,6 +552,16 @@ void backward_block(const Plan& plan, const Block& block, const Head<T>& h, cons
     gemm<T>(false, true, nq, seg.keys.count, dim, scale, q, ld, h.k + offset, ld_key, 0, local_p + seg.column, nl);
     gemm<T>(false, true, nq, seg.keys.count, dim, 1, dout, ld, h.v + offset, ld_key, 0, local_ds + seg.column, nl);
   }
+  const float* bias = plan.bias.data() + block.bias_offset;
+  if (block.window) {  // whole grid rows, as in the forward
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t at = (block.queries.start + i) * dim;
+        window_dots(q + i * dim, h.k + at, plan.window.data(), bias + i * nl, nl, dim, scale, local_p + i * nl);
+        window_dots(dout + i * dim, h.v + at, plan.window.data(), bias + i * nl, nl, dim, T(1), local_ds + i * nl);
+      }
+    });
+  }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t position = block.queries.start + i * block.queries.stride;
     const int64_t visible = visible_text(block, position);
@@ -510,14 +569,21 @@ void backward_block(const Plan& plan, const Block& block, const Head<T>& h, cons
     T* ds = text_ds + i * ld_text;
     // Every key of the row is in this block, so its softmax is recomputed as the forward did it (max, sum) rather
     // than as e^(s - lse): lse rounded to float would cost P up to ulp(lse) of relative error.
-    softmax_backward_row(p, ds, visible, tc, local_p + i * nl, local_ds + i * nl,
-                         plan.bias.data() + block.bias_offset + i * nl, nl);
+    softmax_backward_row(p, ds, visible, tc, local_p + i * nl, local_ds + i * nl, bias + i * nl, nl);
   }
   T* dq_block = dq + block.queries.start * dim;
   gemm<T>(false, false, nq, dim, nt, scale, text_ds, ld_text, h.k, dim, 0, dq_block, ld);
   for (const Segment& seg : block.segments) {
     gemm<T>(false, false, nq, dim, seg.keys.count, scale, local_ds + seg.column, nl, h.k + seg.keys.start * dim,
             seg.keys.stride * dim, 1, dq_block, ld);
+  }
+  if (block.window) {
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        window_sum(local_ds + i * nl, h.k + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl, nl,
+                   dim, scale, dq_block + i * dim);
+      }
+    });
   }
 }
 
@@ -551,6 +617,30 @@ void backward_line_keys(const Plan& plan, const KeyLine& line, const Head<T>& h,
             ld, beta, dv_line, ld_key);
     beta = 1;
   }
+}
+
+// Phase 2, one grid row of image keys of a conv pattern: key j is in slot s of query j - window[s] (a later one). As
+// window blocks cover the image queries in order, that query's bias and P and dS of slot s are at
+// (query - text_cols) * slots + s (text_cols = text_len here).
+template <typename T>
+void backward_window_keys(const Plan& plan, const KeyLine& line, int64_t seq, const Head<T>& h, const Buffers<T>& buf,
+                          T* dk, T* dv, int64_t dim, T scale) {
+  const int64_t slots = static_cast<int64_t>(plan.window.size());
+  with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+    for (int64_t key = line.keys.start; key < line.keys.start + line.keys.count; ++key) {
+      T* dk_key = dk + key * dim;
+      T* dv_key = dv + key * dim;
+      std::fill_n(dk_key, dim, T(0));
+      std::fill_n(dv_key, dim, T(0));
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t query = key - plan.window[s];
+        const int64_t at = (query - plan.text_cols) * slots + s;
+        if (query >= seq || plan.bias[at] != 0) continue;
+        axpy(dk_key, scale * buf.local_ds[at], h.q + query * dim, dim);
+        axpy(dv_key, buf.local_p[at], h.dout + query * dim, dim);
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -641,8 +731,12 @@ void run_backward(const Plan& plan, const at::Tensor& q, const at::Tensor& k, co
         backward_text_keys(plan, key_item * kTextChunk, seq, head_view(head), buffers(slot), dk_head, dv_head, dim,
                            scale);
       } else {
-        backward_line_keys(plan, plan.lines[key_item - text_chunks], head_view(head), buffers(slot), dk_head,
-                           dv_head, dim, scale);
+        const KeyLine& line = plan.lines[key_item - text_chunks];
+        if (plan.window.empty()) {
+          backward_line_keys(plan, line, head_view(head), buffers(slot), dk_head, dv_head, dim, scale);
+        } else {
+          backward_window_keys(plan, line, seq, head_view(head), buffers(slot), dk_head, dv_head, dim, scale);
+        }
       }
     });
   }
