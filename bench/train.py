@@ -7,7 +7,8 @@ this engine against DALLE-pytorch 1.6.6 at identical configurations, in one run.
     python bench/train.py --tiny --steps 1                                      # smoke test (text 8 + 4x4 grid)
 
 Both models use DALLE-pytorch's train_dalle.py defaults for what a configuration does not name (no rotary, no
-token shift, 10,000 text tokens) and its DiscreteVAE defaults (512 codes) at 128 px.
+token shift, 10,000 text tokens) and its DiscreteVAE defaults (512 codes) at 128 px. Each steps with the Adam its own
+training script builds: this engine's ``engine.train.training.adam`` (fused on a CPU), train_dalle.py's torch default.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
 from engine.model.precision import autocast  # noqa: E402
+from engine.train.training import adam  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,14 @@ def build_peer(case: Case, dalle_pytorch):
 
 
 def tokens_per_second(model: torch.nn.Module, case: Case, steps: int, device: torch.device, precision: str,
-                      warmup: int = 2) -> tuple[float, float | None]:
-    """Tokens/s of whole optimizer steps and, on CUDA, the peak memory (MiB) they allocate."""
+                      warmup: int = 2, optimizer=adam) -> tuple[float, float | None]:
+    """Tokens/s of whole optimizer steps and, on CUDA, the peak memory (MiB) they allocate; ``optimizer(params, lr)``
+    builds the optimizer."""
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen).to(device)
     images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen).to(device)
     model.to(device)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], 1e-4)
     model.train()
     for i in range(warmup + steps):
         if i == warmup:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         if dalle_pytorch:
             try:  # an optional peer: its failure is recorded, not fatal
                 peer, _ = tokens_per_second(build_peer(case, dalle_pytorch), case, args.steps, device, precision,
-                                            args.warmup)
+                                            args.warmup, lambda params, lr: torch.optim.Adam(params, lr=lr))
             except Exception as error:
                 peer_error = f"{type(error).__name__}: {error}"[:200]
         rows.append({"case": case.name, "model": f"dim {case.dim}, depth {case.depth}, {case.heads} heads x "

@@ -6,6 +6,7 @@
 #include "counter_noise.h"
 #include "decode_attention.h"
 #include "decode_layer.h"
+#include "geglu.h"
 #include "small_linear.h"
 #include "sparse_attention.h"
 #include "vector_math.h"
@@ -50,6 +51,8 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       "Tensor? rotary_cos, Tensor? rotary_sin, Tensor(c!)? ring_attn, Tensor(d!)? ring_ff, Tensor? shift_weights, "
       "str pattern, int text_len, int fmap_size, int kernel_size, int dilation, float eps, bool reversible) -> Tensor");
   m.def("counter_uniform(Tensor keys, Tensor step, int columns) -> Tensor");
+  m.def("geglu_fwd(Tensor x) -> Tensor");
+  m.def("geglu_bwd(Tensor x, Tensor grad) -> Tensor");
   // The instruction set the row kernels run (see vector_math.h).
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("best_cpu_isa() -> str", &best_cpu_isa);
@@ -63,4 +66,6 @@ TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {
   m.impl("small_linear", &dalle_engine::small_linear);
   m.impl("decode_layer", &dalle_engine::decode_layer);
   m.impl("counter_uniform", &dalle_engine::counter_uniform);
+  m.impl("geglu_fwd", &dalle_engine::geglu_fwd);
+  m.impl("geglu_bwd", &dalle_engine::geglu_bwd);
 }

@@ -145,35 +145,6 @@ DALLE_ENGINE_INLINE void layer_norm_rows(const scalar_t* x, int64_t x_stride, in
   }
 }
 
-// The exact (erf) GELU, x / 2 * (1 + erf(x / sqrt 2)), written around the tail erfc(|z|), z = x / sqrt 2: for x < 0
-// GELU is x / 2 * erfc(|z|), for x >= 0 it is x - x / 2 * erfc(|z|), so neither subtracts two values near each other.
-// float: erfc(z) = e^(-z^2) * P(t), t = 1 / (1 + 0.3275911 z) (the substitution of Abramowitz & Stegun 7.1.26), P of
-// degree 10 fitted here to erfc(z) e^(z^2) for z in [0, 10] within 6e-10 relative: the GELU is then within a few
-// float32 ulps (ATen's vectorised erf, the degree-5 formula, is off by up to 1.5e-7 absolute). Branch-free, so it
-// vectorises, unlike libm's erf. double: libm's erfc.
-DALLE_ENGINE_INLINE float gelu(float x) {
-  const float z = std::fabs(x) * 0.70710678118654752f;
-  const float t = 1.0f / (1.0f + 0.3275911f * z);
-  float p = 6.4361261228e-02f;
-  p = p * t - 3.6244560304e-01f;
-  p = p * t + 7.4484001960e-01f;
-  p = p * t - 7.3616856052e-01f;
-  p = p * t + 6.7021147971e-01f;
-  p = p * t - 1.5842292839e-01f;
-  p = p * t + 2.5263933014e-01f;
-  p = p * t + 1.5219323824e-01f;
-  p = p * t + 1.8826116765e-01f;
-  p = p * t + 1.8451857860e-01f;
-  p = p * t + 1.2017384435e-05f;
-  const float half_tail = 0.5f * x * (p * exp_fast(-z * z));
-  return x < 0.0f ? half_tail : x - half_tail;
-}
-
-DALLE_ENGINE_INLINE double gelu(double x) {
-  const double half_tail = 0.5 * x * std::erfc(std::fabs(x) * 0.70710678118654752440);
-  return x < 0.0 ? half_tail : x - half_tail;
-}
-
 // GEGLU of the feed-forward's input projection in (rows x 2 * hidden): out = first half * GELU(second half).
 template <typename scalar_t>
 DALLE_ENGINE_INLINE void geglu_rows(const scalar_t* in, int64_t rows, int64_t hidden, scalar_t* out) {

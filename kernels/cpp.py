@@ -4,7 +4,7 @@ The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k,
 ``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv), ``decode_attention`` (q, k_cache, v_cache, pos
 -> out, one query per sequence against a KV cache), ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
 handful of rows, bound by streaming the weight), ``decode_layer`` (one transformer layer of a decode step) and
-``counter_uniform`` (the sampler's counter-based noise), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
+``counter_uniform`` (the sampler's counter-based noise) and ``geglu_fwd`` / ``geglu_bwd`` (the feed-forward's GEGLU), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
 for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta) implementations so
 ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
 import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
@@ -21,7 +21,7 @@ import torch
 from . import masks
 
 __all__ = ["BRANCH_TENSORS", "available", "counter_uniform", "cpu_isa", "cpu_isas", "decode_attention", "decode_layer",
-           "load_error", "small_linear", "sparse_attention", "use_cpu_isa"]
+           "geglu", "load_error", "small_linear", "sparse_attention", "use_cpu_isa"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -58,6 +58,14 @@ def _load() -> str | None:
     @torch.library.register_fake(f"{_NAMESPACE}::counter_uniform")
     def _counter_uniform_fake(keys, step, columns):
         return keys.new_empty(keys.shape[0], columns, dtype=torch.float32)
+
+    @torch.library.register_fake(f"{_NAMESPACE}::geglu_fwd")
+    def _geglu_fwd_fake(x):
+        return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+    @torch.library.register_fake(f"{_NAMESPACE}::geglu_bwd")
+    def _geglu_bwd_fake(x, grad):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake(f"{_NAMESPACE}::decode_layer")
     def _decode_layer_fake(x, attn, ff, k_cache, v_cache, pos, rotary_cos, rotary_sin, ring_attn, ring_ff,
@@ -127,6 +135,31 @@ def sparse_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SparseAttention.apply(q, k, v, geometry)
     return getattr(torch.ops, _NAMESPACE).sparse_attention_fwd(q, k, v, *geometry)[0]
+
+
+class _GEGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return getattr(torch.ops, _NAMESPACE).geglu_fwd(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return getattr(torch.ops, _NAMESPACE).geglu_bwd(x, grad)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """GEGLU on the C++ CPU kernels, differentiable: ``a * F.gelu(gate)`` for ``a, gate = x.chunk(2, -1)``, x a float32
+    or float64 CPU tensor. Forward and backward are each one pass over x, where ATen makes five (chunk, GELU, product,
+    and in the backward their gradients and the concatenation of the halves'); the exact (erf) GELU to a few float32
+    ulps, the fused decode layer's. Raises RuntimeError if the kernels are unavailable (see ``load_error()``)."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GEGLU.apply(x)
+    return getattr(torch.ops, _NAMESPACE).geglu_fwd(x)
 
 
 def decode_attention(

@@ -15,7 +15,7 @@ import train
 from engine.codecs.vae import DiscreteVAE, DiscreteVAEConfig
 from engine.io.checkpoint import load_dalle, save_vae
 from engine.model.config import GUIDED_COND_SCALE, NULL_COND_PROB
-from engine.train.training import scheduled_lr
+from engine.train.training import adam, scheduled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim_head", "16", "--text_seq_len", "12",
@@ -235,3 +235,21 @@ def test_deepspeed_two_processes_zero3_then_generate(tmp_path):
 
     run_deepspeed(ROOT / "train.py", args + ["--epochs", "2", "--dalle_path", "dalle.safetensors"], tmp_path)
     assert load_dalle(tmp_path / "dalle.safetensors").extra["progress"]["step"] == 8
+
+
+def test_adam_is_fused_on_a_cpu_and_steps_as_the_default():
+    """Runs' Adam (torch's fused implementation on a CPU) against torch's default, float64: the same parameters."""
+    torch.manual_seed(0)
+    params = [torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
+                                                                                        requires_grad=True)]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    fused, default = adam(params, 1e-2), torch.optim.Adam(copies, lr=1e-2)
+    assert fused.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for opt, group in ((fused, params), (default, copies)):
+            for p, g in zip(group, grads):
+                p.grad = g.clone()
+            opt.step()
+    for got, want in zip(params, copies):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -111,8 +111,10 @@ class DALLE(nn.Module):
         weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
         text_logits = F.linear(h[:, :T], weight[:V], bias[:V])
         image_logits = F.linear(h[:, T:], weight[V:], bias[V:])
-        loss_text = F.cross_entropy(text_logits.transpose(1, 2), text)
-        loss_img = F.cross_entropy(image_logits.transpose(1, 2), codes)
+        # Over the last dim of (rows, vocabulary): the (batch, vocabulary, seq) layout DALLE-pytorch passes makes
+        # the log-softmax run along a strided dim and copy the logits twice, costlier than the text projection.
+        loss_text = F.cross_entropy(text_logits.flatten(0, 1), text.flatten())
+        loss_img = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
         return (loss_text + c.loss_img_weight * loss_img) / (c.loss_img_weight + 1)
 
     def _hidden(

@@ -18,6 +18,7 @@ from engine.model import fused_decode
 from engine.model.config import DALLEConfig
 from engine.model.linear import Linear
 from engine.model.rotary import apply_rotary, rotary_table
+from kernels import cpp
 
 
 def layer_scale_init(layer: int) -> float:
@@ -115,10 +116,19 @@ class FeedForward(nn.Module):
         self.proj_out = Linear(dim * mult, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj_in(x).chunk(2, dim=-1)  # GEGLU: first half times GELU(second half)
-        # GELU of a strided view takes another code path than of a contiguous tensor, a last bit off: one row alone is
-        # contiguous, several are not. Contiguous rows take one path, so a row's result never depends on the others.
-        return self.proj_out(self.dropout(a * F.gelu(gate.contiguous())))
+        return self.proj_out(self.dropout(geglu(self.proj_in(x))))
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GEGLU: the first feature half times GELU(second half). On a CPU, float32 or float64, the C++ kernels
+    (``kernels.cpp.geglu``): one pass forward and one backward, where ATen's operations took a tenth of a training
+    step. Compiled graphs keep the operations, which the compiler fuses itself."""
+    if h.is_cpu and h.dtype in (torch.float32, torch.float64) and cpp.available() and not torch.compiler.is_compiling():
+        return cpp.geglu(h)
+    a, gate = h.chunk(2, dim=-1)
+    # GELU of a strided view takes another code path than of a contiguous tensor, a last bit off: one row alone is
+    # contiguous, several are not. Contiguous rows take one path, so a row's result never depends on the others.
+    return a * F.gelu(gate.contiguous())
 
 
 class Attention(nn.Module):

@@ -604,6 +604,13 @@ def deepspeed_config(args: argparse.Namespace, micro_batch: int, precision: str)
 # --- the training loop ----------------------------------------------------------------------------------------------
 
 
+def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """The Adam runs train with. Parameters on a CPU take torch's fused implementation, one pass over each tensor where
+    the default makes a dozen (a fifth of its time: 5 % of a small model's training step); elsewhere torch's default."""
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True if on_cpu else None)
+
+
 class Trainer:
     """The optimisation side of a run, with or without DeepSpeed: Adam with gradient accumulation, clipping, mixed
     precision (`self.precision`: the flag's, else bf16 or fp16 on a GPU, fp32 on a CPU) and (--lr_decay) a plateau
@@ -628,7 +635,7 @@ class Trainer:
         self.precision = training_precision(args.precision, device_type, gpu_bf16_supported(dist.device))
         self.extra: dict[str, Any] = {"precision": self.precision}
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
+        self.optimizer = adam(self.params, args.learning_rate)
         self.scheduler = None
         if args.lr_decay:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=0.5,
