@@ -169,6 +169,18 @@ def test_codebook_indices_are_row_major_argmax():
             assert torch.equal(codes[:, r * 2 + c], logits[:, :, r, c].argmax(dim=1))
 
 
+def test_codebook_indices_channels_last_matches_nchw():
+    """Tokenising runs the CPU encoder channels-last: the same logits (float64) and codes as NCHW."""
+    vae = DiscreteVAE(DiscreteVAEConfig(image_size=32, num_layers=2, num_tokens=64, hidden_dim=16,
+                                        num_resnet_blocks=1)).double().eval()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        nchw = vae.encoder(vae._normalize(x))
+        last = vae.encoder(vae._normalize(x).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(last, nchw, rtol=0, atol=1e-12)
+    assert torch.equal(vae.get_codebook_indices(x), nchw.argmax(dim=1).flatten(1))
+
+
 @pytest.mark.parametrize("channels", [3, 4])
 def test_decode_returns_pixel_space(channels):
     vae = tiny_vae(channels=channels)

@@ -233,7 +233,10 @@ class DiscreteVAE(ConfiguredVAE):
     @torch.no_grad()
     def get_codebook_indices(self, img: Tensor) -> Tensor:
         """[0, 1] images (b, channels, image_size, image_size) -> codes (b, fmap_size**2), row-major."""
-        return self.encoder(self._normalize(img)).argmax(dim=1).flatten(1)
+        x = self._normalize(img)
+        if x.is_cpu:  # oneDNN convolves channels-last natively; NCHW costs a fifth to a third more time
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x).argmax(dim=1).flatten(1)
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes (b, fmap_size**2) -> images (b, channels, image_size, image_size) in [0, 1].
