@@ -11,6 +11,7 @@
 
 #include "decode_layer.h"
 #include "decode_attention.h"
+#include "packed_linear.h"
 #include "small_linear.h"
 #include "vector_math.h"
 
@@ -44,6 +45,8 @@ Branch unpack(const c10::List<std::optional<at::Tensor>>& list, const char* name
   }
   TORCH_CHECK(branch.t[kNormOutW].has_value() == branch.t[kNormOutB].has_value(), "decode_layer: ", name,
               "'s sandwich norm needs both its weight and its bias");
+  TORCH_CHECK(out_features(branch[kOutW]) == dim, "decode_layer: ", name, "'s output weight must have ", dim,
+              " output features, got ", out_features(branch[kOutW]));
   for (Slot s : {kNormW, kNormB, kNormOutW, kNormOutB, kLayerScale}) {
     if (!branch.t[s].has_value()) continue;
     TORCH_CHECK(branch[s].dim() == 1 && branch[s].size(0) == dim && branch[s].is_contiguous(), "decode_layer: ", name,
@@ -268,8 +271,8 @@ at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::T
   check_rows(k_cache, "k_cache", k_cache.sizes(), dtype);
   check_rows(v_cache, "v_cache", k_cache.sizes(), dtype);
   const int64_t heads = k_cache.size(1), dim_head = k_cache.size(3);
-  TORCH_CHECK(attn_branch[kInW].size(0) == 3 * heads * dim_head, "decode_layer: the QKV weight must have 3 * heads * "
-              "dim_head = ", 3 * heads * dim_head, " output features, got ", attn_branch[kInW].size(0));
+  TORCH_CHECK(out_features(attn_branch[kInW]) == 3 * heads * dim_head, "decode_layer: the QKV weight must have 3 * "
+              "heads * dim_head = ", 3 * heads * dim_head, " output features, got ", out_features(attn_branch[kInW]));
   const std::vector<int64_t> pos = row_positions(pos_tensor, batch, k_cache.size(2));
   TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "decode_layer: rotary needs both cos and sin");
   if (rotary_cos.has_value()) {

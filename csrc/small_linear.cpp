@@ -13,6 +13,7 @@
 // half (16-bit) of the bytes of a float32 weight and computes exactly what float32 would on the converted weight.
 
 #include "small_linear.h"
+#include "packed_linear.h"
 #include "vector_math.h"
 
 #include <ATen/ATen.h>
@@ -277,8 +278,13 @@ void run(const at::Tensor& x, const at::Tensor& weight, const scalar_t* bias, co
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "small_linear: x must be (rows, in) and weight (out, in), got ",
-              x.sizes(), " and ", weight.sizes());
+  const bool packed = weight.dim() == 3;
+  TORCH_CHECK(x.dim() == 2 && (weight.dim() == 2 || packed),
+              "small_linear: x must be (rows, in) and weight (out, in) or packed (out / ", kPackLanes, ", in, ",
+              kPackLanes, "), got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(!packed || (weight.size(2) == kPackLanes && weight.is_contiguous()),
+              "small_linear: a packed weight must be contiguous, (out / ", kPackLanes, ", in, ", kPackLanes,
+              "), got ", weight.sizes(), " with strides ", weight.strides());
   TORCH_CHECK(x.size(1) == weight.size(1), "small_linear: x has ", x.size(1), " features but weight expects ",
               weight.size(1), " (x ", x.sizes(), ", weight ", weight.sizes(), ")");
   const auto dtype = x.scalar_type(), w_dtype = weight.scalar_type();
@@ -291,9 +297,9 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear needs CPU tensors, got ", x.device(),
               " and ", weight.device());
   // Reading the weight in place is the point of the kernel: a copy would cost as much as the product.
-  TORCH_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1,
+  TORCH_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1 || packed,
               "small_linear: weight must have unit stride along in features, got strides ", weight.strides());
-  const int64_t out_features = weight.size(0);
+  const int64_t out_features = dalle_engine::out_features(weight);
   at::Tensor b, sc;
   if (bias.has_value()) {
     b = bias->contiguous();
@@ -317,6 +323,10 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std
   // x in the compute type with unit stride along features (no copy for float32 / float64 rows that have it).
   at::Tensor xc = x.to(at::toOpMathType(dtype));
   if (xc.size(1) > 1 && xc.stride(1) != 1) xc = xc.contiguous();
+  if (packed) {
+    packed_linear(xc, weight, b, sc, y);
+    return y;
+  }
   const float* sc_data = int8 ? sc.const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "small_linear", [&] {
     const scalar_t* b_data = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;

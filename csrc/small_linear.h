@@ -13,7 +13,8 @@ namespace dalle_engine {
 // the weight may be stored in fewer bits (weight-only quantisation): int8 with scale, a float32 (out,) tensor, giving
 // y = (x @ weight^T) * scale + bias, or bfloat16 / float16 beside float32 x. Computes in float32 (float64
 // for float64 x) and returns (rows, out), contiguous, in x's dtype. Reads the weight once whatever the number of
-// rows; meant for up to ~16 rows but correct for any.
+// rows; meant for up to ~16 rows but correct for any. The weight may also come packed along output features, (out / 16,
+// in, 16) contiguous (kernels.cpp.pack_weight; see packed_linear.cpp): the fastest form for a decode step.
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& scale);
 

@@ -19,6 +19,7 @@ from engine.model import fused_decode
 from engine.model.dalle import DALLE
 from engine.model.quantize import quantize_weights
 from engine.sampling.decode import decoding
+from engine.train.training import adam
 from kernels import cpp
 
 pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"C++ kernels unavailable: {cpp.load_error()}")
@@ -166,6 +167,56 @@ def test_plan_follows_module_surgery_and_casts(fused_calls):
     assert len(fused_calls) == 4 * len(pos) * model.config.depth
 
 
+def test_plan_follows_weights_changed_in_place(fused_calls):
+    """The plan keeps packed copies of the weights: weights changed in place (load_state_dict, an optimizer step)
+    must be packed again, not served from the old copies."""
+    model, other = random_model(torch.float32), random_model(torch.float32).state_dict()
+    optimizer = adam(list(model.parameters()), lr=0.05)
+    text, codes = random_batch(model.config)
+    pos = [0, 1, 2]
+    before = steps(model, text, codes, pos)[1]
+    model.load_state_dict(other)
+    for changed_by in ("load_state_dict", "optimizer"):
+        if changed_by == "optimizer":
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        got = steps(model, text, codes, pos)[1]
+        with fused_decode.unfused():
+            want = steps(model, text, codes, pos)[1]
+        assert not torch.allclose(want, before, atol=1e-3), changed_by
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * max(want.abs().max().item(), 1.0), msg=changed_by)
+        before = want
+    assert len(fused_calls) == 3 * len(pos) * model.config.depth
+
+
+def test_plan_is_kept_while_nothing_changes():
+    """Packing every weight at every sampling call would cost a copy of the model: a new KV cache keeps the plan,
+    an in-place change or an optimizer step drops it."""
+    model = random_model(torch.float32)
+    optimizer = adam(list(model.parameters()), lr=0.05)
+    plan = fused_decode._plan(model.transformer)
+    model.new_cache(2, "cpu")
+    assert fused_decode._plan(model.transformer) is plan
+    with torch.no_grad():
+        model.transformer.layers[0].ff.fn.proj_out.weight.mul_(2)
+    assert not plan.current()
+    plan = fused_decode._plan(model.transformer)
+    assert plan.current()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert not plan.current()
+
+
+def test_plan_packs_each_shared_weight_once():
+    model = random_model(torch.float32, **OPTIONS["shared_weights"])
+    plan = fused_decode._plan(model.transformer)
+    packed = [branch[i] for layer in plan.layers for branch in layer[:2] for i in fused_decode._WEIGHTS]
+    assert all(w.dim() == 3 for w in packed)  # every projection of this model has a multiple of 16 outputs
+    assert len({id(w) for w in packed}) == len({id(w) for w in plan.weights}) < len(packed)
+
+
 def layer_args(model: DALLE, batch: int = 2):
     """A valid decode_layer call on layer 0 at the first image position, as (args, kwargs)."""
     tr, c = model.transformer, model.config
@@ -181,12 +232,18 @@ def layer_args(model: DALLE, batch: int = 2):
     return args, kwargs
 
 
+def _replaced(branch: list, name: str, tensor: torch.Tensor) -> list:
+    return [tensor if i == cpp.BRANCH_TENSORS.index(name) else t for i, t in enumerate(branch)]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a, k: (a[:1] + (a[1][:-1],) + a[2:], k), "needs 11 tensors"),
     (lambda a, k: (a[:5] + (torch.tensor(10**6),), k), "pos must lie in"),
     (lambda a, k: (a, {**k, "rings": None}), "token shift needs both rings"),
     (lambda a, k: ((a[0].bfloat16(),) + a[1:], k), "float32 or float64"),
-    (lambda a, k: ((a[0][:, :-1],) + a[1:], k), "must be"),
+    (lambda a, k: ((a[0][:, :-1],) + a[1:], k), "attn's output weight must have 31 output features, got 32"),
+    (lambda a, k: (a[:2] + (_replaced(a[2], "out_weight", a[2][5][:-1]),) + a[3:], k),
+     "ff's output weight must have 32 output features, got 31"),
     (lambda a, k: (a[:3] + (a[3][:, :, :, :-1],) + a[4:], k), "v_cache must be"),
 ])
 def test_bad_arguments_raise(change, message):

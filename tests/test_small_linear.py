@@ -332,3 +332,85 @@ def test_weight_only_op_passes_opcheck() -> None:
     q, scale = quantize_int8(w)
     for args in [(x, q, b, scale), (x, q, None, scale), (x, w.bfloat16(), b)]:
         torch.library.opcheck(torch.ops.dalle_engine_cpu.small_linear.default, args)
+
+
+# --- weights packed along output features (kernels.cpp.pack_weight): the form the fused decode step passes ---
+
+PACKED_OUT_FEATURES = [16, 48, 80, 2048]  # one group; 3 (a partial block of 4 groups); 5 (a block and one); many
+
+
+@pytest.mark.parametrize("kind", ["same", *WEIGHT_KINDS])
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16])
+def test_packed_matches_float64(kind: str, x_dtype: torch.dtype, rows: int) -> None:
+    """A packed weight of every dtype the products take, within the budget of the (out, in) weight: row tiles of 4,
+    2 and 1, group blocks of 4 and 1, and in features past one and several summation blocks."""
+    if kind != "same" and kind != "int8" and x_dtype != torch.float32:
+        pytest.skip("16-bit weights go with float32 rows (or their own dtype)")
+    values = pool(torch.float32 if x_dtype != torch.float64 else torch.float64)
+    for in_features in IN_FEATURES:
+        for out_features in PACKED_OUT_FEATURES:
+            x = cut(values, rows * in_features + out_features, rows, in_features).to(x_dtype)
+            w = cut(values, max(ROWS) * max(IN_FEATURES) + in_features, out_features, in_features)
+            b = cut(values, values.numel() - out_features - rows, out_features).to(x_dtype)
+            weight, scale, exact_w = (w.to(x_dtype), None, w.to(x_dtype)) if kind == "same" else stored(w, kind)
+            packed = cpp.pack_weight(weight)
+            assert packed.shape == (out_features // 16, in_features, 16) and packed.dtype == weight.dtype
+            check(cpp.small_linear(x, packed, b, scale), x, exact_w, b)
+            check(cpp.small_linear(x, packed, None, scale), x, exact_w, None)
+
+
+@pytest.mark.parametrize("kind", ["same", *WEIGHT_KINDS])
+def test_packed_rows_never_depend_on_the_other_rows(kind: str) -> None:
+    gen = torch.Generator().manual_seed(6)
+    x = randn(37, 300, dtype=torch.float32, gen=gen)
+    w = randn(80, 300, dtype=torch.float32, gen=gen)
+    weight, scale, _ = (w, None, w) if kind == "same" else stored(w, kind)
+    packed, b = cpp.pack_weight(weight), randn(80, dtype=torch.float32, gen=gen)
+    together = cpp.small_linear(x, packed, b, scale)
+    for row in (0, 1, 4, 36):
+        assert torch.equal(cpp.small_linear(x[row:row + 1], packed, b, scale)[0], together[row])
+    for rows in (2, 3, 5, 6, 7):
+        assert torch.equal(cpp.small_linear(x[:rows], packed, b, scale), together[:rows])
+
+
+@pytest.mark.skipif("avx512" not in cpp.cpu_isas() if cpp.available() else True, reason="needs an AVX-512 CPU")
+@pytest.mark.parametrize("kind", ["same", "int8", "bfloat16"])
+def test_packed_avx512_and_avx2_agree_bit_for_bit(kind: str) -> None:
+    """Both builds run the same multiply-adds in the same order, each lane one output feature."""
+    gen = torch.Generator().manual_seed(7)
+    x, w = randn(5, 1000, dtype=torch.float32, gen=gen), randn(80, 1000, dtype=torch.float32, gen=gen)
+    weight, scale, _ = (w, None, w) if kind == "same" else stored(w, kind)
+    packed, b = cpp.pack_weight(weight), randn(80, dtype=torch.float32, gen=gen)
+    with cpp.use_cpu_isa("avx512"):
+        wide = cpp.small_linear(x, packed, b, scale)
+    with cpp.use_cpu_isa("avx2"):
+        assert torch.equal(cpp.small_linear(x, packed, b, scale), wide)
+
+
+def test_packed_argument_errors() -> None:
+    x, w = torch.randn(2, 8), torch.randn(32, 8)
+    packed = cpp.pack_weight(w)
+    with pytest.raises(ValueError, match=r"out a multiple of 16, got shape \(24, 8\)"):
+        cpp.pack_weight(w[:24])
+    bad = {
+        "a packed weight must be contiguous": lambda: cpp.small_linear(x, packed.transpose(0, 1).contiguous()
+                                                                        .transpose(0, 1)),
+        r"packed \(out / 16, in, 16\), got \[2, 8\] and \[2, 8, 2, 8\]":
+            lambda: cpp.small_linear(x, packed.view(2, 8, 2, 8)),
+        r"packed weight must be contiguous, \(out / 16, in, 16\), got \[2, 8, 8\]":
+            lambda: cpp.small_linear(x, packed[..., :8]),
+        "x has 7 features but weight expects 8": lambda: cpp.small_linear(x[:, :7], packed),
+        r"bias must be \(32,\)": lambda: cpp.small_linear(x, packed, torch.randn(16)),
+    }
+    for message, call in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def test_packed_op_passes_opcheck() -> None:
+    x, w, b = torch.randn(3, 16), torch.randn(32, 16), torch.randn(32)
+    q, scale = quantize_int8(w)
+    for args in [(x, cpp.pack_weight(w), b), (x, cpp.pack_weight(q), b, scale),
+                 (x, cpp.pack_weight(w.bfloat16()), None)]:
+        torch.library.opcheck(torch.ops.dalle_engine_cpu.small_linear.default, args)

@@ -8,7 +8,11 @@ inside ``torch.compile`` (a compiled step fuses the layer-by-layer graph itself)
 compare or measure.
 
 A step passes ~25 tensors per layer: gathered through ``nn.Module.__getattr__`` at every step, that alone cost ~40 us
-per layer, so they are gathered once into a plan, kept until the model's modules or tensors are replaced.
+per layer, so they are gathered once into a plan, kept until the model's modules or tensors are replaced. The plan
+also holds each projection's weight packed along output features (``kernels.cpp.pack_weight``), the form in which the
+C++ products run 2-3x faster at a handful of rows: a copy, as large as the weights as stored (int8, bfloat16 or the
+model's dtype), made at the first fused step and again whenever a weight changes in place (an optimizer step,
+``load_state_dict``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.nn.modules.module import (register_module_buffer_registration_hook, register_module_module_registration_hook,
                                      register_module_parameter_registration_hook)
 
@@ -74,33 +79,42 @@ def try_decode(transformer: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor
 
 class _Plan(NamedTuple):
     """What a fused step passes for each layer, gathered once: (attention tensors, feed-forward tensors, pattern,
-    geometry) per layer, every projection's weight (their dtypes decide whether the C++ products take them), the
-    norms' eps and whether the layers are reversible."""
+    geometry) per layer, with the projections' weights packed; every projection's weight as the model holds it (their
+    dtypes decide whether the C++ products take them) and its version when packed; the norms' eps and whether the
+    layers are reversible."""
 
     generation: int
     layers: list[tuple[list, list, str, dict]]
     weights: list[torch.Tensor]
+    versions: list[int]
     eps: float
     reversible: bool
 
     def takes(self, dtype: torch.dtype) -> bool:
         return all(kernel_takes(w.dtype, dtype) for w in self.weights)
 
+    def current(self) -> bool:
+        """Whether the packed weights are still the model's: none replaced, none changed in place."""
+        return self.generation == _generation and all(w._version == v for w, v in zip(self.weights, self.versions))
+
 
 # Bumped whenever a module, parameter or buffer is registered anywhere (module surgery such as quantize_weights, a
-# parameter replaced): a plan gathered before then may hold replaced tensors, so it is gathered again. Casts and moves
-# (Module._apply) replace tensors too: Transformer._apply calls forget.
+# parameter replaced) and after every optimizer step (fused optimizers change weights in place without bumping their
+# version counters): a plan gathered before then may hold replaced tensors or stale packed copies, so it is gathered
+# again. Casts and moves (Module._apply) replace tensors too: Transformer._apply calls forget. Modules whose class
+# says ``holds_weights = False`` (a KV cache, made for every sampling call) do not count.
 _generation = 0
 
 
-def _registered(*_) -> None:
+def _changed(owner, *_) -> None:
     global _generation
-    _generation += 1
+    if getattr(owner, "holds_weights", True):
+        _generation += 1
 
 
 for _register in (register_module_module_registration_hook, register_module_parameter_registration_hook,
-                  register_module_buffer_registration_hook):
-    _register(_registered)
+                  register_module_buffer_registration_hook, register_optimizer_step_post_hook):
+    _register(_changed)
 
 
 def forget(transformer: nn.Module) -> None:
@@ -110,19 +124,32 @@ def forget(transformer: nn.Module) -> None:
 
 def _plan(transformer: nn.Module) -> _Plan:
     plan = transformer.__dict__.get("_fused_plan")
-    if plan is None or plan.generation != _generation:
-        layers, weights = [], []
+    if plan is None or not plan.current():
+        forget(transformer)  # the old packed copies go before the new ones are made
+        layers, weights, packed = [], [], {}  # packed: by id, once for weights the layers share
         for layer in transformer.layers:
             attn, ff = (layer._modules[name] for name in ("attn", "ff"))
             fn = attn.fn
-            layers.append((_branch(attn), _branch(ff), fn.pattern, fn.geometry))
-            weights += [t[i] for t in layers[-1][:2] for i in _WEIGHTS]
-        plan = _Plan(_generation, layers, weights, transformer.layers[0].attn.norm.eps, transformer.reversible)
+            branches = _branch(attn), _branch(ff)
+            for branch in branches:
+                for i in _WEIGHTS:
+                    weights.append(branch[i])
+                    if id(branch[i]) not in packed:
+                        packed[id(branch[i])] = _packed(branch[i])
+                    branch[i] = packed[id(branch[i])]
+            layers.append((*branches, fn.pattern, fn.geometry))
+        plan = _Plan(_generation, layers, weights, [w._version for w in weights], transformer.layers[0].attn.norm.eps,
+                     transformer.reversible)
         transformer.__dict__["_fused_plan"] = plan
     return plan
 
 
 _WEIGHTS = (cpp.BRANCH_TENSORS.index("in_weight"), cpp.BRANCH_TENSORS.index("out_weight"))
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` packed for the C++ products, or as it is where its output features are not a multiple of 16."""
+    return weight if weight.shape[0] % cpp.PACK_LANES else cpp.pack_weight(weight)
 
 
 def _branch(branch: nn.Module) -> list[torch.Tensor | None]:

@@ -304,6 +304,8 @@ class KVCache(nn.Module):
     step.
     """
 
+    holds_weights = False  # registering its buffers leaves fused decode plans current (engine.model.fused_decode)
+
     def __init__(self, config: DALLEConfig, batch: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
