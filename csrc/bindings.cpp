@@ -50,6 +50,11 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       "decode_layer(Tensor x, Tensor?[] attn, Tensor?[] ff, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, "
       "Tensor? rotary_cos, Tensor? rotary_sin, Tensor(c!)? ring_attn, Tensor(d!)? ring_ff, Tensor? shift_weights, "
       "str pattern, int text_len, int fmap_size, int kernel_size, int dilation, float eps, bool reversible) -> Tensor");
+  m.class_<dalle_engine::DecodeStack>("DecodeStack")
+      .def(torch::init<const c10::List<std::optional<at::Tensor>>&, const std::vector<std::string>&,
+                       const std::vector<int64_t>&, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                       std::optional<at::Tensor>, double, bool>())
+      .def("step", &dalle_engine::DecodeStack::step);
   m.def("counter_uniform(Tensor keys, Tensor step, int columns) -> Tensor");
   m.def("geglu_fwd(Tensor x) -> Tensor");
   m.def("geglu_bwd(Tensor x, Tensor grad) -> Tensor");

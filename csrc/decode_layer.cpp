@@ -34,6 +34,12 @@ struct Branch {
   const std::optional<at::Tensor>& opt(Slot s) const { return t[s]; }
 };
 
+// Per-position rows (rotary angles, token-shift weights): batch row b reads row rows[b] of table (null: none).
+struct Table {
+  const at::Tensor* table;
+  std::vector<int64_t> rows;
+};
+
 Branch unpack(const c10::List<std::optional<at::Tensor>>& list, const char* name, int64_t dim) {
   TORCH_CHECK(static_cast<int64_t>(list.size()) == kSlots, "decode_layer: ", name, " needs ", int64_t{kSlots},
               " tensors (norm weight, norm bias, input weight, input bias, input scale, output weight, output bias, "
@@ -75,12 +81,11 @@ std::vector<int64_t> row_positions(const at::Tensor& pos, int64_t batch, int64_t
 // becomes h * w0 + (previous token) * w1 + (token a grid row above) * w2, read from the ring (see shift_step in
 // engine/model/transformer.py).
 template <typename scalar_t>
-void shift_rows(at::Tensor& h, const at::Tensor& ring, const at::Tensor& weights, const std::vector<int64_t>& pos) {
+void shift_rows(at::Tensor& h, const at::Tensor& ring, const Table& weights, const std::vector<int64_t>& pos) {
   const int64_t batch = h.size(0), dim = h.size(1), size = ring.size(1);
   scalar_t* rows = h.mutable_data_ptr<scalar_t>();
   scalar_t* ring_data = ring.mutable_data_ptr<scalar_t>();
-  const scalar_t* w_data = weights.const_data_ptr<scalar_t>();
-  const int64_t w_rows = weights.size(0);
+  const scalar_t* w_data = weights.table->const_data_ptr<scalar_t>();
   for (int64_t b = 0; b < batch; ++b) {
     scalar_t* row = rows + b * dim;
     scalar_t* slots = ring_data + b * ring.stride(0);
@@ -88,7 +93,7 @@ void shift_rows(at::Tensor& h, const at::Tensor& ring, const at::Tensor& weights
     scalar_t* own = slots + (p % size) * ring.stride(1);
     const scalar_t* prev = slots + ((p + size - 1) % size) * ring.stride(1);
     const scalar_t* above = slots + ((p + 1) % size) * ring.stride(1);  // p - fmap_size, as size = fmap_size + 1
-    const scalar_t* w = w_data + (w_rows == 1 ? 0 : b) * 3 * dim;
+    const scalar_t* w = w_data + weights.rows[b] * 3 * dim;
     for (int64_t j = 0; j < dim; ++j) own[j] = row[j];
     for (int64_t j = 0; j < dim; ++j) row[j] = row[j] * w[j] + prev[j] * w[dim + j] + above[j] * w[2 * dim + j];
   }
@@ -98,19 +103,18 @@ void shift_rows(at::Tensor& h, const at::Tensor& ring, const at::Tensor& weights
 // place (pairs (2i, 2i + 1) turned by the row's angles, as apply_rotary), then each row's key and value written into
 // the caches at its position.
 template <typename scalar_t>
-void rotate_and_cache(at::Tensor& qkv, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                      const at::Tensor& k_cache, const at::Tensor& v_cache, const std::vector<int64_t>& pos) {
+void rotate_and_cache(at::Tensor& qkv, const Table& cos, const Table& sin, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const std::vector<int64_t>& pos) {
   const int64_t batch = qkv.size(0), heads = k_cache.size(1), dim_head = k_cache.size(3);
-  const int64_t inner = heads * dim_head, rot = cos.has_value() ? cos->size(1) : 0;
+  const int64_t inner = heads * dim_head, rot = cos.table != nullptr ? cos.table->size(1) : 0;
   scalar_t* data = qkv.mutable_data_ptr<scalar_t>();
-  const scalar_t* cos_data = rot ? cos->const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* sin_data = rot ? sin->const_data_ptr<scalar_t>() : nullptr;
-  const int64_t angle_rows = rot ? cos->size(0) : 0;
+  const scalar_t* cos_data = rot ? cos.table->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sin_data = rot ? sin.table->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* caches[2] = {k_cache.mutable_data_ptr<scalar_t>(), v_cache.mutable_data_ptr<scalar_t>()};
   const at::IntArrayRef strides[2] = {k_cache.strides(), v_cache.strides()};
   for (int64_t b = 0; b < batch; ++b) {
-    const scalar_t* c = cos_data + (angle_rows == 1 ? 0 : b) * rot;
-    const scalar_t* s = sin_data + (angle_rows == 1 ? 0 : b) * rot;
+    const scalar_t* c = cos_data + (rot ? cos.rows[b] : 0) * rot;
+    const scalar_t* s = sin_data + (rot ? sin.rows[b] : 0) * rot;
     for (int64_t part = 0; part < 3; ++part) {
       for (int64_t h = 0; h < heads; ++h) {
         scalar_t* x = data + b * 3 * inner + part * inner + h * dim_head;
@@ -163,15 +167,14 @@ DALLE_ENGINE_INLINE void geglu_rows(const scalar_t* in, int64_t rows, int64_t hi
 // PreNorm's norm of the rows x (a column slice or all of a (batch, ...) tensor), then the token shift.
 template <typename scalar_t>
 at::Tensor normed_input(const at::Tensor& x, const Branch& branch, const std::vector<int64_t>& pos,
-                        const std::optional<at::Tensor>& ring, const std::optional<at::Tensor>& shift_weights,
-                        double eps) {
+                        const std::optional<at::Tensor>& ring, const Table& shift_weights, double eps) {
   at::Tensor h = at::empty({x.size(0), x.size(1)}, x.options());
   with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
     layer_norm_rows(x.const_data_ptr<scalar_t>(), x.stride(0), x.size(0), x.size(1),
                     branch[kNormW].const_data_ptr<scalar_t>(), branch[kNormB].const_data_ptr<scalar_t>(),
                     static_cast<scalar_t>(eps), h.mutable_data_ptr<scalar_t>());
   });
-  if (ring.has_value()) shift_rows<scalar_t>(h, *ring, *shift_weights, pos);
+  if (ring.has_value()) shift_rows<scalar_t>(h, *ring, shift_weights, pos);
   return h;
 }
 
@@ -197,9 +200,8 @@ struct Geometry {
 template <typename scalar_t>
 at::Tensor attention_branch(const at::Tensor& x, const Branch& branch, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& pos_tensor, const std::vector<int64_t>& pos,
-                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                            const std::optional<at::Tensor>& ring, const std::optional<at::Tensor>& shift_weights,
-                            const Geometry& g, double eps) {
+                            const Table& cos, const Table& sin, const std::optional<at::Tensor>& ring,
+                            const Table& shift_weights, const Geometry& g, double eps) {
   const at::Tensor h = normed_input<scalar_t>(x, branch, pos, ring, shift_weights, eps);
   at::Tensor qkv = small_linear(h, branch[kInW], branch.opt(kInB), branch.opt(kInScale));
   rotate_and_cache<scalar_t>(qkv, cos, sin, k_cache, v_cache, pos);
@@ -212,8 +214,7 @@ at::Tensor attention_branch(const at::Tensor& x, const Branch& branch, const at:
 
 template <typename scalar_t>
 at::Tensor feed_forward_branch(const at::Tensor& x, const Branch& branch, const std::vector<int64_t>& pos,
-                               const std::optional<at::Tensor>& ring, const std::optional<at::Tensor>& shift_weights,
-                               double eps) {
+                               const std::optional<at::Tensor>& ring, const Table& shift_weights, double eps) {
   const at::Tensor h = normed_input<scalar_t>(x, branch, pos, ring, shift_weights, eps);
   const at::Tensor in = small_linear(h, branch[kInW], branch.opt(kInB), branch.opt(kInScale));
   const int64_t hidden = in.size(1) / 2;
@@ -249,40 +250,34 @@ void check_rows(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at
               "dim, got strides ", t.strides());
 }
 
-}  // namespace
-
-at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& attn,
-                        const c10::List<std::optional<at::Tensor>>& ff, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& pos_tensor,
-                        const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-                        const std::optional<at::Tensor>& ring_attn, const std::optional<at::Tensor>& ring_ff,
-                        const std::optional<at::Tensor>& shift_weights, std::string_view pattern, int64_t text_len,
-                        int64_t fmap_size, int64_t kernel_size, int64_t dilation, double eps, bool reversible) {
+// The checks of one layer's arguments beyond its branches (checked by unpack): x (dim features, or 2 * dim for a
+// reversible layer), the caches, the rotary tables (rows of rot angles) and the token-shift rings and weights.
+void check_layer(const at::Tensor& x, const Branch& attn, int64_t dim, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                 const std::optional<at::Tensor>& ring_attn, const std::optional<at::Tensor>& ring_ff,
+                 const std::optional<at::Tensor>& shift_weights, int64_t fmap_size, bool reversible) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble),
               "decode_layer: x must be a (batch, dim) float32 or float64 CPU tensor, got ", x.scalar_type(), " ",
               x.sizes(), " on ", x.device());
-  const int64_t batch = x.size(0), dim = reversible ? x.size(1) / 2 : x.size(1);
-  TORCH_CHECK(!reversible || x.size(1) % 2 == 0, "decode_layer: a reversible layer's x holds two streams of dim "
-              "features, got ", x.size(1), " features");
-  const Branch attn_branch = unpack(attn, "attn", dim), ff_branch = unpack(ff, "ff", dim);
+  TORCH_CHECK(x.size(1) == (reversible ? 2 : 1) * dim, "decode_layer: x must have ", (reversible ? 2 : 1) * dim,
+              " features", reversible ? " (a reversible layer's two streams)" : "", ", got ", x.size(1));
+  const int64_t batch = x.size(0);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch, "decode_layer: k_cache must be (", batch,
               ", heads, max_seq, dim_head), got ", k_cache.sizes());
   check_rows(k_cache, "k_cache", k_cache.sizes(), dtype);
   check_rows(v_cache, "v_cache", k_cache.sizes(), dtype);
   const int64_t heads = k_cache.size(1), dim_head = k_cache.size(3);
-  TORCH_CHECK(out_features(attn_branch[kInW]) == 3 * heads * dim_head, "decode_layer: the QKV weight must have 3 * "
-              "heads * dim_head = ", 3 * heads * dim_head, " output features, got ", out_features(attn_branch[kInW]));
-  const std::vector<int64_t> pos = row_positions(pos_tensor, batch, k_cache.size(2));
-  TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "decode_layer: rotary needs both cos and sin");
-  if (rotary_cos.has_value()) {
-    const int64_t rot = rotary_cos->size(-1);
-    TORCH_CHECK(rotary_cos->dim() == 2 && (rotary_cos->size(0) == 1 || rotary_cos->size(0) == batch) &&
-                rot % 2 == 0 && rot <= dim_head, "decode_layer: rotary_cos must be (1 or batch, an even rot <= "
-                "dim_head), got ", rotary_cos->sizes());
-    check_rows(*rotary_cos, "rotary_cos", rotary_cos->sizes(), dtype);
-    check_rows(*rotary_sin, "rotary_sin", rotary_cos->sizes(), dtype);
-    TORCH_CHECK(rotary_cos->is_contiguous() && rotary_sin->is_contiguous(), "decode_layer: rotary must be contiguous");
+  TORCH_CHECK(out_features(attn[kInW]) == 3 * heads * dim_head, "decode_layer: the QKV weight must have 3 * "
+              "heads * dim_head = ", 3 * heads * dim_head, " output features, got ", out_features(attn[kInW]));
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_layer: rotary needs both cos and sin");
+  if (cos.has_value()) {
+    const int64_t rot = cos->size(-1);
+    TORCH_CHECK(cos->dim() == 2 && rot % 2 == 0 && rot <= dim_head, "decode_layer: rotary_cos must be (rows, an "
+                "even rot <= dim_head), got ", cos->sizes());
+    check_rows(*cos, "rotary_cos", cos->sizes(), dtype);
+    check_rows(*sin, "rotary_sin", cos->sizes(), dtype);
+    TORCH_CHECK(cos->is_contiguous() && sin->is_contiguous(), "decode_layer: rotary must be contiguous");
   }
   const bool shift = shift_weights.has_value();
   TORCH_CHECK(ring_attn.has_value() == shift && ring_ff.has_value() == shift,
@@ -293,27 +288,136 @@ at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::T
                 ring_attn->sizes());
     check_rows(*ring_attn, "ring_attn", {batch, fmap_size + 1, dim}, dtype);
     check_rows(*ring_ff, "ring_ff", {batch, fmap_size + 1, dim}, dtype);
-    TORCH_CHECK(shift_weights->dim() == 3 && (shift_weights->size(0) == 1 || shift_weights->size(0) == batch) &&
-                shift_weights->is_contiguous(), "decode_layer: shift_weights must be contiguous (1 or batch, 3, dim)");
+    TORCH_CHECK(shift_weights->dim() == 3 && shift_weights->is_contiguous(),
+                "decode_layer: shift_weights must be contiguous (rows, 3, dim)");
     check_rows(*shift_weights, "shift_weights", {shift_weights->size(0), 3, dim}, dtype);
   }
+}
 
-  const Geometry g{pattern, text_len, fmap_size, kernel_size, dilation};
+// Table rows for each batch row: one row for all, one per batch row, or (positions) the row at each one's position.
+Table table(const std::optional<at::Tensor>& t, const char* name, int64_t batch) {
+  if (!t.has_value()) return {nullptr, {}};
+  TORCH_CHECK(t->size(0) == 1 || t->size(0) == batch, "decode_layer: ", name, " must have 1 or batch = ", batch,
+              " rows, got ", t->size(0));
+  std::vector<int64_t> rows(batch);
+  for (int64_t b = 0; b < batch; ++b) rows[b] = t->size(0) == 1 ? 0 : b;
+  return {&*t, std::move(rows)};
+}
+
+Table table_at(const std::optional<at::Tensor>& t, const char* name, const std::vector<int64_t>& pos) {
+  if (!t.has_value()) return {nullptr, {}};
+  for (const int64_t p : pos) {
+    TORCH_CHECK(p < t->size(0), "decode_layer: ", name, " has no row for position ", p, " (", t->size(0), " rows)");
+  }
+  return {&*t, pos};
+}
+
+// One checked layer. Non-reversible: y1 = x + f(x), y = y1 + g(y1). Reversible, streams (x1, x2): y1 = x1 + f(x2),
+// y2 = x2 + g(y1).
+at::Tensor run_layer(const at::Tensor& x, const Branch& attn, const Branch& ff, int64_t dim, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& pos_tensor, const std::vector<int64_t>& pos,
+                     const Table& cos, const Table& sin, const std::optional<at::Tensor>& ring_attn,
+                     const std::optional<at::Tensor>& ring_ff, const Table& shift_weights, const Geometry& g, double eps,
+                     bool reversible) {
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
-  // Non-reversible: y1 = x + f(x), y = y1 + g(y1). Reversible, streams (x1, x2): y1 = x1 + f(x2), y2 = x2 + g(y1).
   const at::Tensor f_in = reversible ? xc.narrow(1, dim, dim) : xc;
   const at::Tensor f_res = reversible ? xc.narrow(1, 0, dim) : xc;
   at::Tensor y1 = reversible ? y.narrow(1, 0, dim) : y;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "decode_layer", [&] {
-    const at::Tensor f = attention_branch<scalar_t>(f_in, attn_branch, k_cache, v_cache, pos_tensor, pos, rotary_cos,
-                                                    rotary_sin, ring_attn, shift_weights, g, eps);
-    add_scaled<scalar_t>(y1, f_res, f, attn_branch[kLayerScale]);
-    const at::Tensor g = feed_forward_branch<scalar_t>(y1, ff_branch, pos, ring_ff, shift_weights, eps);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "decode_layer", [&] {
+    const at::Tensor f = attention_branch<scalar_t>(f_in, attn, k_cache, v_cache, pos_tensor, pos, cos, sin, ring_attn,
+                                                    shift_weights, g, eps);
+    add_scaled<scalar_t>(y1, f_res, f, attn[kLayerScale]);
+    const at::Tensor g_out = feed_forward_branch<scalar_t>(y1, ff, pos, ring_ff, shift_weights, eps);
     at::Tensor y2 = reversible ? y.narrow(1, dim, dim) : y;
-    add_scaled<scalar_t>(y2, reversible ? f_in : y1, g, ff_branch[kLayerScale]);
+    add_scaled<scalar_t>(y2, reversible ? f_in : y1, g_out, ff[kLayerScale]);
   });
   return y;
+}
+
+}  // namespace
+
+at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& attn,
+                        const c10::List<std::optional<at::Tensor>>& ff, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& pos_tensor,
+                        const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+                        const std::optional<at::Tensor>& ring_attn, const std::optional<at::Tensor>& ring_ff,
+                        const std::optional<at::Tensor>& shift_weights, std::string_view pattern, int64_t text_len,
+                        int64_t fmap_size, int64_t kernel_size, int64_t dilation, double eps, bool reversible) {
+  TORCH_CHECK(x.dim() == 2, "decode_layer: x must be a (batch, dim) float32 or float64 CPU tensor, got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(!reversible || x.size(1) % 2 == 0, "decode_layer: a reversible layer's x holds two streams of dim "
+              "features, got ", x.size(1), " features");
+  const int64_t batch = x.size(0), dim = reversible ? x.size(1) / 2 : x.size(1);
+  const Branch attn_branch = unpack(attn, "attn", dim), ff_branch = unpack(ff, "ff", dim);
+  check_layer(x, attn_branch, dim, k_cache, v_cache, rotary_cos, rotary_sin, ring_attn, ring_ff, shift_weights,
+              fmap_size, reversible);
+  const std::vector<int64_t> pos = row_positions(pos_tensor, batch, k_cache.size(2));
+  return run_layer(x, attn_branch, ff_branch, dim, k_cache, v_cache, pos_tensor, pos,
+                   table(rotary_cos, "rotary_cos", batch), table(rotary_sin, "rotary_sin", batch), ring_attn, ring_ff,
+                   table(shift_weights, "shift_weights", batch), {pattern, text_len, fmap_size, kernel_size, dilation},
+                   eps, reversible);
+}
+
+// A layer of the stack: its branches and pattern geometry, checked once.
+struct DecodeStack::Layer {
+  Branch attn, ff;
+  std::string pattern;
+  int64_t text_len, fmap_size, kernel_size, dilation;
+};
+
+DecodeStack::DecodeStack(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<std::string>& patterns,
+                         const std::vector<int64_t>& geometry, std::optional<at::Tensor> rotary_cos,
+                         std::optional<at::Tensor> rotary_sin, std::optional<at::Tensor> shift_weights, double eps,
+                         bool reversible)
+    : cos_(std::move(rotary_cos)), sin_(std::move(rotary_sin)), shift_weights_(std::move(shift_weights)), eps_(eps),
+      reversible_(reversible) {
+  const int64_t depth = static_cast<int64_t>(patterns.size());
+  TORCH_CHECK(depth >= 1 && static_cast<int64_t>(tensors.size()) == 2 * kSlots * depth &&
+              static_cast<int64_t>(geometry.size()) == 4 * depth, "DecodeStack: ", depth, " layers need ",
+              2 * kSlots * depth, " tensors and ", 4 * depth, " geometry values, got ", tensors.size(), " and ",
+              geometry.size());
+  const std::optional<at::Tensor> norm = tensors.get(kNormW);
+  TORCH_CHECK(norm.has_value() && norm->dim() == 1, "DecodeStack: the first tensor must be a norm weight (dim,)");
+  dim_ = norm->size(0);
+  for (int64_t i = 0; i < depth; ++i) {
+    c10::List<std::optional<at::Tensor>> branches[2];
+    for (int64_t j = 0; j < 2 * kSlots; ++j) branches[j / kSlots].push_back(tensors.get(2 * kSlots * i + j));
+    layers_.push_back({unpack(branches[0], "attn", dim_), unpack(branches[1], "ff", dim_), patterns[i],
+                       geometry[4 * i], geometry[4 * i + 1], geometry[4 * i + 2], geometry[4 * i + 3]});
+  }
+}
+
+DecodeStack::~DecodeStack() = default;
+
+at::Tensor DecodeStack::step(const at::Tensor& x, const std::vector<at::Tensor>& caches,
+                             const std::vector<at::Tensor>& rings, const at::Tensor& pos_tensor) const {
+  const size_t depth = layers_.size();
+  TORCH_CHECK(caches.size() == 2 * depth && (rings.empty() || rings.size() == 2 * depth),
+              "DecodeStack.step: ", depth, " layers need ", 2 * depth, " caches (k, v per layer) and ", 2 * depth,
+              " rings or none, got ", caches.size(), " and ", rings.size());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_, "DecodeStack.step: x must be (batch, ", dim_, "), got ", x.sizes());
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(caches[0].dim() == 4, "DecodeStack.step: the caches must be (batch, heads, max_seq, dim_head), got ",
+              caches[0].sizes());
+  const std::vector<int64_t> pos = row_positions(pos_tensor, batch, caches[0].size(2));
+  const Table cos = table_at(cos_, "rotary_cos", pos), sin = table_at(sin_, "rotary_sin", pos);
+  const Table shift = table_at(shift_weights_, "shift_weights", pos);
+  at::Tensor h = reversible_ ? at::cat({x, x}, 1) : x;
+  for (size_t i = 0; i < depth; ++i) {
+    const Layer& layer = layers_[i];
+    const at::Tensor &k = caches[2 * i], &v = caches[2 * i + 1];
+    const std::optional<at::Tensor> ring_attn = rings.empty() ? std::nullopt : std::optional(rings[2 * i]);
+    const std::optional<at::Tensor> ring_ff = rings.empty() ? std::nullopt : std::optional(rings[2 * i + 1]);
+    check_layer(h, layer.attn, dim_, k, v, cos_, sin_, ring_attn, ring_ff, shift_weights_, layer.fmap_size,
+                reversible_);
+    TORCH_CHECK(k.size(2) == caches[0].size(2), "DecodeStack.step: every layer's cache must have one max_seq");
+    h = run_layer(h, layer.attn, layer.ff, dim_, k, v, pos_tensor, pos, cos, sin, ring_attn, ring_ff, shift,
+                  {layer.pattern, layer.text_len, layer.fmap_size, layer.kernel_size, layer.dilation}, eps_,
+                  reversible_);
+  }
+  // The two streams' mean, as the layer-by-layer step takes it.
+  return reversible_ ? at::stack({h.narrow(1, 0, dim_), h.narrow(1, dim_, dim_)}).mean(0) : h;
 }
 
 }  // namespace dalle_engine

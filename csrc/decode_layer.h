@@ -4,10 +4,13 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <torch/custom_class.h>
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <vector>
 
 namespace dalle_engine {
 
@@ -27,5 +30,34 @@ at::Tensor decode_layer(const at::Tensor& x, const c10::List<std::optional<at::T
                         const std::optional<at::Tensor>& ring_ff, const std::optional<at::Tensor>& shift_weights,
                         std::string_view pattern, int64_t text_len, int64_t fmap_size, int64_t kernel_size,
                         int64_t dilation, double eps, bool reversible);
+
+// A whole decode step's layers, held in C++ (torch.classes.dalle_engine_cpu.DecodeStack): decode_layer per layer, but
+// its tensors are passed and checked once, not at every step (passing a layer's ~25 tensors through the dispatcher
+// cost about as much as its normed inputs, rotary, GELU and residuals). tensors: each layer's attn then ff branch
+// tensors as decode_layer takes them, layer after layer; patterns and geometry (text_len, fmap_size, kernel_size,
+// dilation) per layer; rotary_cos, rotary_sin: (max_seq, rot) tables of every position's angles, or None;
+// shift_weights: the (max_seq, 3, dim) token-shift table, or None.
+class DecodeStack : public torch::CustomClassHolder {
+ public:
+  DecodeStack(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<std::string>& patterns,
+              const std::vector<int64_t>& geometry, std::optional<at::Tensor> rotary_cos,
+              std::optional<at::Tensor> rotary_sin, std::optional<at::Tensor> shift_weights, double eps,
+              bool reversible);
+  ~DecodeStack() override;
+
+  // x (batch, dim) through every layer at positions pos (one, or one per row): caches k0, v0, k1, v1, ...; rings
+  // ring_attn0, ring_ff0, ... (token shift), else empty. Returns (batch, dim); a reversible stack takes the mean of
+  // its two streams, as the layer-by-layer step does.
+  at::Tensor step(const at::Tensor& x, const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& rings,
+                  const at::Tensor& pos) const;
+
+ private:
+  struct Layer;
+  std::vector<Layer> layers_;
+  std::optional<at::Tensor> cos_, sin_, shift_weights_;
+  int64_t dim_ = 0;
+  double eps_;
+  bool reversible_;
+};
 
 }  // namespace dalle_engine

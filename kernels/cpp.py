@@ -20,8 +20,9 @@ import torch
 
 from . import masks
 
-__all__ = ["BRANCH_TENSORS", "available", "counter_uniform", "cpu_isa", "cpu_isas", "decode_attention", "decode_layer",
-           "geglu", "load_error", "pack_weight", "small_linear", "sparse_attention", "use_cpu_isa"]
+__all__ = ["BRANCH_TENSORS", "PACK_LANES", "available", "counter_uniform", "cpu_isa", "cpu_isas", "decode_attention",
+           "decode_layer", "decode_stack", "geglu", "load_error", "pack_weight", "small_linear", "sparse_attention",
+           "use_cpu_isa"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -282,6 +283,27 @@ def decode_layer(x: torch.Tensor, attn: list[torch.Tensor | None], ff: list[torc
     return getattr(torch.ops, _NAMESPACE).decode_layer.default(x, attn, ff, k_cache, v_cache, pos, cos, sin, ring_attn,
                                                        ring_ff, shift_weights, pattern, text_len, fmap_size,
                                                        kernel_size, dilation, eps, reversible)
+
+
+def decode_stack(tensors: list[torch.Tensor | None], patterns: list[str], geometry: list[int], *,
+                 rotary: tuple[torch.Tensor, torch.Tensor] | None, shift_weights: torch.Tensor | None, eps: float,
+                 reversible: bool) -> torch.ScriptObject:
+    """A whole decode step's layers held in C++ (``torch.classes.dalle_engine_cpu.DecodeStack``): ``decode_layer``
+    for every layer in one call, ``stack.step(x, caches, rings, pos)``, its tensors passed and checked once.
+
+    tensors: each layer's attention then feed-forward branch tensors (``BRANCH_TENSORS`` order each), layer after
+    layer; patterns: one per layer; geometry: (text_len, fmap_size, kernel_size, dilation) per layer, flattened.
+    rotary: ``(cos, sin)`` tables of every position's angles, each ``(max_seq, rot)``; shift_weights: the ``(max_seq,
+    3, dim)`` token-shift table; None where the model has none. ``step``'s x is ``(batch, dim)``; caches ``[k0, v0,
+    k1, v1, ...]``; rings ``[ring_attn0, ring_ff0, ...]``, or ``[]`` without token shift; pos one position or one per
+    row. It returns ``(batch, dim)`` (a reversible stack, the mean of its two streams). Raises RuntimeError for bad
+    arguments, or if the kernels are unavailable.
+    """
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    cos, sin = rotary if rotary is not None else (None, None)
+    return torch.classes.dalle_engine_cpu.DecodeStack(tensors, patterns, geometry, cos, sin, shift_weights, eps,
+                                                      reversible)
 
 
 def counter_uniform(keys: torch.Tensor, step: torch.Tensor, columns: int) -> torch.Tensor:

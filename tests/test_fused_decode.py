@@ -10,6 +10,9 @@ applies, against the full forward pass.
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import random_batch
@@ -51,15 +54,22 @@ def steps(model: DALLE, text: torch.Tensor, codes: torch.Tensor, pos: list) -> l
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list:
-    """Counts the fused layer's calls: a test must see the fused path taken, not assume it."""
+    """Counts the fused layers run (each stack step runs all its layers): a test must see the fused path taken, not
+    assume it."""
     calls = []
-    real = cpp.decode_layer
+    real = cpp.decode_stack
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    class Counted:
+        def __init__(self, stack, depth: int):
+            self.stack, self.depth = stack, depth
 
-    monkeypatch.setattr(fused_decode.cpp, "decode_layer", counted)
+        def step(self, *args):
+            calls.extend([1] * self.depth)
+            return self.stack.step(*args)
+
+    monkeypatch.setattr(fused_decode.cpp, "decode_stack",
+                        lambda tensors, patterns, *args, **kwargs: Counted(real(tensors, patterns, *args, **kwargs),
+                                                                           len(patterns)))
     return calls
 
 
@@ -262,3 +272,13 @@ def test_op_passes_opcheck():
                kwargs["fmap_size"], kwargs["kernel_size"], kwargs["dilation"], 1e-5, False)
     with torch.no_grad():
         torch.library.opcheck(torch.ops.dalle_engine_cpu.decode_layer.default, op_args)
+
+
+def test_a_model_with_a_plan_copies_and_pickles():
+    """The plan holds a C++ object: deepcopy and pickling leave it out, and the copy gathers its own."""
+    model = random_model(torch.float32)
+    text, codes = random_batch(model.config)
+    want = steps(model, text, codes, [0, 1])[1]
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert "_fused_plan" not in other.transformer.__dict__
+        torch.testing.assert_close(steps(other, text, codes, [0, 1])[1], want, rtol=0, atol=0)

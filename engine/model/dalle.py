@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.codecs.tokenizers import check_caption_ids
 from engine.model.config import DALLEConfig
+from engine.model import packed
 from engine.model.linear import Linear
 from engine.model.transformer import KVCache, Transformer
 from engine.sampling import Settings, decode, row_keys
@@ -50,6 +51,7 @@ class DALLE(nn.Module):
         self.register_buffer("logits_allowed", (positions >= c.text_seq_len) != token_is_text, persistent=False)
 
     def train(self, mode: bool = True) -> DALLE:
+        packed.changed()  # weights may have changed unseen (through .data) while training: pack them again
         super().train(mode)
         if self.vae is not None:
             self.vae.eval()

@@ -8,11 +8,10 @@ inside ``torch.compile`` (a compiled step fuses the layer-by-layer graph itself)
 compare or measure.
 
 A step passes ~25 tensors per layer: gathered through ``nn.Module.__getattr__`` at every step, that alone cost ~40 us
-per layer, so they are gathered once into a plan, kept until the model's modules or tensors are replaced. The plan
-also holds each projection's weight packed along output features (``kernels.cpp.pack_weight``), the form in which the
-C++ products run 2-3x faster at a handful of rows: a copy, as large as the weights as stored (int8, bfloat16 or the
-model's dtype), made at the first fused step and again whenever a weight changes in place (an optimizer step,
-``load_state_dict``).
+per layer, so they are gathered once into a plan, held by a C++ stack (``kernels.cpp.decode_stack``) that runs all
+the layers in one call, kept until the model's modules or tensors are replaced. The plan passes each projection's
+weight packed along output features (``engine.model.packed``), made at the first fused step and again whenever a
+weight changes.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.nn.modules.module import (register_module_buffer_registration_hook, register_module_module_registration_hook,
-                                     register_module_parameter_registration_hook)
 
 import kernels
+from engine.model import packed
 from engine.model.linear import kernel_takes
 from kernels import cpp
 
@@ -60,61 +57,27 @@ def try_decode(transformer: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor
     plan = _plan(transformer)
     if not plan.takes(x.dtype):
         return None
-    rotary = None
-    if transformer.rotary is not None:
-        angles = transformer.rotary.index_select(0, pos.view(-1))  # (1 or batch, rot)
-        rotary = (angles.cos(), angles.sin())
-    shift = None if transformer.shift_weights is None else transformer.shift_weights.index_select(0, pos.view(-1))
-    h = x[:, 0]
-    if plan.reversible:
-        h = torch.cat([h, h], dim=-1)
-    for i, (attn, ff, pattern, geometry) in enumerate(plan.layers):
-        h = cpp.decode_layer(h, attn, ff, *cache.layer(i), pos, rotary=rotary, rings=cache.rings(i),
-                             shift_weights=shift, pattern=pattern, **geometry, eps=plan.eps,
-                             reversible=plan.reversible)
-    if plan.reversible:
-        h = torch.stack(h.chunk(2, dim=-1)).mean(dim=0)
-    return h[:, None]
+    return plan.stack.step(x[:, 0], *cache.flat(), pos)[:, None]
 
 
 class _Plan(NamedTuple):
-    """What a fused step passes for each layer, gathered once: (attention tensors, feed-forward tensors, pattern,
-    geometry) per layer, with the projections' weights packed; every projection's weight as the model holds it (their
-    dtypes decide whether the C++ products take them) and its version when packed; the norms' eps and whether the
-    layers are reversible."""
+    """What a fused step passes, gathered once: (attention tensors, feed-forward tensors, pattern, geometry) per
+    layer, with the projections' weights packed, held by the C++ stack that runs them; every projection's weight as
+    the model holds it (their dtypes decide whether the C++ products take them) and its version when packed."""
 
     generation: int
     layers: list[tuple[list, list, str, dict]]
     weights: list[torch.Tensor]
     versions: list[int]
-    eps: float
-    reversible: bool
+    stack: torch.ScriptObject
 
     def takes(self, dtype: torch.dtype) -> bool:
         return all(kernel_takes(w.dtype, dtype) for w in self.weights)
 
     def current(self) -> bool:
         """Whether the packed weights are still the model's: none replaced, none changed in place."""
-        return self.generation == _generation and all(w._version == v for w, v in zip(self.weights, self.versions))
-
-
-# Bumped whenever a module, parameter or buffer is registered anywhere (module surgery such as quantize_weights, a
-# parameter replaced) and after every optimizer step (fused optimizers change weights in place without bumping their
-# version counters): a plan gathered before then may hold replaced tensors or stale packed copies, so it is gathered
-# again. Casts and moves (Module._apply) replace tensors too: Transformer._apply calls forget. Modules whose class
-# says ``holds_weights = False`` (a KV cache, made for every sampling call) do not count.
-_generation = 0
-
-
-def _changed(owner, *_) -> None:
-    global _generation
-    if getattr(owner, "holds_weights", True):
-        _generation += 1
-
-
-for _register in (register_module_module_registration_hook, register_module_parameter_registration_hook,
-                  register_module_buffer_registration_hook, register_optimizer_step_post_hook):
-    _register(_changed)
+        return self.generation == packed.generation() and all(w._version == v for w, v in zip(self.weights,
+                                                                                                self.versions))
 
 
 def forget(transformer: nn.Module) -> None:
@@ -122,11 +85,16 @@ def forget(transformer: nn.Module) -> None:
     transformer.__dict__.pop("_fused_plan", None)
 
 
+def without_plan(state: dict) -> dict:
+    """A transformer's ``__dict__`` without its plan (which holds a C++ object that neither copies nor pickles)."""
+    return {name: value for name, value in state.items() if name != "_fused_plan"}
+
+
 def _plan(transformer: nn.Module) -> _Plan:
     plan = transformer.__dict__.get("_fused_plan")
     if plan is None or not plan.current():
         forget(transformer)  # the old packed copies go before the new ones are made
-        layers, weights, packed = [], [], {}  # packed: by id, once for weights the layers share
+        layers, weights = [], []
         for layer in transformer.layers:
             attn, ff = (layer._modules[name] for name in ("attn", "ff"))
             fn = attn.fn
@@ -134,22 +102,26 @@ def _plan(transformer: nn.Module) -> _Plan:
             for branch in branches:
                 for i in _WEIGHTS:
                     weights.append(branch[i])
-                    if id(branch[i]) not in packed:
-                        packed[id(branch[i])] = _packed(branch[i])
-                    branch[i] = packed[id(branch[i])]
+                    branch[i] = packed.pack(branch[i])  # one copy for a weight the layers share
             layers.append((*branches, fn.pattern, fn.geometry))
-        plan = _Plan(_generation, layers, weights, [w._version for w in weights], transformer.layers[0].attn.norm.eps,
-                     transformer.reversible)
+        plan = _Plan(packed.generation(), layers, weights, [w._version for w in weights], _stack(transformer, layers))
         transformer.__dict__["_fused_plan"] = plan
     return plan
 
 
 _WEIGHTS = (cpp.BRANCH_TENSORS.index("in_weight"), cpp.BRANCH_TENSORS.index("out_weight"))
+_GEOMETRY = ("text_len", "fmap_size", "kernel_size", "dilation")
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` packed for the C++ products, or as it is where its output features are not a multiple of 16."""
-    return weight if weight.shape[0] % cpp.PACK_LANES else cpp.pack_weight(weight)
+def _stack(transformer: nn.Module, layers: list[tuple[list, list, str, dict]]) -> torch.ScriptObject:
+    """The C++ stack of ``layers``, with the rotary angles' cos and sin and the token-shift weights of every
+    position."""
+    rotary = transformer.rotary
+    return cpp.decode_stack([t for attn, ff, _, _ in layers for t in attn + ff], [layer[2] for layer in layers],
+                            [layer[3][name] for layer in layers for name in _GEOMETRY],
+                            rotary=None if rotary is None else (rotary.cos(), rotary.sin()),
+                            shift_weights=transformer.shift_weights, eps=transformer.layers[0].attn.norm.eps,
+                            reversible=transformer.reversible)
 
 
 def _branch(branch: nn.Module) -> list[torch.Tensor | None]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model import packed
 from kernels import cpp
 from kernels import triton as triton_kernels
 
@@ -68,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     elif not x.is_cpu or (rows > ADDMM_MAX_ROWS and not _row_invariant):
         return _converted_linear(x, weight, bias, scale)
     elif (rows <= SMALL_LINEAR_MAX_ROWS or _row_invariant) and _small_linear_applies(x, weight, bias, scale):
-        out = cpp.small_linear(flat, weight, bias, scale)
+        out = cpp.small_linear(flat, packed.pack(weight), bias, scale)  # 1.5-3x faster packed (engine.model.packed)
     elif weight.dtype != x.dtype:
         return _converted_linear(x, weight, bias, scale)
     elif 2 <= rows <= ADDMM_MAX_ROWS:

@@ -227,6 +227,9 @@ class Transformer(nn.Module):
         fused_decode.forget(self)  # casts and moves replace the tensors a fused decode step passes
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        return fused_decode.without_plan(self.__dict__)  # a copy (deepcopy, pickle) gathers a plan of its own
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of ``x`` (batch, n, dim).
 
@@ -325,6 +328,19 @@ class KVCache(nn.Module):
     def rings(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (getattr(self, f"ring_attn{i}"), getattr(self, f"ring_ff{i}")) if self.shift else None
 
+    def flat(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([k0, v0, k1, v1, ...], [ring_attn0, ring_ff0, ...] or []): every layer's buffers at once, as a fused
+        decode step passes them (gathered once, until a cast or move replaces them)."""
+        if "_flat" not in self.__dict__:
+            depth = sum(name.startswith("k") for name in self._buffers)
+            self.__dict__["_flat"] = ([t for i in range(depth) for t in self.layer(i)],
+                                      [t for i in range(depth) for t in self.rings(i) or ()])
+        return self.__dict__["_flat"]
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_flat", None)
+        return super()._apply(fn, recurse)
+
     @property
     def batch(self) -> int:
         return self.k0.shape[0]
@@ -351,6 +367,10 @@ class CacheRows(NamedTuple):
     def rings(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         rings = self.cache.rings(i)
         return None if rings is None else tuple(t[self.span] for t in rings)
+
+    def flat(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        caches, rings = self.cache.flat()
+        return [t[self.span] for t in caches], [t[self.span] for t in rings]
 
     @property
     def batch(self) -> int:
