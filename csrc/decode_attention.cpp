@@ -10,8 +10,8 @@
 // row with the most keys. Every (batch, head) is computed alone, in the same order whatever the other rows' positions,
 // so a row's result is bitwise the same in any batch.
 
+#include "intrinsics.h"  // first (see there)
 #include "decode_attention.h"
-#include "vector_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace dalle_engine {
@@ -158,6 +159,106 @@ DALLE_ENGINE_INLINE void attend(const KeySet& keys, const scalar_t* q, const sca
   for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>(acc[j] * inv_sum);
 }
 
+#if DALLE_ENGINE_ISA_BUILDS
+// attend for float32 on AVX-512, heads of 16, 32, 48 or 64 features. Scoring a key is a dot product of a few vectors
+// whose lanes must then be summed: one horizontal sum per key cost more than the key's multiply-adds. Here 16 keys
+// are scored at once and their 16 accumulators summed across lanes together, by a butterfly of shuffles and adds
+// shared by all 16; the output's accumulators stay in registers over all the values.
+
+// kOrder[t]: the key accumulated in register t, so that the butterfly's sums come out in key order.
+constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+// q . k_i for the 16 keys k_i = k + i * key_stride.
+DALLE_ENGINE_AVX512 inline __m512 block_scores(const float* q, const float* k, int64_t key_stride, int64_t dim) {
+  __m512 a[16];
+  for (int t = 0; t < 16; ++t) {
+    const float* key = k + kOrder[t] * key_stride;
+    a[t] = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(key));
+    for (int64_t d = 16; d < dim; d += 16) {
+      a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(key + d), a[t]);
+    }
+  }
+  // Halve the registers four times, each time adding the two halves of a pair of sums side by side.
+  __m512 b[8], c[4], e[2];
+  for (int t = 0; t < 8; ++t) {
+    b[t] = _mm512_add_ps(_mm512_shuffle_f32x4(a[t], a[t + 8], 0x44), _mm512_shuffle_f32x4(a[t], a[t + 8], 0xEE));
+  }
+  for (int t = 0; t < 4; ++t) {
+    c[t] = _mm512_add_ps(_mm512_shuffle_f32x4(b[t], b[t + 4], 0x88), _mm512_shuffle_f32x4(b[t], b[t + 4], 0xDD));
+  }
+  for (int t = 0; t < 2; ++t) {
+    e[t] = _mm512_add_ps(_mm512_shuffle_ps(c[t], c[t + 2], 0x44), _mm512_shuffle_ps(c[t], c[t + 2], 0xEE));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+}
+
+// attend's three passes; kVecs = dim / 16.
+template <int kVecs>
+DALLE_ENGINE_AVX512 void attend_avx512(const KeySet& keys, const float* q, const float* k, int64_t k_step,
+                                       const float* v, int64_t v_step, float* out, float scale, float* probs) {
+  constexpr int64_t dim = 16 * kVecs;
+  int64_t n = 0;
+  float top = -std::numeric_limits<float>::infinity();
+  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) DALLE_ENGINE_AVX512_LAMBDA {
+    const float* row = k + first * k_step;
+    const int64_t key_stride = stride * k_step;
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16, row += 16 * key_stride, n += 16) {
+      const __m512 s = _mm512_mul_ps(block_scores(q, row, key_stride, dim), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(probs + n, s);
+      top = std::max(top, _mm512_reduce_max_ps(s));
+    }
+    for (; i < count; ++i, row += key_stride) {
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(row));
+      for (int j = 1; j < kVecs; ++j) {
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * j), _mm512_loadu_ps(row + 16 * j), a);
+      }
+      const float s = _mm512_reduce_add_ps(a) * scale;
+      probs[n++] = s;
+      top = std::max(top, s);
+    }
+  });
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_fast(probs[i] - top);
+    probs[i] = e;
+    sum += e;
+  }
+  std::fill(out, out + dim, 0.0f);
+  n = 0;
+  keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) DALLE_ENGINE_AVX512_LAMBDA {
+    __m512 acc[kVecs];  // in registers over the span
+    for (int j = 0; j < kVecs; ++j) acc[j] = _mm512_loadu_ps(out + 16 * j);
+    const float* row = v + first * v_step;
+    for (int64_t i = 0; i < count; ++i, row += stride * v_step) {
+      const __m512 p = _mm512_set1_ps(probs[n++]);
+      for (int j = 0; j < kVecs; ++j) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
+  });
+  const __m512 inv_sum = _mm512_set1_ps(1.0f / sum);
+  for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(out + 16 * j), inv_sum));
+}
+
+// attend_avx512 for a head of dim features, if it takes it: false otherwise.
+bool attend_wide(const KeySet& keys, const float* q, const float* k, int64_t k_step, const float* v, int64_t v_step,
+                 float* out, int64_t dim, float scale, float* probs) {
+  switch (dim) {
+    case 16:
+      return attend_avx512<1>(keys, q, k, k_step, v, v_step, out, scale, probs), true;
+    case 32:
+      return attend_avx512<2>(keys, q, k, k_step, v, v_step, out, scale, probs), true;
+    case 48:
+      return attend_avx512<3>(keys, q, k, k_step, v, v_step, out, scale, probs), true;
+    case 64:
+      return attend_avx512<4>(keys, q, k, k_step, v, v_step, out, scale, probs), true;
+    default:
+      return false;
+  }
+}
+#endif
+
 // Multiply-adds a parallel task should hold at least, so that small steps do not pay for waking threads.
 constexpr int64_t kMinTaskWork = int64_t{1} << 15;
 
@@ -182,8 +283,27 @@ void run(const std::vector<KeySet>& keys, const at::Tensor& q, const at::Tensor&
   // it never changes what one computes).
   const int64_t mean_keys = std::max<int64_t>(1, total_keys / batch);
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (2 * mean_keys * dim));
+#if DALLE_ENGINE_ISA_BUILDS
+  // float32 heads of 16-64 features on AVX-512: attend_avx512 (rows have unit stride: rows_contiguous).
+  const bool wide = std::is_same_v<scalar_t, float> && cpu_isa() == Isa::kAvx512 && dim % 16 == 0 && dim <= 64;
+#else
+  constexpr bool wide = false;
+#endif
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(2 * dim + max_keys);
+#if DALLE_ENGINE_ISA_BUILDS
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (wide) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / heads, h = i % heads;
+          attend_wide(keys[b], q_data + b * qs[0] + h * qs[1], k_data + b * ks[0] + h * ks[1], ks[2],
+                      v_data + b * vs[0] + h * vs[1], vs[2], out_data + i * dim, dim, static_cast<float>(scale),
+                      scratch.data());
+        }
+        return;
+      }
+    }
+#endif
     with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / heads, h = i % heads;

@@ -317,8 +317,8 @@ Table table_at(const std::optional<at::Tensor>& t, const char* name, const std::
 at::Tensor run_layer(const at::Tensor& x, const Branch& attn, const Branch& ff, int64_t dim, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& pos_tensor, const std::vector<int64_t>& pos,
                      const Table& cos, const Table& sin, const std::optional<at::Tensor>& ring_attn,
-                     const std::optional<at::Tensor>& ring_ff, const Table& shift_weights, const Geometry& g, double eps,
-                     bool reversible) {
+                     const std::optional<at::Tensor>& ring_ff, const Table& shift_weights, const Geometry& g,
+                     double eps, bool reversible) {
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
   const at::Tensor f_in = reversible ? xc.narrow(1, dim, dim) : xc;

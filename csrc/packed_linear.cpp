@@ -10,18 +10,12 @@
 //
 // Each lane adds its products in order of in feature, restarting every kSumBlock features and adding the block sums
 // up: one add chain of in products had ~2.5x the error of F.linear at in = 256; in blocks of 32, it has about the
-// (out, in) kernel's (~1.1x F.linear's at in <= 1024, 0.7x at 4096). A (row, output) sum is computed alike whatever the rows and
-// group blocks around it, so a row's result never depends on the batch; AVX-512 and AVX2 run the same multiply-adds
-// in the same order, and agree bit for bit.
+// (out, in) kernel's (~1.1x F.linear's at in <= 1024, 0.7x at 4096). A (row, output) sum is computed alike whatever
+// the rows and group blocks around it, so a row's result never depends on the batch; AVX-512 and AVX2 run the same
+// multiply-adds in the same order, and agree bit for bit.
 
-// GCC 12 warns that the AVX-512 conversion intrinsics' own placeholder operands "may be used uninitialized" when
-// they are inlined (GCC bug 105593, fixed in GCC 13); it must be off before the first include of immintrin.h.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
+#include "intrinsics.h"  // first (see there)
 #include "packed_linear.h"
-#include "vector_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -31,10 +25,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-
-#if DALLE_ENGINE_ISA_BUILDS
-#include <immintrin.h>
-#endif
 
 namespace dalle_engine {
 namespace {
@@ -75,9 +65,6 @@ void tile_generic(const w_t* packed, int64_t in, const acc_t* x, int64_t x_strid
 }
 
 #if DALLE_ENGINE_ISA_BUILDS
-#define DALLE_ENGINE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
-#define DALLE_ENGINE_AVX2 __attribute__((target("avx2,fma")))
-
 // 16 weights of one in feature, exactly as float32.
 DALLE_ENGINE_AVX512 DALLE_ENGINE_INLINE __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 DALLE_ENGINE_AVX512 DALLE_ENGINE_INLINE __m512 load16(const int8_t* w) {

@@ -106,9 +106,11 @@ def test_conv_windows(pattern: str, kernel_size: int, dilation: int, dtype: torc
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("dim_head", [32, 64, 128, 13])  # 13: vector loop remainders
-def test_dim_head(pattern: str, dim_head: int) -> None:
-    check(pattern, SMALL, torch.float32, dim_head=dim_head, batch=3, heads=2)
+@pytest.mark.parametrize("dim_head", [16, 32, 48, 64, 128, 13])  # 13: vector loop remainders
+@pytest.mark.parametrize("geometry", [SMALL, (37, 5, 3, 1, 62)], ids=str)  # the second: spans past 16 and 32 keys
+def test_dim_head(pattern: str, dim_head: int, geometry: Geometry) -> None:
+    """Every head width, on AVX-512 float32 also the 16-key blocks of the 16-64 wide heads and the keys after them."""
+    check(pattern, geometry, torch.float32, dim_head=dim_head, batch=3, heads=2)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

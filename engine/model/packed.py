@@ -6,10 +6,11 @@ while decoding) and the fused decode step (``engine.model.fused_decode``) read t
 copy as large as the weight as stored. Every such product packs, so a result never depends on which ran first.
 
 A copy is current while its weight has the storage, dtype and version it had when packed (in-place changes bump the
-version: ``load_state_dict``, ``copy_``; casts and moves swap the storage), and no module, parameter or buffer has been registered and no optimizer has stepped since (module surgery
-replaces weights; fused optimizers change them in place without bumping their versions). Modules whose class says
-``holds_weights = False`` (a KV cache, made for every sampling call) do not count. Changes through ``.data`` bypass
-versions: ``changed()`` marks every copy stale, and ``DALLE.train()`` / ``.eval()`` call it.
+version: ``load_state_dict``, ``copy_``; casts and moves swap the storage), and no module, parameter or buffer has been
+registered and no optimizer has stepped since (module surgery replaces weights; fused optimizers change them in place
+without bumping their versions). Modules whose class says ``holds_weights = False`` (a KV cache, made for every sampling
+call) do not count. Changes through ``.data`` bypass versions: ``changed()`` marks every copy stale, and
+``DALLE.train()`` / ``.eval()`` call it.
 """
 
 from __future__ import annotations
