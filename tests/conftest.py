@@ -47,6 +47,8 @@ def run_deepspeed(script: Path, args: list[str], cwd: Path) -> None:
     run = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), "--deepspeed",
                           *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, f"deepspeed {script.name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left its shared memory behind: {left}"
 
 
 @contextlib.contextmanager
