@@ -10,7 +10,7 @@ dim 1024, depth 24, 16 heads x 64, caption 256 + 32x32; "tiny" (caption 8 + 4x4)
 full attention in every layer ("full") and with DALLE-pytorch's sparse mix (axial_row, axial_col, axial_row,
 conv_like; "sparse").
 
-The cached step ("cached") is the eager one: on a CPU one fused C++ call per layer (``engine.model.fused_decode``);
+The cached step ("cached") is the eager one: on a CPU one fused C++ call for all layers (``engine.model.fused_decode``);
 ``--unfused`` adds it layer by layer in PyTorch operations ("cached+unfused"), ``--compile`` under torch.compile
 ("cached+compiled"). Every cached step timed is first checked against the full forward pass (its logits). ms/step is the median
 decode-step time at a few positions spread over the image (a cached step's cost barely depends on the position; a

@@ -1,6 +1,7 @@
-"""Eager decode steps on CPUs through the fused C++ layer (``kernels.cpp.decode_layer``): one call per layer per
-step instead of ~50 PyTorch operations, each costing more dispatch than arithmetic at a handful of rows. Its result is
-the layer-by-layer step's to rounding (float64 agrees to ~1e-15).
+"""Eager decode steps on CPUs through fused C++ layers: all of a step's layers in one call (``kernels.cpp.decode_stack``,
+each layer as ``kernels.cpp.decode_layer`` computes it) instead of ~50 PyTorch operations per layer, each costing more
+dispatch than arithmetic at a handful of rows. Its result is the layer-by-layer step's to rounding (float64 agrees to
+~1e-15).
 
 ``Transformer`` takes this path by itself for a decode step it can serve: float32 or float64 rows on a CPU with the
 C++ kernels built and chosen for decode attention, weights the C++ products take, no gradient, eval mode, and not
@@ -8,10 +9,10 @@ inside ``torch.compile`` (a compiled step fuses the layer-by-layer graph itself)
 compare or measure.
 
 A step passes ~25 tensors per layer: gathered through ``nn.Module.__getattr__`` at every step, that alone cost ~40 us
-per layer, so they are gathered once into a plan, held by a C++ stack (``kernels.cpp.decode_stack``) that runs all
-the layers in one call, kept until the model's modules or tensors are replaced. The plan passes each projection's
-weight packed along output features (``engine.model.packed``), made at the first fused step and again whenever a
-weight changes.
+per layer, and passing them through the dispatcher about as much again. So they are gathered once into a plan and
+handed to the C++ stack, which holds and checks them once; a step passes only its rows, the caches and the position.
+The plan passes each projection's weight packed along output features (``engine.model.packed``), and is gathered
+again when the model's modules or tensors are replaced or its weights change.
 """
 
 from __future__ import annotations
