@@ -54,7 +54,9 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       .def(torch::init<const c10::List<std::optional<at::Tensor>>&, const std::vector<std::string>&,
                        const std::vector<int64_t>&, std::optional<at::Tensor>, std::optional<at::Tensor>,
                        std::optional<at::Tensor>, double, bool>())
-      .def("step", &dalle_engine::DecodeStack::step);
+      .def("step", &dalle_engine::DecodeStack::step)
+      .def("set_head", &dalle_engine::DecodeStack::set_head)
+      .def("logits", &dalle_engine::DecodeStack::logits);
   m.def("counter_uniform(Tensor keys, Tensor step, int columns) -> Tensor");
   m.def("geglu_fwd(Tensor x) -> Tensor");
   m.def("geglu_bwd(Tensor x, Tensor grad) -> Tensor");

@@ -420,4 +420,45 @@ at::Tensor DecodeStack::step(const at::Tensor& x, const std::vector<at::Tensor>&
   return reversible_ ? at::stack({h.narrow(1, 0, dim_), h.narrow(1, dim_, dim_)}).mean(0) : h;
 }
 
+struct DecodeStack::Head {
+  at::Tensor norm_weight, norm_bias, weight;
+  std::optional<at::Tensor> bias, scale;
+  double eps;
+  bool divide_max;
+};
+
+void DecodeStack::set_head(const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& scale, bool divide_max) {
+  for (const at::Tensor* t : {&norm_weight, &norm_bias}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == dim_ && t->is_contiguous() && t->device().is_cpu(),
+                "DecodeStack.set_head: the norm's weight and bias must be contiguous (", dim_, ",) CPU tensors, got ",
+                t->sizes());
+  }
+  TORCH_CHECK(norm_bias.scalar_type() == norm_weight.scalar_type(), "DecodeStack.set_head: the norm's weight and "
+              "bias must share a dtype");
+  TORCH_CHECK((weight.dim() == 2 || weight.dim() == 3) && weight.size(1) == dim_, "DecodeStack.set_head: the "
+              "projection must take ", dim_, " features, got a weight of shape ", weight.sizes());
+  head_ = std::make_unique<const Head>(Head{norm_weight, norm_bias, weight, bias, scale, eps, divide_max});
+}
+
+at::Tensor DecodeStack::logits(const at::Tensor& x, const std::vector<at::Tensor>& caches,
+                               const std::vector<at::Tensor>& rings, const at::Tensor& pos) const {
+  TORCH_CHECK(head_ != nullptr, "DecodeStack.logits: the stack has no head (set_head)");
+  at::Tensor h = step(x, caches, rings, pos);
+  TORCH_CHECK(h.scalar_type() == head_->norm_weight.scalar_type(), "DecodeStack.logits: the head's norm is ",
+              head_->norm_weight.scalar_type(), ", the rows ", h.scalar_type());
+  if (head_->divide_max) h = h / at::amax(h, {-1}, /*keepdim=*/true);  // as DALLE._transform
+  h = h.contiguous();
+  at::Tensor normed = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "decode_logits", [&] {
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      layer_norm_rows(h.const_data_ptr<scalar_t>(), dim_, h.size(0), dim_,
+                      head_->norm_weight.const_data_ptr<scalar_t>(), head_->norm_bias.const_data_ptr<scalar_t>(),
+                      static_cast<scalar_t>(head_->eps), normed.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return small_linear(normed, head_->weight, head_->bias, head_->scale);
+}
+
 }  // namespace dalle_engine

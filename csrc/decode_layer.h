@@ -7,6 +7,7 @@
 #include <torch/custom_class.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -51,9 +52,20 @@ class DecodeStack : public torch::CustomClassHolder {
   at::Tensor step(const at::Tensor& x, const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& rings,
                   const at::Tensor& pos) const;
 
+  // The output head of logits: with divide_max each row divided by its largest value (a stable model's DivideMax),
+  // then LayerNorm (norm_weight, norm_bias, eps) and the projection (weight as small_linear takes it, bias, scale).
+  void set_head(const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale, bool divide_max);
+
+  // step, then the head: the logits (batch, out features of the head's weight).
+  at::Tensor logits(const at::Tensor& x, const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& rings,
+                    const at::Tensor& pos) const;
+
  private:
   struct Layer;
+  struct Head;
   std::vector<Layer> layers_;
+  std::unique_ptr<const Head> head_;
   std::optional<at::Tensor> cos_, sin_, shift_weights_;
   int64_t dim_ = 0;
   double eps_;

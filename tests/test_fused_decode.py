@@ -67,6 +67,13 @@ def fused_calls(monkeypatch) -> list:
             calls.extend([1] * self.depth)
             return self.stack.step(*args)
 
+        def logits(self, *args):
+            calls.extend([1] * self.depth)
+            return self.stack.logits(*args)
+
+        def set_head(self, *args):
+            return self.stack.set_head(*args)
+
     monkeypatch.setattr(fused_decode.cpp, "decode_stack",
                         lambda tensors, patterns, *args, **kwargs: Counted(real(tensors, patterns, *args, **kwargs),
                                                                            len(patterns)))
@@ -282,3 +289,16 @@ def test_a_model_with_a_plan_copies_and_pickles():
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert "_fused_plan" not in other.transformer.__dict__
         torch.testing.assert_close(steps(other, text, codes, [0, 1])[1], want, rtol=0, atol=0)
+
+
+def test_stack_head_checks_its_arguments():
+    model = random_model(torch.float32)
+    stack = fused_decode._plan(model.transformer).stack  # gathered by the transformer alone: no head
+    c = model.config
+    cache = model.new_cache(2, "cpu")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="has no head"):
+        stack.logits(torch.zeros(2, c.dim), *cache.flat(), torch.tensor(c.text_len))
+    with pytest.raises(RuntimeError, match=rf"contiguous \({c.dim},\) CPU tensors, got \[3\]"):
+        stack.set_head(torch.ones(3), torch.zeros(3), 1e-5, torch.zeros(16, c.dim), None, None, False)
+    with pytest.raises(RuntimeError, match=f"must take {c.dim} features"):
+        stack.set_head(torch.ones(c.dim), torch.zeros(c.dim), 1e-5, torch.zeros(16, 3), None, None, False)

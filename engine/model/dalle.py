@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.codecs.tokenizers import check_caption_ids
 from engine.model.config import DALLEConfig
-from engine.model import packed
+from engine.model import fused_decode, packed
 from engine.model.linear import Linear
 from engine.model.transformer import KVCache, Transformer
 from engine.sampling import Settings, decode, row_keys
@@ -236,7 +236,10 @@ class DALLE(nn.Module):
         each row at its own position, as continuous batching needs) and return the next code's logits over the image
         vocabulary. ``image=False``: an internal text id at a caption position before the last, returning the next
         caption token's logits over the internal text vocabulary. ``cache``: a ``KVCache`` or some of its rows."""
-        x = self._transform(self._embed_at(token, pos, image), cache, pos)
+        x = self._embed_at(token, pos, image)
+        if image and (logits := fused_decode.try_logits(self, x, cache, pos)) is not None:
+            return logits  # the layers and the output head in one C++ call
+        x = self._transform(x, cache, pos)
         return self._vocab_logits(x[:, 0], image=image)
 
     def compiled_decode_step(self) -> CompiledDecodeStep:

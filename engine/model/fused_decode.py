@@ -1,7 +1,7 @@
-"""Eager decode steps on CPUs through fused C++ layers: all of a step's layers in one call (``kernels.cpp.decode_stack``,
-each layer as ``kernels.cpp.decode_layer`` computes it) instead of ~50 PyTorch operations per layer, each costing more
-dispatch than arithmetic at a handful of rows. Its result is the layer-by-layer step's to rounding (float64 agrees to
-~1e-15).
+"""Eager decode steps on CPUs through fused C++ layers: all of a step's layers in one call
+(``kernels.cpp.decode_stack``, each layer as ``kernels.cpp.decode_layer`` computes it), with the output head too when
+``DALLE.decode_step`` asks for logits, instead of ~50 PyTorch operations per layer, each costing more dispatch than
+arithmetic at a handful of rows. Its result is the layer-by-layer step's to rounding (float64 agrees to ~1e-15).
 
 ``Transformer`` takes this path by itself for a decode step it can serve: float32 or float64 rows on a CPU with the
 C++ kernels built and chosen for decode attention, weights the C++ products take, no gradient, eval mode, and not
@@ -48,6 +48,20 @@ def try_decode(transformer: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor
     """``Transformer.forward`` of one position per row through the fused layers, or None where they do not apply
     (nothing is written then): x (batch, 1, dim) at ``pos`` (0-dim or (batch,)) through every layer, reading and
     writing ``cache``."""
+    plan = _applicable_plan(transformer, x, cache)
+    return None if plan is None else plan.stack.step(x[:, 0], *cache.flat(), pos)[:, None]
+
+
+def try_logits(model: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor | None:
+    """``DALLE.decode_step``'s logits over the image vocabulary from the embedded x (batch, 1, dim), through the
+    fused layers and output head (DivideMax of a stable model, LayerNorm, projection) in the same call; None where
+    they do not apply."""
+    plan = _applicable_plan(model.transformer, x, cache, head=model)
+    return None if plan is None else plan.stack.logits(x[:, 0], *cache.flat(), pos)
+
+
+def _applicable_plan(transformer: nn.Module, x: torch.Tensor, cache, head: nn.Module | None = None) -> _Plan | None:
+    """The transformer's plan (with ``head``'s output head) where the fused step applies to x, else None."""
     k0 = cache.layer(0)[0]
     if not (_enabled and x.dtype in _DTYPES and x.device.type == "cpu" and k0.dtype == x.dtype):
         return None
@@ -55,10 +69,8 @@ def try_decode(transformer: nn.Module, x: torch.Tensor, cache, pos: torch.Tensor
         return None
     if kernels.choose_decode_backend(x) != "cpp":  # e.g. DALLE_ENGINE_ATTENTION=reference
         return None
-    plan = _plan(transformer)
-    if not plan.takes(x.dtype):
-        return None
-    return plan.stack.step(x[:, 0], *cache.flat(), pos)[:, None]
+    plan = _plan(transformer, head)
+    return plan if plan.takes(x.dtype) else None
 
 
 class _Plan(NamedTuple):
@@ -71,6 +83,7 @@ class _Plan(NamedTuple):
     weights: list[torch.Tensor]
     versions: list[int]
     stack: torch.ScriptObject
+    head: bool  # the stack has the output head (set_head)
 
     def takes(self, dtype: torch.dtype) -> bool:
         return all(kernel_takes(w.dtype, dtype) for w in self.weights)
@@ -91,9 +104,11 @@ def without_plan(state: dict) -> dict:
     return {name: value for name, value in state.items() if name != "_fused_plan"}
 
 
-def _plan(transformer: nn.Module) -> _Plan:
+def _plan(transformer: nn.Module, head: nn.Module | None = None) -> _Plan:
+    """The transformer's current plan, gathered again where it is stale or lacks the output head of ``head`` (the
+    DALLE the transformer belongs to) that was asked for."""
     plan = transformer.__dict__.get("_fused_plan")
-    if plan is None or not plan.current():
+    if plan is None or not plan.current() or (head is not None and not plan.head):
         forget(transformer)  # the old packed copies go before the new ones are made
         layers, weights = [], []
         for layer in transformer.layers:
@@ -105,9 +120,24 @@ def _plan(transformer: nn.Module) -> _Plan:
                     weights.append(branch[i])
                     branch[i] = packed.pack(branch[i])  # one copy for a weight the layers share
             layers.append((*branches, fn.pattern, fn.geometry))
-        plan = _Plan(packed.generation(), layers, weights, [w._version for w in weights], _stack(transformer, layers))
+        stack = _stack(transformer, layers)
+        if head is not None:
+            weights.append(_set_head(stack, head))
+        plan = _Plan(packed.generation(), layers, weights, [w._version for w in weights], stack, head is not None)
         transformer.__dict__["_fused_plan"] = plan
     return plan
+
+
+def _set_head(stack: torch.ScriptObject, model: nn.Module) -> torch.Tensor:
+    """Give ``stack`` the output head of ``model`` (a DALLE) over the image vocabulary; returns the projection's
+    weight as the model holds it."""
+    norm, projection = model.to_logits
+    weight, bias, scale = _projection(projection)
+    image = slice(model.config.num_text_tokens_internal, None)
+    stack.set_head(norm.weight, norm.bias, norm.eps, packed.pack(weight[image]),
+                   None if bias is None else bias[image], None if scale is None else scale[image],
+                   model.config.stable)
+    return weight
 
 
 _WEIGHTS = (cpp.BRANCH_TENSORS.index("in_weight"), cpp.BRANCH_TENSORS.index("out_weight"))
