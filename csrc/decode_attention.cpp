@@ -141,13 +141,7 @@ DALLE_ENGINE_INLINE void attend(const KeySet& keys, const scalar_t* q, const sca
       top = std::max(top, s);
     }
   });
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t e = exp_fast(probs[i] - top);
-    probs[i] = e;
-    sum += e;
-  }
+  const acc_t sum = exp_shifted(probs, n, top);
 
   std::fill(acc, acc + dim, acc_t(0));
   n = 0;
@@ -218,13 +212,7 @@ DALLE_ENGINE_AVX512 void attend_avx512(const KeySet& keys, const float* q, const
       top = std::max(top, s);
     }
   });
-  float sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_fast(probs[i] - top);
-    probs[i] = e;
-    sum += e;
-  }
+  const float sum = exp_shifted(probs, n, top);
   std::fill(out, out + dim, 0.0f);
   n = 0;
   keys.for_each_span([&](int64_t first, int64_t stride, int64_t count) DALLE_ENGINE_AVX512_LAMBDA {

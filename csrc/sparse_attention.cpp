@@ -121,19 +121,6 @@ DALLE_ENGINE_INLINE void add_bias(T* x, const float* bias, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] += static_cast<T>(bias[j]);
 }
 
-// x <- e^(x - shift), returning the sum.
-template <typename T>
-DALLE_ENGINE_INLINE T exp_shifted(T* x, int64_t n, T shift) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const T e = exp_fast(x[j] - shift);
-    x[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
 // ds <- p * (ds - delta): the softmax backward, ds holding dP on entry.
 template <typename T>
 DALLE_ENGINE_INLINE void softmax_grad(const T* p, T* ds, int64_t n, T delta) {

@@ -40,6 +40,19 @@ DALLE_ENGINE_INLINE float exp_fast(float x) {
 
 DALLE_ENGINE_INLINE double exp_fast(double x) { return std::exp(x); }
 
+// x <- e^(x - shift) over n values, returning their sum: a softmax's numerators and denominator.
+template <typename T>
+DALLE_ENGINE_INLINE T exp_shifted(T* x, int64_t n, T shift) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_fast(x[j] - shift);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 // The exact (erf) GELU, x / 2 * (1 + erf(x / sqrt 2)), written around the tail erfc(|z|), z = x / sqrt 2: for x < 0
 // GELU is x / 2 * erfc(|z|), for x >= 0 it is x - x / 2 * erfc(|z|), so neither subtracts two values near each other.
 // float: erfc(z) = e^(-z^2) * P(t), t = 1 / (1 + 0.3275911 z) (the substitution of Abramowitz & Stegun 7.1.26), P of

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.codecs.tokenizers import check_caption_ids
-from engine.model.config import DALLEConfig
 from engine.model import fused_decode, packed
+from engine.model.config import DALLEConfig
 from engine.model.linear import Linear
 from engine.model.transformer import KVCache, Transformer
 from engine.sampling import Settings, decode, row_keys
