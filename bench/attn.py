@@ -9,7 +9,8 @@ and forward+backward (protocol: ``kernels.md`` §10).
     python bench/attn.py --text_len 16 --fmap_size 4 --heads 1 --iters 1 --no_flex   # smoke test
 
 Useful TFLOP/s count only the allowed mask elements: ``4 * d * nnz * B * H`` for the forward and 3.5x that for
-forward+backward (FlashAttention's convention: the backward is 2.5x the forward). "ours x" is the speed-up of this
+forward+backward (FlashAttention's convention: the backward is 2.5x the forward). The floor is those FLOPs over the
+machine's matrix-multiply rate in the bench dtype, measured in the same run; "of floor" is floor / time. "ours x" is the speed-up of this
 project's kernel over the row's method (its time / ours). Peak memory (CUDA only) is the method's persistent state
 (dense mask, BlockMask) plus the peak allocation of one call above the inputs. Every geometry is checked first:
 ours against SDPA with the dense mask (output and q, k, v gradients), FlexAttention's output likewise.
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
-from bench.common import Timer, environment, synchronize  # noqa: E402
+from bench.common import Timer, environment, matmul_rate, synchronize  # noqa: E402
 from kernels import masks  # noqa: E402
 
 SPARSE_PATTERNS = ("axial_row", "axial_col", "conv_like")
@@ -114,6 +115,8 @@ class Row:
     fwd_bwd_tflops: float | None = None
     fwd_dense_equiv_tflops: float | None = None
     fwd_bwd_dense_equiv_tflops: float | None = None
+    fwd_floor_ms: float | None = None  # useful FLOPs over the machine's matrix-multiply rate
+    fwd_bwd_floor_ms: float | None = None
     ours_speedup_fwd: float | None = None
     ours_speedup_fwd_bwd: float | None = None
     peak_mib_fwd: float | None = None
@@ -281,8 +284,8 @@ def check_ours(ours: Method, reference: Method, q, k, v, dout, dtype: torch.dtyp
     return diffs
 
 
-def bench_case(pattern: str, geom: Geometry, args, device: torch.device, dtype: torch.dtype, timer: Timer
-               ) -> tuple[list[Row], dict]:
+def bench_case(pattern: str, geom: Geometry, args, device: torch.device, dtype: torch.dtype, timer: Timer,
+               matmul_flops: float) -> tuple[list[Row], dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (geom.batch, geom.heads, geom.seq, geom.dim_head)
     q, k, v, dout = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4))
@@ -343,6 +346,8 @@ def bench_case(pattern: str, geom: Geometry, args, device: torch.device, dtype: 
                   error=method.error, note=method.note, **{f: getattr(geom, f) for f in
                                                            ("text_len", "fmap_size", "batch", "heads", "dim_head",
                                                             "kernel_size")})
+        row.fwd_floor_ms = flops / matmul_flops * 1e3
+        row.fwd_bwd_floor_ms = BWD_FLOP_FACTOR * row.fwd_floor_ms
         if method.name in fwd:
             row.fwd_ms, row.fwd_ms_p20, row.fwd_ms_p80 = fwd[method.name]
             row.fwd_tflops = flops / row.fwd_ms / 1e9
@@ -374,19 +379,26 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def fraction(floor_ms: float | None, ms: float | None) -> str:
+    return "n/a" if floor_ms is None or ms is None else f"{100 * floor_ms / ms:.0f} %"
+
+
 def table(rows: list[Row]) -> str:
     head = ("pattern", "geometry", "method", "backend", "fwd ms", "fwd+bwd ms", "fwd TFLOP/s", "fwd+bwd TFLOP/s",
-            "ours x (fwd)", "ours x (fwd+bwd)", "peak MiB (fwd / fwd+bwd)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 7]
+            "ours x (fwd)", "ours x (fwd+bwd)", "floor ms (fwd / fwd+bwd)", "of floor (fwd / fwd+bwd)",
+            "peak MiB (fwd / fwd+bwd)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 9]
     for r in rows:
         geometry = f"{grid_label(r.text_len, r.fmap_size, r.seq)}, b{r.batch} h{r.heads}"
         if r.error:
-            cells = [f"error: {r.error}"] + [""] * 6
+            cells = [f"error: {r.error}"] + [""] * 8
         else:
             cells = [fmt(r.fwd_ms, ".2f"), fmt(r.fwd_bwd_ms, ".2f"), fmt(r.fwd_tflops, ".3f"),
                      fmt(r.fwd_bwd_tflops, ".3f"),
                      "-" if r.method == "ours" else fmt(r.ours_speedup_fwd, ".2f", "x"),
                      "-" if r.method == "ours" else fmt(r.ours_speedup_fwd_bwd, ".2f", "x"),
+                     f"{fmt(r.fwd_floor_ms, '.2f')} / {fmt(r.fwd_bwd_floor_ms, '.2f')}",
+                     f"{fraction(r.fwd_floor_ms, r.fwd_ms)} / {fraction(r.fwd_bwd_floor_ms, r.fwd_bwd_ms)}",
                      "n/a" if r.peak_mib_fwd is None else
                      f"{r.peak_mib_fwd:.1f} / {fmt(r.peak_mib_fwd_bwd, '.1f')}"]
             if r.fwd_ms is None and r.note:  # skipped
@@ -451,13 +463,14 @@ def main(argv: list[str] | None = None) -> None:
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
     timer = Timer(device)
+    matmul_flops = matmul_rate(device, dtype, timer)
     rows, checks = [], []
     for text_len, fmap_size in args.grids:
         for heads in args.heads:
             geom = Geometry(text_len, fmap_size, args.batch, heads, args.dim_head, args.kernel_size, args.seq)
             for pattern in args.patterns:
                 print(f"{pattern:10s} {geom.label} ...", file=sys.stderr, flush=True)
-                case_rows, check = bench_case(pattern, geom, args, device, dtype, timer)
+                case_rows, check = bench_case(pattern, geom, args, device, dtype, timer, matmul_flops)
                 rows += case_rows
                 checks.append(check)
     result = {"benchmark": "sparse_attention", **environment(device), "dtype": args.dtype,
@@ -465,12 +478,15 @@ def main(argv: list[str] | None = None) -> None:
                          "clock": "CUDA events, L2 flushed before each run" if device.type == "cuda" else
                          "perf_counter", "order": "methods interleaved run by run"},
               "flops": "useful: 4*d*nnz*B*H forward, 3.5x that forward+backward; dense-equivalent: nnz = N^2/2",
+              "floor": {"matmul_gflops": matmul_flops / 1e9, "of": f"a square {args.dtype} product, best of 5"},
               "flex_mode": args.flex_mode, "correctness": checks, "rows": [asdict(r) for r in rows]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}\n")
     print(f"{result['device_name']}, torch {result['torch']}, triton {result['triton']}, {args.dtype}, "
           f"{result['threads']} threads, commit {(result['commit'] or '?')[:7]}, {result['date']}")
+    print(f"floors: useful FLOPs over {matmul_flops / 1e9:.0f} GFLOP/s, this machine's {args.dtype} matrix-multiply "
+          "rate measured in this run")
     print(table(rows))
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,6 +73,46 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
+
+# Peak memory bandwidth (bytes/s) by device name fragment, most specific first: the bandwidth floor's denominator.
+BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
+             ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("A10G", 0.6e12))
+
+
+@dataclass
+class Rates:
+    """The machine's memory bandwidth (bytes/s) and matrix-multiply rate (FLOP/s): the floors' denominators."""
+
+    bandwidth: float | None
+    flops: float | None
+    measured: bool
+
+    def floor_ms(self, bytes_: float, flops: float) -> float | None:
+        """The larger of ``bytes_`` over the bandwidth and ``flops`` over the product rate (either may be unknown)."""
+        floors = [bytes_ / self.bandwidth if self.bandwidth else 0.0, flops / self.flops if self.flops else 0.0]
+        return max(floors) * 1e3 if any(floors) else None
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, timer: Timer) -> float:
+    """FLOP/s of a large square product in ``dtype`` (2048^3 on a CPU, 8192^3 on a GPU), best of 5: what the
+    machine's GEMMs reach, the denominator of a compute floor."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm-up: threads, BLAS dispatch, clocks
+    return 2 * n**3 / (min(timer(lambda: a @ b) for _ in range(5)) / 1e3)
+
+
+def machine_rates(device: torch.device, override_gbs: float | None, timer: Timer) -> Rates:
+    """On a GPU the device's bandwidth by name (no FLOP floor: the bandwidth floor dominates a decode step); on a
+    CPU both measured here, best of 5 (a sum over 1 GiB, a float32 product)."""
+    if override_gbs:
+        return Rates(override_gbs * 1e9, None, False)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return Rates(next((bw for fragment, bw in BANDWIDTH if fragment in name), None), None, False)
+    buffer = torch.ones(2**28, device=device)  # 1 GiB, far past any cache
+    read_s = min(timer(buffer.sum) for _ in range(5)) / 1e3
+    return Rates(buffer.numel() * 4 / read_s, matmul_rate(device, torch.float32, timer), True)
 
 
 def write_report(result: dict, path: str | Path, table: str) -> None:

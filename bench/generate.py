@@ -44,7 +44,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Timer, environment, import_dalle_pytorch, synchronize  # noqa: E402
+from bench.common import Rates, Timer, environment, import_dalle_pytorch, machine_rates, synchronize  # noqa: E402
 from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model import fused_decode  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
@@ -63,9 +63,6 @@ CONFIGS = {
 # "Way off" bounds on max|cached - full| / max|full| of the logits: a cache bug gives O(1).
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 PATTERN_SETS = {"full": ("full",), "sparse": ("axial_row", "axial_col", "axial_row", "conv_like")}
-# Peak memory bandwidth (bytes/s) by device name fragment, most specific first: the bandwidth floor's denominator.
-BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
-             ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("A10G", 0.6e12))
 
 
 @dataclass
@@ -187,33 +184,9 @@ def step_cost(model: DALLE, batch: int, dtype: torch.dtype) -> tuple[float, floa
     return weight_bytes + kv_bytes, product_flops + attention_flops
 
 
-@dataclass
-class Rates:
-    """The machine's memory bandwidth (bytes/s) and matrix-multiply rate (FLOP/s): a step's floor's denominators."""
-
-    bandwidth: float | None
-    flops: float | None
-    measured: bool
-
-    def floor_ms(self, model: DALLE, batch: int, dtype: torch.dtype) -> float | None:
-        bytes_, flops = step_cost(model, batch, dtype)
-        floors = [bytes_ / self.bandwidth if self.bandwidth else 0.0, flops / self.flops if self.flops else 0.0]
-        return max(floors) * 1e3 if any(floors) else None
-
-
-def machine_rates(device: torch.device, override_gbs: float | None, timer: Timer) -> Rates:
-    """On a GPU the device's bandwidth by name (no FLOP floor: the bandwidth floor dominates a decode step); on a
-    CPU both measured here, best of 5."""
-    if override_gbs:
-        return Rates(override_gbs * 1e9, None, False)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return Rates(next((bw for fragment, bw in BANDWIDTH if fragment in name), None), None, False)
-    buffer = torch.ones(2**28, device=device)  # 1 GiB, far past any cache
-    read_s = min(timer(buffer.sum) for _ in range(5)) / 1e3
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    mm_s = min(timer(lambda: a @ b) for _ in range(5)) / 1e3
-    return Rates(buffer.numel() * 4 / read_s, 2 * 2048**3 / mm_s, True)
+def step_floor_ms(rates: Rates, model: DALLE, batch: int, dtype: torch.dtype) -> float | None:
+    """The cached step's floor: the larger of its bytes over the bandwidth and its FLOPs over the product rate."""
+    return rates.floor_ms(*step_cost(model, batch, dtype))
 
 
 @torch.no_grad()
@@ -258,7 +231,7 @@ def bench(name: str, patterns: str, batch: int, args, device: torch.device, dtyp
                 rate, kind = measured_images_per_s(stored, text, device, step), "measured"
             else:
                 rate, kind = batch / total_s, "est."
-            floor = rates.floor_ms(stored, batch, dtype)
+            floor = step_floor_ms(rates, stored, batch, dtype)
             rows.append(Row(name, patterns, batch, method, weights, step_ms, prefill, rate, kind, rate / naive_est,
                             diff, floor, None if floor is None else floor / step_ms))
     naive_kind = "est."

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Timer, environment, write_report  # noqa: E402
-from bench.generate import machine_rates  # noqa: E402
+from bench.common import Timer, environment, machine_rates, write_report  # noqa: E402
 from engine.model.quantize import int8_per_feature  # noqa: E402
 from kernels import cpp  # noqa: E402
 

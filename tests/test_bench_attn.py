@@ -41,6 +41,10 @@ def check_result(result: dict, stdout: str, device: str) -> None:
     for row in rows:
         assert row["seq"] == 32 and row["heads"] == 1 and row["dim_head"] == 64
         assert 0 < row["nnz"] <= 32 * 33 // 2
+        # the floor: the useful FLOPs over the matrix-multiply rate measured in the run
+        useful = 4 * row["dim_head"] * row["nnz"] * row["batch"] * row["heads"]
+        assert row["fwd_floor_ms"] == pytest.approx(useful / (result["floor"]["matmul_gflops"] * 1e9) * 1e3)
+        assert row["fwd_bwd_floor_ms"] == pytest.approx(3.5 * row["fwd_floor_ms"])
         if row["method"] == "flex":
             assert row["fwd_ms"] is None and "no_flex" in row["note"]
             continue
@@ -59,6 +63,7 @@ def check_result(result: dict, stdout: str, device: str) -> None:
         assert set(check["max_abs_diff"]) == {"out", "dq", "dk", "dv"}
 
     table = stdout[stdout.index("| pattern |"):]
+    assert "| floor ms (fwd / fwd+bwd) | of floor (fwd / fwd+bwd) |" in table
     for method in METHODS:
         assert f"| {method} |" in table
     assert "skipped (--no_flex)" in table
