@@ -265,3 +265,11 @@ def test_guidance_follows_the_training_by_default():
         explicit, _ = model.sample_image_codes(text, seed=3, cond_scale=expected)
         other, _ = model.sample_image_codes(text, seed=3, cond_scale=expected + 100)
         assert torch.equal(default, explicit) and not torch.equal(default, other)
+
+
+def test_torch_compile_wraps_a_model():
+    """Wrapping registers the model as a submodule of torch.compile's module, before that module can answer getattr:
+    the registration hooks the model's packed weights use must not ask it anything."""
+    model = DALLE(tiny_config())
+    compiled = torch.compile(model)
+    assert compiled._orig_mod is model

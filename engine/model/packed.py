@@ -30,7 +30,9 @@ _generation = 0
 
 def _changed(owner, *_) -> None:
     global _generation
-    if getattr(owner, "holds_weights", True):
+    # The class's attribute: a module being built may not answer getattr yet (torch.compile's wrapper registers its
+    # first submodule through a __getattr__ that looks for that very submodule).
+    if getattr(type(owner), "holds_weights", True):
         _generation += 1
 
 
