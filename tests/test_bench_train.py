@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from kernels import cpp, masks
 
@@ -31,6 +30,10 @@ def bench():
 
 
 def counted(run) -> dict[str, int]:
+    # Imported here, not at collection: torch.utils.flop_counter imports triton, which must come after
+    # test_triton_*.py set TRITON_INTERPRET.
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
         run()
