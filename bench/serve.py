@@ -11,8 +11,11 @@ p95); images/s is all the clients' images over the wall time. The offline figure
 images at ``--batch_size``; the server decodes at most ``--batch_size`` guided images together too. The single-request
 figure is one generate.py sampling of one request alone, model load excluded: what the 1-client p95 compares with.
 Each client count runs ``--repeats`` times, served and offline in turns. The clients are coroutines in one thread of
-this process, on the same machine as the server: their CPU time is reported beside the figures. Prints a table last
-and writes JSON (``--json``).
+this process, on the same machine as the server: their CPU time is reported beside the figures. The floor is the
+images/s of decode steps at their floor (``bench/generate.py``'s: the larger of a step's bytes over the memory
+bandwidth and its FLOPs over the matrix-multiply rate, both measured in the same run) with ``--batch_size`` images
+(and their null-caption rows when guided) in every step; prefill and VAE decoding are left out, so no sampler reaches
+it. Prints a table last and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
-from bench.common import CONFIGS, environment, prompts, random_checkpoint, write_report  # noqa: E402
+from bench.common import (CONFIGS, Timer, environment, machine_rates, prompts, random_checkpoint,  # noqa: E402
+                          write_report)
+from bench.generate import step_cost  # noqa: E402
 
 def offline(ckpt: Path, texts: list[str], num_images: int, batch_size: int) -> tuple[float, float]:
     """(images/s, seconds) of generate.py's batched sampler on ``texts``, model load excluded."""
@@ -51,6 +56,17 @@ def offline(ckpt: Path, texts: list[str], num_images: int, batch_size: int) -> t
         pass
     seconds = time.perf_counter() - start
     return len(texts) * num_images / seconds, seconds
+
+
+def floor_images_per_s(ckpt: Path, batch_size: int) -> float | None:
+    """Images/s with every decode step of ``batch_size`` images at its floor (see the docstring)."""
+    device = torch.device("cpu")
+    model, _, _ = generate.load_model(generate.parse_args(["--dalle_path", str(ckpt), "--text", "-", "--device",
+                                                           "cpu"]))
+    c = model.config
+    rows = batch_size * (2 if c.default_cond_scale != 1 else 1)
+    step_ms = machine_rates(device, None, Timer(device)).floor_ms(*step_cost(model, rows, torch.float32))
+    return None if step_ms is None else batch_size / ((c.image_seq_len - 1) * step_ms / 1e3)
 
 
 def run_clients(base: str, clients: int, requests: int, num_images: int) -> dict:
@@ -112,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "cpu", "--port", str(port), "--batch_size", str(args.batch_size)])
         base = f"http://127.0.0.1:{port}"
         rows = []
+        floor = floor_images_per_s(ckpt, args.batch_size)
         try:
             wait_until_up(base, server)
             run_clients(base, 1, 1, 1)  # warm-up
@@ -123,14 +140,15 @@ def main(argv: list[str] | None = None) -> None:
                     single_rate, single_s = offline(ckpt, server_done[:1], args.num_images, args.batch_size)
                     rows.append(dict(served, repeat=repeat, offline_images_per_s=offline_rate, offline_s=offline_s,
                                      ratio=served["images_per_s"] / offline_rate, single_request_s=single_s,
-                                     p95_over_single=served["p95_s"] / single_s))
+                                     p95_over_single=served["p95_s"] / single_s, floor_images_per_s=floor,
+                                     of_floor=None if floor is None else served["images_per_s"] / floor))
                     print(table(rows[-1:]), flush=True)
         finally:
             server.terminate()
             server.wait(timeout=60)
     result = {"benchmark": "serve", "environment": environment(torch.device("cpu")), "config": args.config,
               "dalle_path": args.dalle_path, "requests_per_client": args.requests, "num_images": args.num_images,
-              "batch_size": args.batch_size, "repeats": args.repeats, "rows": rows}
+              "batch_size": args.batch_size, "repeats": args.repeats, "floor_images_per_s": floor, "rows": rows}
     write_report(result, args.json, table(rows))
 
 
@@ -153,12 +171,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def fmt(value: float | None, width: int, spec: str = ".2f") -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["clients  requests  images  images/s  offline img/s  ratio  p50 s  p95 s  single-run s  p95/single  "
-             "client CPU s"]
+    lines = ["clients  requests  images  images/s  offline img/s  ratio  floor img/s  of floor  p50 s  p95 s  "
+             "single-run s  p95/single  client CPU s"]
     for r in rows:
         lines.append(f"{r['clients']:>7}  {r['requests']:>8}  {r['images']:>6}  {r['images_per_s']:>8.2f}  "
-                     f"{r['offline_images_per_s']:>13.2f}  {r['ratio']:>5.2f}  {r['p50_s']:>5.2f}  {r['p95_s']:>5.2f}  "
+                     f"{r['offline_images_per_s']:>13.2f}  {r['ratio']:>5.2f}  {fmt(r['floor_images_per_s'], 11)}  "
+                     f"{fmt(r['of_floor'] and 100 * r['of_floor'], 7, '.0f')}%  {r['p50_s']:>5.2f}  {r['p95_s']:>5.2f}  "
                      f"{r['single_request_s']:>12.2f}  {r['p95_over_single']:>10.2f}  {r['client_cpu_s']:>12.2f}")
     return "\n".join(lines)
 

@@ -24,4 +24,6 @@ def test_bench_serve_cpu(tmp_path: Path) -> None:
         assert row["images_per_s"] > 0 and row["offline_images_per_s"] > 0 and row["single_request_s"] > 0
         assert row["ratio"] == row["images_per_s"] / row["offline_images_per_s"]
         assert row["client_cpu_s"] >= 0
-    assert "client CPU s" in proc.stdout
+        assert row["floor_images_per_s"] == result["floor_images_per_s"] > 0
+        assert row["of_floor"] == row["images_per_s"] / row["floor_images_per_s"]
+    assert "client CPU s" in proc.stdout and "floor img/s" in proc.stdout
