@@ -14,14 +14,20 @@
 // no mask (image queries see all of them) or a causal prefix (text queries).
 //
 // The backward recomputes the scores and, as every query's keys lie in one block, each row's softmax exactly as the
-// forward did (so it needs neither out nor lse). It runs in two phases, both parallel without atomics and
-// deterministic:
-//   1. per query block: P and dS = P * (dP - rowsum(P * dP)) into buffers (text part by query position, local part
-//      per block) and dQ;
-//   2. per key range: dK = scale * dS^T Q and dV = P^T dO, for chunks of text keys with one GEMM over every query
-//      that can see them, and for each grid line of image keys from the blocks whose local keys contain it (conv
-//      patterns: key by key, from the queries whose window slots hold it).
-// The buffers hold queries x text keys plus the local parts, never seq x seq (except for "full", which is dense).
+// forward did (so it needs neither out nor lse). Per query block it forms P and dS = P * (dP - rowsum(P * dP)) and
+// dQ; dK = scale * dS^T Q and dV = P^T dO sum over the blocks whose keys include theirs. Without atomics and
+// deterministically, in one of two schedules:
+//   - with at least two (batch, head) pairs per thread, each thread takes whole heads and runs their blocks in order,
+//     P and dS of one block at a time in scratch that stays in cache, adding each block's dK and dV terms as it goes
+//     (GEMMs for text keys and axial lines, key by key for window slots): 7-20 % faster than the other schedule
+//     (bench/RESULTS.md), which writes seq x text_cols buffers per head and reads them back;
+//   - otherwise, two phases parallel within a head:
+//     1. per query block: P and dS into buffers (text part by query position, local part per block) and dQ;
+//     2. per key range: for chunks of text keys one GEMM over every query that can see them, and for each grid line
+//        of image keys the blocks whose local keys contain it (conv patterns: key by key, from the queries whose
+//        window slots hold it).
+//     The buffers hold queries x text keys plus the local parts, never seq x seq (except for "full", which is dense).
+// A head's sums follow the schedule, so results can differ by rounding between thread counts, never between runs.
 // All arithmetic is float32 (float64 for float64 inputs); bfloat16/float16 inputs are converted up front.
 
 #include "sparse_attention.h"
@@ -520,18 +526,36 @@ struct Buffers {
   T* local_ds;
 };
 
-// Phase 1: P and dS of the block into the buffers, and dQ of its queries.
+// Where a block's P and dS go: text parts (row i at i * ld_text, text_cols wide) and local parts (queries x local keys).
 template <typename T>
-void backward_block(const Plan& plan, const Block& block, const Head<T>& h, const Buffers<T>& buf, T* dq,
+struct BlockBuffers {
+  T* text_p;
+  T* text_ds;
+  int64_t ld_text;
+  T* local_p;
+  T* local_ds;
+};
+
+// The block's part of the head's buffers (rows by query position).
+template <typename T>
+BlockBuffers<T> in_buffers(const Plan& plan, const Block& block, const Buffers<T>& buf) {
+  const int64_t first = block.queries.start * plan.text_cols;
+  return {buf.text_p + first, buf.text_ds + first, block.queries.stride * plan.text_cols,
+          buf.local_p + block.local_offset, buf.local_ds + block.local_offset};
+}
+
+// Phase 1: P and dS of the block into `out`, and dQ of its queries.
+template <typename T>
+void backward_block(const Plan& plan, const Block& block, const Head<T>& h, const BlockBuffers<T>& out, T* dq,
                     int64_t dim, T scale) {
   const int64_t nq = block.queries.count, nt = block.text_keys, nl = block.local_keys, tc = plan.text_cols;
-  const int64_t ld = block.queries.stride * dim, ld_text = block.queries.stride * tc;
+  const int64_t ld = block.queries.stride * dim, ld_text = out.ld_text;
   const T* q = h.q + block.queries.start * dim;
   const T* dout = h.dout + block.queries.start * dim;
-  T* text_p = buf.text_p + block.queries.start * tc;
-  T* text_ds = buf.text_ds + block.queries.start * tc;
-  T* local_p = buf.local_p + block.local_offset;
-  T* local_ds = buf.local_ds + block.local_offset;
+  T* text_p = out.text_p;
+  T* text_ds = out.text_ds;
+  T* local_p = out.local_p;
+  T* local_ds = out.local_ds;
   gemm<T>(false, true, nq, nt, dim, scale, q, ld, h.k, dim, 0, text_p, ld_text);
   gemm<T>(false, true, nq, nt, dim, 1, dout, ld, h.v, dim, 0, text_ds, ld_text);
   for (const Segment& seg : block.segments) {
@@ -630,6 +654,55 @@ void backward_window_keys(const Plan& plan, const KeyLine& line, int64_t seq, co
   });
 }
 
+// A whole head, block after block in one thread, each block's P and dS in scratch that stays in cache: its queries'
+// contributions to dK and dV are added as the block is done (text keys and axial lines by GEMMs, window slots key by
+// key), in block order, so the sums are deterministic.
+template <typename T>
+struct HeadScratch {
+  Buffer<T> text_p, text_ds, local_p, local_ds;
+};
+
+template <typename T>
+void backward_head(const Plan& plan, int64_t seq, const Head<T>& h, T* dq, T* dk, T* dv, int64_t dim, T scale,
+                   HeadScratch<T>& scratch) {
+  std::fill_n(dk, seq * dim, T(0));
+  std::fill_n(dv, seq * dim, T(0));
+  const int64_t tc = plan.text_cols, slots = static_cast<int64_t>(plan.window.size());
+  for (const Block& block : plan.blocks) {
+    const int64_t nq = block.queries.count, nt = block.text_keys, nl = block.local_keys;
+    const BlockBuffers<T> out{scratch.text_p.resize(nq * tc), scratch.text_ds.resize(nq * tc), tc,
+                              scratch.local_p.resize(std::max<int64_t>(1, nq * nl)),
+                              scratch.local_ds.resize(std::max<int64_t>(1, nq * nl))};
+    backward_block(plan, block, h, out, dq, dim, scale);
+    const int64_t ld = block.queries.stride * dim;
+    const T* q = h.q + block.queries.start * dim;
+    const T* dout = h.dout + block.queries.start * dim;
+    gemm<T>(true, false, nt, dim, nq, scale, out.text_ds, tc, q, ld, 1, dk, dim);
+    gemm<T>(true, false, nt, dim, nq, 1, out.text_p, tc, dout, ld, 1, dv, dim);
+    for (const Segment& seg : block.segments) {
+      const int64_t offset = seg.keys.start * dim, ld_key = seg.keys.stride * dim;
+      gemm<T>(true, false, seg.keys.count, dim, nq, scale, out.local_ds + seg.column, nl, q, ld, 1, dk + offset,
+              ld_key);
+      gemm<T>(true, false, seg.keys.count, dim, nq, 1, out.local_p + seg.column, nl, dout, ld, 1, dv + offset,
+              ld_key);
+    }
+    if (block.window) {
+      const float* bias = plan.bias.data() + block.bias_offset;
+      with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t query = block.queries.start + i;
+          for (int64_t s = 0; s < slots; ++s) {
+            if (bias[i * nl + s] != 0) continue;
+            const int64_t key = query + plan.window[s];
+            axpy(dk + key * dim, scale * out.local_ds[i * nl + s], q + i * dim, dim);
+            axpy(dv + key * dim, out.local_p[i * nl + s], dout + i * dim, dim);
+          }
+        }
+      });
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Entry points.
 
@@ -686,9 +759,19 @@ void run_backward(const Plan& plan, const at::Tensor& q, const at::Tensor& k, co
   const int64_t text_chunks = (plan.text_cols + kTextChunk - 1) / kTextChunk;
   const int64_t key_items = text_chunks + static_cast<int64_t>(plan.lines.size());
   const int64_t text_size = seq * plan.text_cols, per_head = 2 * (text_size + plan.local_size);
+  const int64_t threads = at::get_num_threads();
+  if (heads >= 2 * threads) {  // enough heads to share out: each thread takes whole heads
+    parallel_items<HeadScratch<T>>(heads, [&](int64_t head, HeadScratch<T>& scratch) {
+      const int64_t offset = head * seq * dim;
+      const Head<T> h{q.data_ptr<T>() + offset, k.data_ptr<T>() + offset, v.data_ptr<T>() + offset,
+                      dout.data_ptr<T>() + offset};
+      backward_head(plan, seq, h, dq.data_ptr<T>() + offset, dk.data_ptr<T>() + offset, dv.data_ptr<T>() + offset,
+                    dim, scale, scratch);
+    });
+    return;
+  }
 
   // Heads per group: enough blocks to keep every thread busy, within the buffer budget.
-  const int64_t threads = at::get_num_threads();
   int64_t group = std::min(heads, std::max<int64_t>(1, (4 * threads + num_blocks - 1) / num_blocks));
   group = std::max<int64_t>(1, std::min<int64_t>(group, kBufferBudget / (per_head * int64_t{sizeof(T)})));
   Buffer<T> storage;
@@ -707,7 +790,8 @@ void run_backward(const Plan& plan, const at::Tensor& q, const at::Tensor& k, co
     const int64_t count = std::min(group, heads - first);
     parallel_items<int>(count * num_blocks, [&](int64_t item, int&) {
       const int64_t slot = item / num_blocks, head = first + slot;
-      backward_block(plan, plan.blocks[item % num_blocks], head_view(head), buffers(slot),
+      const Block& block = plan.blocks[item % num_blocks];
+      backward_block(plan, block, head_view(head), in_buffers(plan, block, buffers(slot)),
                      dq.data_ptr<T>() + head * seq * dim, dim, scale);
     });
     parallel_items<int>(count * key_items, [&](int64_t item, int&) {

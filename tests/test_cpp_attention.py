@@ -106,6 +106,24 @@ def test_float64_matches_dense(pattern: str, config: Config) -> None:
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("config", CONFIGS[:-1], ids=str)
+@pytest.mark.parametrize("heads", [2, 1], ids=["whole heads per thread", "two phases within a head"])
+def test_float64_both_backward_schedules(pattern: str, config: Config, heads: int) -> None:
+    """On one thread, two (batch, head) pairs take the backward's schedule of whole heads per thread and one pair the
+    two phases within a head; each must match the dense attention."""
+    config = (1, heads, *config[2:])
+    inputs = make_inputs(config, torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = run(ours(config, pattern), *inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for name, got_x, want_x in zip(("out", "dq", "dk", "dv"), got, run(dense(config, pattern), *inputs)):
+        torch.testing.assert_close(got_x, want_x, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
 def test_custom_scale(pattern: str) -> None:
     config = CONFIGS[1]
     inputs = make_inputs(config, torch.float64)
