@@ -4,8 +4,9 @@
 the public entry points: each checks its arguments once and dispatches to an implementation:
 
 - ``triton``: block-sparse Triton kernels, for CUDA tensors (``kernels/triton``);
-- ``cpp``: the C++ CPU kernels (``csrc/``, ``kernels.cpp``), for CPU tensors when the extension is built;
-- ``sdpa``: PyTorch's fused dense causal attention, for the ``full`` pattern, where nothing is sparse;
+- ``cpp``: the C++ CPU kernels (``csrc/``, ``kernels.cpp``), for CPU tensors when the extension is built, the
+  ``full`` pattern included (faster there than PyTorch's CPU flash attention: ``bench/RESULTS.md``);
+- ``sdpa``: PyTorch's fused dense causal attention, for the ``full`` pattern elsewhere, where nothing is sparse;
 - ``flex``: compiled FlexAttention (``kernels.flex``), for CUDA tensors where the Triton kernels failed;
 - ``reference``: the exact pure-PyTorch implementation (``kernels.reference``), the fallback everywhere.
 
@@ -55,7 +56,7 @@ def choose_backend(q: torch.Tensor, pattern: str, backend: str | None = None) ->
     backend = _requested(backend)
     if backend != "auto":
         return backend
-    if pattern == "full":
+    if pattern == "full" and (_on_gpu(q) or q.device.type != "cpu" or not cpp.available()):
         return "sdpa"
     if _on_gpu(q):
         if q.dtype in _TRITON_DTYPES and q.shape[-1] <= 128:

@@ -40,9 +40,12 @@ needs_cpp = pytest.mark.skipif(not kernels.cpp.available(), reason=f"C++ kernels
 
 
 @needs_cpp
-def test_cpu_tensors_go_to_cpp_and_full_to_sdpa(calls):
+def test_cpu_tensors_go_to_cpp_full_included(calls, monkeypatch):
     assert kernels.choose_backend(torch.empty(1, device="cpu"), "axial_row") == "cpp"
-    assert kernels.choose_backend(torch.empty(1), "full") == "sdpa"
+    assert kernels.choose_backend(torch.empty(1), "full") == "cpp"
+    with monkeypatch.context() as gpu:
+        gpu.setattr(kernels, "_on_gpu", lambda q: True)
+        assert kernels.choose_backend(torch.empty(1), "full") == "sdpa"  # GPUs: PyTorch's fused kernels
     q, k, v = qkv()
     for pattern in ("axial_row", "axial_col", "conv_like", "conv_like_centered"):
         out = kernels.sparse_attention(q, k, v, pattern=pattern, **GEOMETRY)
@@ -50,7 +53,7 @@ def test_cpu_tensors_go_to_cpp_and_full_to_sdpa(calls):
         torch.testing.assert_close(out, expected)
     dense = kernels.sparse_attention(q, k, v, pattern="full", **GEOMETRY)
     torch.testing.assert_close(dense, kernels.reference.sparse_attention(q, k, v, pattern="full", **GEOMETRY))
-    assert calls == {"cpp": 4, "reference": 5, "sdpa": 1}
+    assert calls == {"cpp": 5, "reference": 5, "sdpa": 0}
 
 
 @needs_cpp
@@ -59,7 +62,7 @@ def test_model_training_step_uses_the_kernels(calls):
     text = torch.randint(1, model.config.num_text_tokens, (2, model.config.text_seq_len))
     codes = torch.randint(0, model.config.num_image_tokens, (2, model.config.image_seq_len))
     model(text, codes, return_loss=True).backward()
-    assert calls == {"cpp": 2, "reference": 0, "sdpa": 1}
+    assert calls == {"cpp": 3, "reference": 0, "sdpa": 0}
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_kernels.available()),
