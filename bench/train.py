@@ -1,5 +1,7 @@
 """Training throughput: tokens/s of whole optimizer steps (VAE tokenisation of the images, forward, backward, Adam),
-this engine against DALLE-pytorch 1.6.6 at identical configurations, in one run.
+this engine against DALLE-pytorch 1.6.6 at identical configurations, in one run: after their warm-up steps, the two
+models' timed steps alternate (ours, peer, ours, ...), so both meet the machine's drift alike; each figure is the
+median step.
 
     pip install --no-deps dalle-pytorch==1.6.6 rotary-embedding-torch axial_positional_embedding   # the peer
     python bench/train.py [--steps 5] [--json bench/train.json]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -148,35 +151,54 @@ def step_flops(model: torch.nn.Module, case: Case, device: torch.device, precisi
     return counter.get_total_flops()
 
 
-def tokens_per_second(model: torch.nn.Module, case: Case, steps: int, device: torch.device, precision: str,
-                      warmup: int = 2, optimizer=adam) -> tuple[float, float | None]:
-    """Tokens/s of whole optimizer steps and, on CUDA, the peak memory (MiB) they allocate; ``optimizer(params, lr)``
-    builds the optimizer."""
+def trainer(model: torch.nn.Module, case: Case, device: torch.device, precision: str, optimizer=adam):
+    """One whole optimizer step of ``model`` on a fixed batch, as a function; ``optimizer(params, lr)`` builds the
+    optimizer."""
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen).to(device)
     images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen).to(device)
     model.to(device)
     opt = optimizer([p for p in model.parameters() if p.requires_grad], 1e-4)
     model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+
+    def step() -> None:
         with autocast(device.type, precision):
             loss = model(text, images, return_loss=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
+
+
+def warm_up(step, steps: int, device: torch.device) -> float | None:
+    """Runs ``steps`` untimed steps; on CUDA returns the peak memory (MiB) they allocated."""
     synchronize(device)
-    rate = steps * case.batch * case.tokens / (time.perf_counter() - start)
-    return rate, torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def step_times_ms(steps: dict[str, object], count: int, device: torch.device) -> dict[str, list[float]]:
+    """``count`` timed runs of each step function, in turns (a, b, a, b, ...), so that every model meets the machine's
+    drift alike."""
+    times = {name: [] for name in steps}
+    for _ in range(count):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model, the models in turns "
+                                                        "(median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as train.py on a GPU (default: fp32)")
@@ -211,22 +233,29 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = build_ours(case)
         flops = step_flops(model, case, device, precision)
-        ours, peak = tokens_per_second(model, case, args.steps, device, precision, args.warmup)
-        step_ms = 1e3 * case.batch * case.tokens / ours
-        floor_ms = flops / matmul_flops * 1e3
-        peer, peer_error = None, None
+        steps = {"ours": trainer(model, case, device, precision)}
+        peak = warm_up(steps["ours"], args.warmup, device)
+        peer_error = None
         if dalle_pytorch:
             try:  # an optional peer: its failure is recorded, not fatal
-                peer, _ = tokens_per_second(build_peer(case, dalle_pytorch), case, args.steps, device, precision,
-                                            args.warmup, lambda params, lr: torch.optim.Adam(params, lr=lr))
+                steps["peer"] = trainer(build_peer(case, dalle_pytorch), case, device, precision,
+                                        lambda params, lr: torch.optim.Adam(params, lr=lr))
+                warm_up(steps["peer"], args.warmup, device)
             except Exception as error:
+                steps.pop("peer", None)
                 peer_error = f"{type(error).__name__}: {error}"[:200]
+        times = step_times_ms(steps, args.steps, device)
+        step_ms = statistics.median(times["ours"])
+        peer_ms = statistics.median(times["peer"]) if "peer" in times else None
+        tokens = case.batch * case.tokens
+        floor_ms = flops / matmul_flops * 1e3
         rows.append({"case": case.name, "model": f"dim {case.dim}, depth {case.depth}, {case.heads} heads x "
-                     f"{case.dim_head}", "tokens_per_step": case.batch * case.tokens, "ours_tokens_per_s": ours,
-                     "ours_step_ms": step_ms, "step_gflop": flops / 1e9, "floor_ms": floor_ms,
-                     "of_gemm_rate": floor_ms / step_ms, "ours_peak_mib": peak,
-                     "dalle_pytorch_tokens_per_s": peer, "dalle_pytorch_error": peer_error,
-                     "speedup": ours / peer if peer else None})
+                     f"{case.dim_head}", "tokens_per_step": tokens, "ours_tokens_per_s": tokens / step_ms * 1e3,
+                     "ours_step_ms": step_ms, "ours_step_ms_runs": times["ours"], "step_gflop": flops / 1e9,
+                     "floor_ms": floor_ms, "of_gemm_rate": floor_ms / step_ms, "ours_peak_mib": peak,
+                     "dalle_pytorch_tokens_per_s": peer_ms and tokens / peer_ms * 1e3,
+                     "dalle_pytorch_step_ms_runs": times.get("peer"), "dalle_pytorch_error": peer_error,
+                     "speedup": peer_ms and peer_ms / step_ms})
 
     print(f"\n{'configuration':42s} {'ours tok/s':>11s} {'ms/step':>8s} {'floor ms':>9s} {'of GEMM rate':>13s} "
           f"{'DALLE-pytorch':>14s} {'speedup':>8s}")
@@ -237,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * r['of_gemm_rate']:12.0f}% {peer} {ratio}")
     print(f"\nfloor: the step's matrix-multiply FLOPs over {matmul_flops / 1e9:.0f} GFLOP/s, this machine's {precision} "
           "product rate measured in this run")
-    result = {"benchmark": "train_throughput", "steps": args.steps, "precision": precision, **environment(device),
+    result = {"benchmark": "train_throughput", "steps": args.steps, "timing": "median step, the models in turns",
+              "precision": precision, **environment(device),
               "matmul_gflops": matmul_flops / 1e9, "results": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.json}")
