@@ -10,8 +10,8 @@ and forward+backward (protocol: ``kernels.md`` §10).
 
 Useful TFLOP/s count only the allowed mask elements: ``4 * d * nnz * B * H`` for the forward and 3.5x that for
 forward+backward (FlashAttention's convention: the backward is 2.5x the forward). The floor is those FLOPs over the
-machine's matrix-multiply rate in the bench dtype, measured in the same run; "of floor" is floor / time. "ours x" is the speed-up of this
-project's kernel over the row's method (its time / ours). Peak memory (CUDA only) is the method's persistent state
+machine's matrix-multiply rate in the bench dtype, measured in the same run; "of floor" is floor / time. "ours x" is
+the speed-up of this project's kernel over the row's method (its time / ours). Peak memory (CUDA only) is the method's persistent state
 (dense mask, BlockMask) plus the peak allocation of one call above the inputs. Every geometry is checked first:
 ours against SDPA with the dense mask (output and q, k, v gradients), FlexAttention's output likewise.
 Prints a GitHub table last and writes JSON (``--json``) with the device, versions, commit and every row.

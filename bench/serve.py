@@ -171,8 +171,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fmt(value: float | None, width: int, spec: str = ".2f") -> str:
-    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
+def fmt(value: float | None, width: int, spec: str = ".2f", suffix: str = "") -> str:
+    return f"{'n/a':>{width + len(suffix)}}" if value is None else f"{value:>{width}{spec}}{suffix}"
 
 
 def table(rows: list[dict]) -> str:
@@ -181,7 +181,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['clients']:>7}  {r['requests']:>8}  {r['images']:>6}  {r['images_per_s']:>8.2f}  "
                      f"{r['offline_images_per_s']:>13.2f}  {r['ratio']:>5.2f}  {fmt(r['floor_images_per_s'], 11)}  "
-                     f"{fmt(r['of_floor'] and 100 * r['of_floor'], 7, '.0f')}%  {r['p50_s']:>5.2f}  {r['p95_s']:>5.2f}  "
+                     f"{fmt(r['of_floor'] and 100 * r['of_floor'], 7, '.0f', '%')}  {r['p50_s']:>5.2f}  {r['p95_s']:>5.2f}  "
                      f"{r['single_request_s']:>12.2f}  {r['p95_over_single']:>10.2f}  {r['client_cpu_s']:>12.2f}")
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ from engine.model.config import DALLEConfig  # noqa: E402
 from engine.model.dalle import DALLE  # noqa: E402
 from engine.model.precision import autocast  # noqa: E402
 from engine.train.training import adam  # noqa: E402
-from kernels import cpp, masks  # noqa: E402
+from kernels import masks  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -125,24 +125,28 @@ def register_attention_flops() -> None:
     aten = torch.ops.aten
     formulas = {aten._scaled_dot_product_flash_attention_for_cpu: causal_sdpa_flops(1, 0),
                 aten._scaled_dot_product_flash_attention_for_cpu_backward: causal_sdpa_flops(BWD_FLOP_FACTOR - 1, 1)}
-    if cpp.available():
-        ops = getattr(torch.ops, "dalle_engine_cpu")
-        formulas[ops.sparse_attention_fwd] = sparse_attention_flops(1)
-        formulas[ops.sparse_attention_bwd] = sparse_attention_flops(BWD_FLOP_FACTOR - 1)
-    if hasattr(torch.ops, "dalle_engine") and hasattr(torch.ops.dalle_engine, "sparse_attention_fwd"):  # Triton
-        formulas[torch.ops.dalle_engine.sparse_attention_fwd] = sparse_attention_flops(1)
-        formulas[torch.ops.dalle_engine.sparse_attention_bwd] = sparse_attention_flops(BWD_FLOP_FACTOR - 1)
+    for namespace in ("dalle_engine_cpu", "dalle_engine"):  # the C++ kernels', the Triton kernels' (where loaded)
+        ops = getattr(torch.ops, namespace)
+        if hasattr(ops, "sparse_attention_fwd"):
+            formulas[ops.sparse_attention_fwd] = sparse_attention_flops(1)
+            formulas[ops.sparse_attention_bwd] = sparse_attention_flops(BWD_FLOP_FACTOR - 1)
     for op, formula in formulas.items():
         if op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op)(formula)
 
 
-def step_flops(model: torch.nn.Module, case: Case, device: torch.device, precision: str) -> int:
-    """The matrix-multiply FLOPs of one training step's forward and backward (VAE tokenisation included)."""
-    register_attention_flops()
+def fixed_batch(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (captions, images) every step of ``case`` trains on."""
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen).to(device)
     images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen).to(device)
+    return text, images
+
+
+def step_flops(model: torch.nn.Module, case: Case, device: torch.device, precision: str) -> int:
+    """The matrix-multiply FLOPs of one training step's forward and backward (VAE tokenisation included)."""
+    register_attention_flops()
+    text, images = fixed_batch(case, device)
     model.to(device).train()
     counter = flop_counter.FlopCounterMode(display=False)
     with counter, autocast(device.type, precision):
@@ -154,9 +158,7 @@ def step_flops(model: torch.nn.Module, case: Case, device: torch.device, precisi
 def trainer(model: torch.nn.Module, case: Case, device: torch.device, precision: str, optimizer=adam):
     """One whole optimizer step of ``model`` on a fixed batch, as a function; ``optimizer(params, lr)`` builds the
     optimizer."""
-    gen = torch.Generator().manual_seed(0)
-    text = torch.randint(1, case.num_text_tokens, (case.batch, case.text_seq_len), generator=gen).to(device)
-    images = torch.rand(case.batch, 3, case.image_size, case.image_size, generator=gen).to(device)
+    text, images = fixed_batch(case, device)
     model.to(device)
     opt = optimizer([p for p in model.parameters() if p.requires_grad], 1e-4)
     model.train()

@@ -756,32 +756,30 @@ void run_backward(const Plan& plan, const at::Tensor& q, const at::Tensor& k, co
                   const at::Tensor& dout, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, T scale) {
   const int64_t heads = q.size(0) * q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t num_blocks = static_cast<int64_t>(plan.blocks.size());
-  const int64_t text_chunks = (plan.text_cols + kTextChunk - 1) / kTextChunk;
-  const int64_t key_items = text_chunks + static_cast<int64_t>(plan.lines.size());
-  const int64_t text_size = seq * plan.text_cols, per_head = 2 * (text_size + plan.local_size);
+  const auto head_view = [&](int64_t head) {
+    const int64_t offset = head * seq * dim;
+    return Head<T>{q.data_ptr<T>() + offset, k.data_ptr<T>() + offset, v.data_ptr<T>() + offset,
+                   dout.data_ptr<T>() + offset};
+  };
   const int64_t threads = at::get_num_threads();
   if (heads >= 2 * threads) {  // enough heads to share out: each thread takes whole heads
     parallel_items<HeadScratch<T>>(heads, [&](int64_t head, HeadScratch<T>& scratch) {
       const int64_t offset = head * seq * dim;
-      const Head<T> h{q.data_ptr<T>() + offset, k.data_ptr<T>() + offset, v.data_ptr<T>() + offset,
-                      dout.data_ptr<T>() + offset};
-      backward_head(plan, seq, h, dq.data_ptr<T>() + offset, dk.data_ptr<T>() + offset, dv.data_ptr<T>() + offset,
-                    dim, scale, scratch);
+      backward_head(plan, seq, head_view(head), dq.data_ptr<T>() + offset, dk.data_ptr<T>() + offset,
+                    dv.data_ptr<T>() + offset, dim, scale, scratch);
     });
     return;
   }
 
+  const int64_t text_chunks = (plan.text_cols + kTextChunk - 1) / kTextChunk;
+  const int64_t key_items = text_chunks + static_cast<int64_t>(plan.lines.size());
+  const int64_t text_size = seq * plan.text_cols, per_head = 2 * (text_size + plan.local_size);
   // Heads per group: enough blocks to keep every thread busy, within the buffer budget.
   int64_t group = std::min(heads, std::max<int64_t>(1, (4 * threads + num_blocks - 1) / num_blocks));
   group = std::max<int64_t>(1, std::min<int64_t>(group, kBufferBudget / (per_head * int64_t{sizeof(T)})));
   Buffer<T> storage;
   storage.resize(group * per_head);
 
-  const auto head_view = [&](int64_t head) {
-    const int64_t offset = head * seq * dim;
-    return Head<T>{q.data_ptr<T>() + offset, k.data_ptr<T>() + offset, v.data_ptr<T>() + offset,
-                   dout.data_ptr<T>() + offset};
-  };
   const auto buffers = [&](int64_t slot) {
     T* base = storage.data() + slot * per_head;
     return Buffers<T>{base, base + text_size, base + 2 * text_size, base + 2 * text_size + plan.local_size};
