@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "counter_noise.h"
+#include "cross_entropy.h"
 #include "decode_attention.h"
 #include "decode_layer.h"
 #include "geglu.h"
@@ -58,8 +59,9 @@ TORCH_LIBRARY(dalle_engine_cpu, m) {
       .def("set_head", &dalle_engine::DecodeStack::set_head)
       .def("logits", &dalle_engine::DecodeStack::logits);
   m.def("counter_uniform(Tensor keys, Tensor step, int columns) -> Tensor");
-  m.def("geglu_fwd(Tensor x) -> Tensor");
-  m.def("geglu_bwd(Tensor x, Tensor grad) -> Tensor");
+  m.def("geglu_fwd(Tensor x, Tensor? bias=None) -> Tensor");
+  m.def("geglu_bwd(Tensor x, Tensor? bias, Tensor grad) -> (Tensor, Tensor)");
+  m.def("cross_entropy_rows(Tensor(a!) logits, Tensor? bias, Tensor target, bool grad) -> Tensor");
   // The instruction set the row kernels run (see vector_math.h).
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("best_cpu_isa() -> str", &best_cpu_isa);
@@ -75,4 +77,5 @@ TORCH_LIBRARY_IMPL(dalle_engine_cpu, CPU, m) {
   m.impl("counter_uniform", &dalle_engine::counter_uniform);
   m.impl("geglu_fwd", &dalle_engine::geglu_fwd);
   m.impl("geglu_bwd", &dalle_engine::geglu_bwd);
+  m.impl("cross_entropy_rows", &dalle_engine::cross_entropy_rows);
 }

@@ -3,8 +3,9 @@
 The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k, v -> out, lse),
 ``sparse_attention_bwd`` (q, k, v, out, lse, dout -> dq, dk, dv), ``decode_attention`` (q, k_cache, v_cache, pos
 -> out, one query per sequence against a KV cache), ``small_linear`` (x, weight, bias -> x @ weight^T + bias for a
-handful of rows, bound by streaming the weight), ``decode_layer`` (one transformer layer of a decode step) and
-``counter_uniform`` (the sampler's counter-based noise) and ``geglu_fwd`` / ``geglu_bwd`` (the feed-forward's GEGLU), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
+handful of rows, bound by streaming the weight), ``decode_layer`` (one transformer layer of a decode step),
+``counter_uniform`` (the sampler's counter-based noise), ``geglu_fwd`` / ``geglu_bwd`` (the feed-forward's GEGLU) and
+``cross_entropy_rows`` (the training loss's rows), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
 for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta) implementations so
 ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
 import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
@@ -20,7 +21,7 @@ import torch
 
 from . import masks
 
-__all__ = ["BRANCH_TENSORS", "PACK_LANES", "available", "counter_uniform", "cpu_isa", "cpu_isas", "decode_attention",
+__all__ = ["BRANCH_TENSORS", "PACK_LANES", "available", "counter_uniform", "cpu_isa", "cpu_isas", "cross_entropy_rows", "decode_attention",
            "decode_layer", "decode_stack", "geglu", "load_error", "pack_weight", "small_linear", "sparse_attention",
            "use_cpu_isa"]
 
@@ -61,12 +62,16 @@ def _load() -> str | None:
         return keys.new_empty(keys.shape[0], columns, dtype=torch.float32)
 
     @torch.library.register_fake(f"{_NAMESPACE}::geglu_fwd")
-    def _geglu_fwd_fake(x):
+    def _geglu_fwd_fake(x, bias=None):
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
     @torch.library.register_fake(f"{_NAMESPACE}::geglu_bwd")
-    def _geglu_bwd_fake(x, grad):
-        return x.new_empty(x.shape)
+    def _geglu_bwd_fake(x, bias, grad):
+        return x.new_empty(x.shape), x.new_empty(x.shape[-1] if bias is not None else 0)
+
+    @torch.library.register_fake(f"{_NAMESPACE}::cross_entropy_rows")
+    def _cross_entropy_rows_fake(logits, bias, target, grad):
+        return logits.new_empty(logits.shape[0])
 
     @torch.library.register_fake(f"{_NAMESPACE}::decode_layer")
     def _decode_layer_fake(x, attn, ff, k_cache, v_cache, pos, rotary_cos, rotary_sin, ring_attn, ring_ff,
@@ -140,27 +145,45 @@ def sparse_attention(
 
 class _GEGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return getattr(torch.ops, _NAMESPACE).geglu_fwd(x)
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return getattr(torch.ops, _NAMESPACE).geglu_fwd(x, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return getattr(torch.ops, _NAMESPACE).geglu_bwd(x, grad)
+        x, bias = ctx.saved_tensors
+        dx, dbias = getattr(torch.ops, _NAMESPACE).geglu_bwd(x, bias, grad)
+        return dx, dbias if bias is not None else None
 
 
-def geglu(x: torch.Tensor) -> torch.Tensor:
-    """GEGLU on the C++ CPU kernels, differentiable: ``a * F.gelu(gate)`` for ``a, gate = x.chunk(2, -1)``, x a float32
-    or float64 CPU tensor. Forward and backward are each one pass over x, where ATen makes five (chunk, GELU, product,
-    and in the backward their gradients and the concatenation of the halves'); the exact (erf) GELU to a few float32
-    ulps, the fused decode layer's. Raises RuntimeError if the kernels are unavailable (see ``load_error()``)."""
+def geglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GEGLU on the C++ CPU kernels, differentiable: ``a * F.gelu(gate)`` for ``a, gate = (x + bias).chunk(2, -1)``,
+    x a float32 or float64 CPU tensor and bias None or ``(x.shape[-1],)`` of its dtype (a projection's bias, left to
+    the kernels: added as x is read, its gradient summed as x's is written, where the projection's would cost a copy
+    forward and a pass backward). Forward and backward are each one pass over x, where ATen makes five (chunk, GELU,
+    product, and in the backward their gradients and the concatenation of the halves'); the exact (erf) GELU to a few
+    float32 ulps, the fused decode layer's. Raises RuntimeError if the kernels are unavailable (see
+    ``load_error()``)."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GEGLU.apply(x)
-    return getattr(torch.ops, _NAMESPACE).geglu_fwd(x)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _GEGLU.apply(x, bias)
+    return getattr(torch.ops, _NAMESPACE).geglu_fwd(x, bias)
+
+
+def cross_entropy_rows(logits: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                       grad: bool) -> torch.Tensor:
+    """Each row's cross-entropy, ``logsumexp(row) - row[target]`` of the row plus ``bias``, on the C++ CPU kernel,
+    one visit of the row.
+
+    logits: ``(rows, vocabulary)`` contiguous float32 or float64 CPU; bias: ``(vocabulary,)`` of its dtype, or None;
+    target: ``(rows,)`` int64 ids in ``[0, vocabulary)``. Returns ``(rows,)`` in logits' dtype. Overwrites logits:
+    with ``grad``, each row becomes its loss's gradient, softmax minus the one-hot target; without, it is left
+    unspecified. Not differentiable. The op checks its arguments (RuntimeError); raises RuntimeError if the kernels are unavailable (see ``load_error()``)."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    return getattr(torch.ops, _NAMESPACE).cross_entropy_rows(logits, bias, target, grad)
 
 
 def decode_attention(

@@ -16,6 +16,7 @@ from torch import nn
 from engine.codecs.tokenizers import check_caption_ids
 from engine.model import fused_decode, packed
 from engine.model.config import DALLEConfig
+from engine.model.cross_entropy import linear_cross_entropy
 from engine.model.linear import Linear
 from engine.model.transformer import KVCache, Transformer
 from engine.sampling import Settings, decode, row_keys
@@ -111,12 +112,8 @@ class DALLE(nn.Module):
         T, V = c.text_seq_len, c.num_text_tokens_internal
         h = self.to_logits[0](x)
         weight, bias = self.to_logits[1].weight, self.to_logits[1].bias
-        text_logits = F.linear(h[:, :T], weight[:V], bias[:V])
-        image_logits = F.linear(h[:, T:], weight[V:], bias[V:])
-        # Over the last dim of (rows, vocabulary): the (batch, vocabulary, seq) layout DALLE-pytorch passes makes
-        # the log-softmax run along a strided dim and copy the logits twice, costlier than the text projection.
-        loss_text = F.cross_entropy(text_logits.flatten(0, 1), text.flatten())
-        loss_img = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
+        loss_text = linear_cross_entropy(h[:, :T].flatten(0, 1), weight[:V], bias[:V], text.flatten())
+        loss_img = linear_cross_entropy(h[:, T:].flatten(0, 1), weight[V:], bias[V:], codes.flatten())
         return (loss_text + c.loss_img_weight * loss_img) / (c.loss_img_weight + 1)
 
     def _hidden(

@@ -116,14 +116,29 @@ class FeedForward(nn.Module):
         self.proj_out = Linear(dim * mult, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(self.dropout(geglu(self.proj_in(x))))
+        proj = self.proj_in
+        if (torch.is_grad_enabled() and type(proj) is Linear and proj.bias is not None and geglu_kernel_takes(x)
+                and x.dtype == proj.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            # Training: the bias left to the kernel, which sums its gradient as it writes x's (ATen would copy the
+            # bias into the product's output, and sum the output's gradient in a pass of its own).
+            h = cpp.geglu(F.linear(x, proj.weight), proj.bias)
+        else:
+            h = geglu(proj(x))
+        return self.proj_out(self.dropout(h))
+
+
+def geglu_kernel_takes(h: torch.Tensor) -> bool:
+    """Whether the C++ GEGLU computes it: a float32 or float64 CPU tensor, the kernels built, not compiling (compiled
+    graphs keep ATen's operations, which the compiler fuses itself)."""
+    return h.is_cpu and h.dtype in (torch.float32, torch.float64) and cpp.available() and \
+        not torch.compiler.is_compiling()
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """GEGLU: the first feature half times GELU(second half). On a CPU, float32 or float64, the C++ kernels
     (``kernels.cpp.geglu``): one pass forward and one backward, where ATen's operations took a tenth of a training
-    step. Compiled graphs keep the operations, which the compiler fuses itself."""
-    if h.is_cpu and h.dtype in (torch.float32, torch.float64) and cpp.available() and not torch.compiler.is_compiling():
+    step."""
+    if geglu_kernel_takes(h):
         return cpp.geglu(h)
     a, gate = h.chunk(2, dim=-1)
     # GELU of a strided view takes another code path than of a contiguous tensor, a last bit off: one row alone is
