@@ -101,6 +101,8 @@ def load_error() -> str | None:
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, geometry):
+        # The kernels read contiguous heads: copied here once, for both passes (views of a QKV projection are not).
+        q, k, v = (t.contiguous() for t in (q, k, v))
         out, lse = getattr(torch.ops, _NAMESPACE).sparse_attention_fwd(q, k, v, *geometry)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.geometry = geometry
