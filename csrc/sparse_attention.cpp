@@ -13,19 +13,14 @@
 // from the same predicates as kernels/masks.py (window slots off the grid are masked and never read); text keys need
 // no mask (image queries see all of them) or a causal prefix (text queries).
 //
-// With at least two (batch, head) pairs per thread, forward and backward give each thread whole heads: every image
-// query sees every text key, so the image queries' text parts (scores, dP, and their products with V, K, Q and dO)
-// are a few GEMMs over all of a head's image queries at once, which the BLAS runs at its full rate, where per block
-// they are small calls that pack their operands again and again; text blocks and the local keys go block by block.
-// With fewer pairs, work items are blocks of every head.
-//
 // The backward recomputes the scores and, as every query's keys lie in one block, each row's softmax exactly as the
 // forward did (so it needs neither out nor lse). Per query block it forms P and dS = P * (dP - rowsum(P * dP)) and
 // dQ; dK = scale * dS^T Q and dV = P^T dO sum over the blocks whose keys include theirs. Without atomics and
 // deterministically, in one of two schedules:
-//   - whole heads per thread, blocks in order, each block's local P and dS in scratch that stays in cache, its dK and
-//     dV terms added as it goes (GEMMs for text keys and axial lines, key by key for window slots): 7-20 % faster
-//     than the other schedule (bench/RESULTS.md), which writes seq x text_cols buffers per head and reads them back;
+//   - with at least two (batch, head) pairs per thread, each thread takes whole heads and runs their blocks in order,
+//     P and dS of one block at a time in scratch that stays in cache, adding each block's dK and dV terms as it goes
+//     (GEMMs for text keys and axial lines, key by key for window slots): 7-20 % faster than the other schedule
+//     (bench/RESULTS.md), which writes seq x text_cols buffers per head and reads them back;
 //   - otherwise, two phases parallel within a head:
 //     1. per query block: P and dS into buffers (text part by query position, local part per block) and dQ;
 //     2. per key range: for chunks of text keys one GEMM over every query that can see them, and for each grid line
@@ -460,13 +455,6 @@ struct Scratch {
   Buffer<T> row_scale;
 };
 
-// A thread's space for whole heads: image queries' text parts, a block's local parts, and per-block scratch.
-template <typename T>
-struct HeadScratch {
-  Buffer<T> text_p, text_ds, local_p, local_ds;
-  Scratch<T> block;
-};
-
 // One (batch, head): pointers to its seq x dim matrices.
 template <typename T>
 struct Head {
@@ -481,56 +469,6 @@ inline int64_t visible_text(const Block& block, int64_t position) {
   return block.text_causal ? std::min(block.text_keys, position + 1) : block.text_keys;
 }
 
-// The block's local scores, factor * (its query rows of x) . (its local keys' rows of `keys`), into `local` (row i
-// at i * ld_local): GEMMs over its segments, dot products over its window slots (0 where the bias masks a slot).
-template <typename T>
-void local_scores(const Plan& plan, const Block& block, const T* x, const T* keys, int64_t dim, T factor, T* local,
-                  int64_t ld_local) {
-  const int64_t nq = block.queries.count, ld = block.queries.stride * dim;
-  const T* rows = x + block.queries.start * dim;
-  for (const Segment& seg : block.segments) {
-    gemm<T>(false, true, nq, seg.keys.count, dim, factor, rows, ld, keys + seg.keys.start * dim,
-            seg.keys.stride * dim, 0, local + seg.column, ld_local);
-  }
-  if (block.window) {  // window blocks are whole grid rows: query i is at position queries.start + i
-    const float* bias = plan.bias.data() + block.bias_offset;
-    const int64_t nl = block.local_keys;
-    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
-      for (int64_t i = 0; i < nq; ++i) {
-        window_dots(rows + i * dim, keys + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl, nl,
-                    dim, factor, local + i * ld_local);
-      }
-    });
-  }
-}
-
-// The block's query rows of `out` = factor * `local` weights . (its local keys' rows of `values`) + beta * themselves
-// (beta 0 or 1).
-template <typename T>
-void local_product(const Plan& plan, const Block& block, const T* local, int64_t ld_local, const T* values,
-                   int64_t dim, T factor, T beta, T* out) {
-  const int64_t nq = block.queries.count, ld = block.queries.stride * dim;
-  T* rows = out + block.queries.start * dim;
-  for (const Segment& seg : block.segments) {
-    gemm<T>(false, false, nq, dim, seg.keys.count, factor, local + seg.column, ld_local,
-            values + seg.keys.start * dim, seg.keys.stride * dim, beta, rows, ld);
-    beta = 1;
-  }
-  if (beta == 0) {
-    for (int64_t i = 0; i < nq; ++i) std::fill_n(rows + i * ld, dim, T(0));
-  }
-  if (block.window) {
-    const float* bias = plan.bias.data() + block.bias_offset;
-    const int64_t nl = block.local_keys;
-    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
-      for (int64_t i = 0; i < nq; ++i) {
-        window_sum(local + i * ld_local, values + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl,
-                   nl, dim, factor, rows + i * dim);
-      }
-    });
-  }
-}
-
 template <typename T>
 void forward_block(const Plan& plan, const Block& block, const Head<T>& h, T* out, T* lse, int64_t dim, T scale,
                    Scratch<T>& scratch) {
@@ -540,8 +478,19 @@ void forward_block(const Plan& plan, const Block& block, const Head<T>& h, T* ou
   T* scores = scratch.scores.resize(nq * cols);
   T* row_scale = scratch.row_scale.resize(nq);
   gemm<T>(false, true, nq, nt, dim, scale, q, ld, h.k, dim, 0, scores, cols);
-  local_scores(plan, block, h.q, h.k, dim, scale, scores + nt, cols);
+  for (const Segment& seg : block.segments) {
+    gemm<T>(false, true, nq, seg.keys.count, dim, scale, q, ld, h.k + seg.keys.start * dim, seg.keys.stride * dim,
+            0, scores + nt + seg.column, cols);
+  }
   const float* bias = plan.bias.data() + block.bias_offset;
+  if (block.window) {  // window blocks are whole grid rows: query i is at position queries.start + i
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        window_dots(q + i * dim, h.k + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl, nl, dim,
+                    scale, scores + i * cols + nt);
+      }
+    });
+  }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t position = block.queries.start + i * block.queries.stride;
     const int64_t visible = visible_text(block, position);
@@ -552,41 +501,19 @@ void forward_block(const Plan& plan, const Block& block, const Head<T>& h, T* ou
   }
   T* o = out + block.queries.start * dim;
   gemm<T>(false, false, nq, dim, nt, 1, scores, cols, h.v, dim, 0, o, ld);
-  local_product(plan, block, scores + nt, cols, h.v, dim, T(1), T(1), out);
+  for (const Segment& seg : block.segments) {
+    gemm<T>(false, false, nq, dim, seg.keys.count, 1, scores + nt + seg.column, cols, h.v + seg.keys.start * dim,
+            seg.keys.stride * dim, 1, o, ld);
+  }
+  if (block.window) {
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        window_sum(scores + i * cols + nt, h.v + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl,
+                   nl, dim, T(1), o + i * dim);
+      }
+    });
+  }
   for (int64_t i = 0; i < nq; ++i) scale_row(o + i * ld, dim, row_scale[i]);
-}
-
-// A whole head in one thread: text blocks as forward_block does them, and for the image queries (which all see every
-// text key) their text scores and their product with the text values each as one GEMM over all of them, a shape the
-// BLAS runs at its full rate, where per block its calls are small and pack their operands again and again.
-template <typename T>
-void forward_head(const Plan& plan, int64_t seq, const Head<T>& h, T* out, T* lse, int64_t dim, T scale,
-                  HeadScratch<T>& scratch) {
-  for (const Block& block : plan.blocks) {
-    if (block.text_causal) forward_block(plan, block, h, out, lse, dim, scale, scratch.block);
-  }
-  const int64_t nt = plan.text_cols, ni = seq - nt;
-  if (ni <= 0) return;  // no image queries (the full pattern, or a caption-only sequence)
-  T* text = scratch.text_p.resize(ni * nt);  // row r: image query nt + r
-  T* row_scale = scratch.text_ds.resize(ni);
-  gemm<T>(false, true, ni, nt, dim, scale, h.q + nt * dim, dim, h.k, dim, 0, text, nt);
-  for (const Block& block : plan.blocks) {
-    if (block.text_causal) continue;
-    const int64_t nq = block.queries.count, nl = block.local_keys;
-    T* local = scratch.local_p.resize(std::max<int64_t>(1, nq * nl));
-    local_scores(plan, block, h.q, h.k, dim, scale, local, nl);
-    const float* bias = plan.bias.data() + block.bias_offset;
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t position = block.queries.start + i * block.queries.stride, row = position - nt;
-      const auto [top, sum] = softmax_forward_row(text + row * nt, nt, nt, local + i * nl, bias + i * nl, nl);
-      lse[position] = top + std::log(sum);
-      row_scale[row] = T(1) / sum;
-    }
-    local_product(plan, block, local, nl, h.v, dim, T(1), T(0), out);
-  }
-  T* o = out + nt * dim;
-  gemm<T>(false, false, ni, dim, nt, 1, text, nt, h.v, dim, 1, o, dim);
-  for (int64_t r = 0; r < ni; ++r) scale_row(o + r * dim, dim, row_scale[r]);
 }
 
 // Backward buffers of one (batch, head): P and dS for queries x text keys (rows by query position) and for each
@@ -631,19 +558,44 @@ void backward_block(const Plan& plan, const Block& block, const Head<T>& h, cons
   T* local_ds = out.local_ds;
   gemm<T>(false, true, nq, nt, dim, scale, q, ld, h.k, dim, 0, text_p, ld_text);
   gemm<T>(false, true, nq, nt, dim, 1, dout, ld, h.v, dim, 0, text_ds, ld_text);
-  local_scores(plan, block, h.q, h.k, dim, scale, local_p, nl);
-  local_scores(plan, block, h.dout, h.v, dim, T(1), local_ds, nl);
+  for (const Segment& seg : block.segments) {
+    const int64_t offset = seg.keys.start * dim, ld_key = seg.keys.stride * dim;
+    gemm<T>(false, true, nq, seg.keys.count, dim, scale, q, ld, h.k + offset, ld_key, 0, local_p + seg.column, nl);
+    gemm<T>(false, true, nq, seg.keys.count, dim, 1, dout, ld, h.v + offset, ld_key, 0, local_ds + seg.column, nl);
+  }
   const float* bias = plan.bias.data() + block.bias_offset;
+  if (block.window) {  // whole grid rows, as in the forward
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t at = (block.queries.start + i) * dim;
+        window_dots(q + i * dim, h.k + at, plan.window.data(), bias + i * nl, nl, dim, scale, local_p + i * nl);
+        window_dots(dout + i * dim, h.v + at, plan.window.data(), bias + i * nl, nl, dim, T(1), local_ds + i * nl);
+      }
+    });
+  }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t position = block.queries.start + i * block.queries.stride;
     const int64_t visible = visible_text(block, position);
+    T* p = text_p + i * ld_text;
+    T* ds = text_ds + i * ld_text;
     // Every key of the row is in this block, so its softmax is recomputed as the forward did it (max, sum) rather
     // than as e^(s - lse): lse rounded to float would cost P up to ulp(lse) of relative error.
-    softmax_backward_row(text_p + i * ld_text, text_ds + i * ld_text, visible, tc, local_p + i * nl,
-                         local_ds + i * nl, bias + i * nl, nl);
+    softmax_backward_row(p, ds, visible, tc, local_p + i * nl, local_ds + i * nl, bias + i * nl, nl);
   }
-  gemm<T>(false, false, nq, dim, nt, scale, text_ds, ld_text, h.k, dim, 0, dq + block.queries.start * dim, ld);
-  local_product(plan, block, local_ds, nl, h.k, dim, scale, T(1), dq);
+  T* dq_block = dq + block.queries.start * dim;
+  gemm<T>(false, false, nq, dim, nt, scale, text_ds, ld_text, h.k, dim, 0, dq_block, ld);
+  for (const Segment& seg : block.segments) {
+    gemm<T>(false, false, nq, dim, seg.keys.count, scale, local_ds + seg.column, nl, h.k + seg.keys.start * dim,
+            seg.keys.stride * dim, 1, dq_block, ld);
+  }
+  if (block.window) {
+    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+      for (int64_t i = 0; i < nq; ++i) {
+        window_sum(local_ds + i * nl, h.k + (block.queries.start + i) * dim, plan.window.data(), bias + i * nl, nl,
+                   dim, scale, dq_block + i * dim);
+      }
+    });
+  }
 }
 
 // Phase 2, text keys [first, first + kTextChunk): every query at or after `first` may see them.
@@ -702,80 +654,53 @@ void backward_window_keys(const Plan& plan, const KeyLine& line, int64_t seq, co
   });
 }
 
-// dK and dV of the block's local keys += its local dS and P (row i at i * nl) times its queries' rows of q and dout:
-// GEMMs over its segments, key by key over its window slots.
+// A whole head, block after block in one thread, each block's P and dS in scratch that stays in cache: its queries'
+// contributions to dK and dV are added as the block is done (text keys and axial lines by GEMMs, window slots key by
+// key), in block order, so the sums are deterministic.
 template <typename T>
-void add_local_key_grads(const Plan& plan, const Block& block, const Head<T>& h, const T* local_p, const T* local_ds,
-                         T* dk, T* dv, int64_t dim, T scale) {
-  const int64_t nq = block.queries.count, nl = block.local_keys, ld = block.queries.stride * dim;
-  const T* q = h.q + block.queries.start * dim;
-  const T* dout = h.dout + block.queries.start * dim;
-  for (const Segment& seg : block.segments) {
-    const int64_t offset = seg.keys.start * dim, ld_key = seg.keys.stride * dim;
-    gemm<T>(true, false, seg.keys.count, dim, nq, scale, local_ds + seg.column, nl, q, ld, 1, dk + offset, ld_key);
-    gemm<T>(true, false, seg.keys.count, dim, nq, 1, local_p + seg.column, nl, dout, ld, 1, dv + offset, ld_key);
-  }
-  if (block.window) {
-    const float* bias = plan.bias.data() + block.bias_offset;
-    const int64_t slots = static_cast<int64_t>(plan.window.size());
-    with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t query = block.queries.start + i;
-        for (int64_t s = 0; s < slots; ++s) {
-          if (bias[i * nl + s] != 0) continue;
-          const int64_t key = query + plan.window[s];
-          axpy(dk + key * dim, scale * local_ds[i * nl + s], q + i * dim, dim);
-          axpy(dv + key * dim, local_p[i * nl + s], dout + i * dim, dim);
-        }
-      }
-    });
-  }
-}
+struct HeadScratch {
+  Buffer<T> text_p, text_ds, local_p, local_ds;
+};
 
-// A whole head in one thread, each block's P and dS in scratch that stays in cache, its contributions to dK and dV
-// added as it is done, in block order, so the sums are deterministic. Text blocks go block by block; the image queries'
-// text parts are whole-head GEMMs as in forward_head: their scores and dP first, then dQ, dK and dV of the text keys.
 template <typename T>
 void backward_head(const Plan& plan, int64_t seq, const Head<T>& h, T* dq, T* dk, T* dv, int64_t dim, T scale,
                    HeadScratch<T>& scratch) {
   std::fill_n(dk, seq * dim, T(0));
   std::fill_n(dv, seq * dim, T(0));
-  const int64_t tc = plan.text_cols, ni = seq - tc;
+  const int64_t tc = plan.text_cols, slots = static_cast<int64_t>(plan.window.size());
   for (const Block& block : plan.blocks) {
-    if (!block.text_causal) continue;
-    const int64_t nq = block.queries.count, nt = block.text_keys, ld = block.queries.stride * dim;
+    const int64_t nq = block.queries.count, nt = block.text_keys, nl = block.local_keys;
     const BlockBuffers<T> out{scratch.text_p.resize(nq * tc), scratch.text_ds.resize(nq * tc), tc,
-                              scratch.local_p.resize(1), scratch.local_ds.resize(1)};
+                              scratch.local_p.resize(std::max<int64_t>(1, nq * nl)),
+                              scratch.local_ds.resize(std::max<int64_t>(1, nq * nl))};
     backward_block(plan, block, h, out, dq, dim, scale);
-    gemm<T>(true, false, nt, dim, nq, scale, out.text_ds, tc, h.q + block.queries.start * dim, ld, 1, dk, dim);
-    gemm<T>(true, false, nt, dim, nq, 1, out.text_p, tc, h.dout + block.queries.start * dim, ld, 1, dv, dim);
-  }
-  if (ni <= 0) return;
-  T* p = scratch.text_p.resize(ni * tc);  // row r: image query tc + r
-  T* ds = scratch.text_ds.resize(ni * tc);
-  const T* q_image = h.q + tc * dim;
-  const T* dout_image = h.dout + tc * dim;
-  gemm<T>(false, true, ni, tc, dim, scale, q_image, dim, h.k, dim, 0, p, tc);
-  gemm<T>(false, true, ni, tc, dim, 1, dout_image, dim, h.v, dim, 0, ds, tc);
-  for (const Block& block : plan.blocks) {
-    if (block.text_causal) continue;
-    const int64_t nq = block.queries.count, nl = block.local_keys;
-    T* local_p = scratch.local_p.resize(std::max<int64_t>(1, nq * nl));
-    T* local_ds = scratch.local_ds.resize(std::max<int64_t>(1, nq * nl));
-    local_scores(plan, block, h.q, h.k, dim, scale, local_p, nl);
-    local_scores(plan, block, h.dout, h.v, dim, T(1), local_ds, nl);
-    const float* bias = plan.bias.data() + block.bias_offset;
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t row = block.queries.start + i * block.queries.stride - tc;
-      softmax_backward_row(p + row * tc, ds + row * tc, tc, tc, local_p + i * nl, local_ds + i * nl, bias + i * nl,
-                           nl);
+    const int64_t ld = block.queries.stride * dim;
+    const T* q = h.q + block.queries.start * dim;
+    const T* dout = h.dout + block.queries.start * dim;
+    gemm<T>(true, false, nt, dim, nq, scale, out.text_ds, tc, q, ld, 1, dk, dim);
+    gemm<T>(true, false, nt, dim, nq, 1, out.text_p, tc, dout, ld, 1, dv, dim);
+    for (const Segment& seg : block.segments) {
+      const int64_t offset = seg.keys.start * dim, ld_key = seg.keys.stride * dim;
+      gemm<T>(true, false, seg.keys.count, dim, nq, scale, out.local_ds + seg.column, nl, q, ld, 1, dk + offset,
+              ld_key);
+      gemm<T>(true, false, seg.keys.count, dim, nq, 1, out.local_p + seg.column, nl, dout, ld, 1, dv + offset,
+              ld_key);
     }
-    local_product(plan, block, local_ds, nl, h.k, dim, scale, T(0), dq);
-    add_local_key_grads(plan, block, h, local_p, local_ds, dk, dv, dim, scale);
+    if (block.window) {
+      const float* bias = plan.bias.data() + block.bias_offset;
+      with_cpu_isa([&]() DALLE_ENGINE_INLINE_LAMBDA {
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t query = block.queries.start + i;
+          for (int64_t s = 0; s < slots; ++s) {
+            if (bias[i * nl + s] != 0) continue;
+            const int64_t key = query + plan.window[s];
+            axpy(dk + key * dim, scale * out.local_ds[i * nl + s], q + i * dim, dim);
+            axpy(dv + key * dim, out.local_p[i * nl + s], dout + i * dim, dim);
+          }
+        }
+      });
+    }
   }
-  gemm<T>(false, false, ni, dim, tc, scale, ds, tc, h.k, dim, 1, dq + tc * dim, dim);
-  gemm<T>(true, false, tc, dim, ni, scale, ds, tc, q_image, dim, 1, dk, dim);
-  gemm<T>(true, false, tc, dim, ni, 1, p, tc, dout_image, dim, 1, dv, dim);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -818,14 +743,6 @@ void run_forward(const Plan& plan, const at::Tensor& q, const at::Tensor& k, con
   const T* v_data = v.data_ptr<T>();
   T* out_data = out.data_ptr<T>();
   T* lse_data = lse.data_ptr<T>();
-  if (heads >= 2 * at::get_num_threads()) {  // enough heads to share out: each thread takes whole heads
-    parallel_items<HeadScratch<T>>(heads, [&](int64_t head, HeadScratch<T>& scratch) {
-      const int64_t offset = head * seq * dim;
-      forward_head(plan, seq, Head<T>{q_data + offset, k_data + offset, v_data + offset, nullptr},
-                   out_data + offset, lse_data + head * seq, dim, scale, scratch);
-    });
-    return;
-  }
   parallel_items<Scratch<T>>(heads * num_blocks, [&](int64_t item, Scratch<T>& scratch) {
     const int64_t head = item / num_blocks, offset = head * seq * dim;
     const Head<T> h{q_data + offset, k_data + offset, v_data + offset, nullptr};

@@ -107,10 +107,10 @@ def test_float64_matches_dense(pattern: str, config: Config) -> None:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("config", CONFIGS[:-1], ids=str)
-@pytest.mark.parametrize("heads", [2, 1], ids=["whole heads per thread", "blocks of a head"])
-def test_float64_both_schedules(pattern: str, config: Config, heads: int) -> None:
-    """On one thread, two (batch, head) pairs take the schedule of whole heads per thread (forward and backward) and
-    one pair the blocks of a head (the backward in two phases); each must match the dense attention."""
+@pytest.mark.parametrize("heads", [2, 1], ids=["whole heads per thread", "two phases within a head"])
+def test_float64_both_backward_schedules(pattern: str, config: Config, heads: int) -> None:
+    """On one thread, two (batch, head) pairs take the backward's schedule of whole heads per thread and one pair the
+    two phases within a head; each must match the dense attention."""
     config = (1, heads, *config[2:])
     inputs = make_inputs(config, torch.float64)
     threads = torch.get_num_threads()
