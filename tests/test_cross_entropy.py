@@ -102,12 +102,14 @@ def test_second_backward_through_a_retained_graph() -> None:
     torch.testing.assert_close(second, 3 * first, rtol=0, atol=1e-14)
 
 
-def test_autocast_takes_the_plain_calls() -> None:
+def test_autocast_and_half_precision_take_the_plain_calls() -> None:
     x, weight, bias, target = problem(16, 8, 30, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = linear_cross_entropy(x, weight, bias, target)
         want = plain(x, weight, bias, target)
     assert torch.equal(got, want)
+    half = [t.bfloat16() for t in (x, weight, bias)]
+    assert torch.equal(linear_cross_entropy(*half, target), plain(*half, target))
 
 
 def test_rejects_bad_shapes_and_targets() -> None:

@@ -31,11 +31,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     x: ``(rows, dim)``; weight: ``(vocabulary, dim)``; target: ``(rows,)`` int64 ids in ``[0, vocabulary)``.
     ``chunk``: rows per chunk (default ``chunk_rows``). When a gradient is wanted the forward also computes x's, the
     weight's and the bias's gradients for a unit loss (a forward and a backward's work) and the backward scales them;
-    not twice differentiable. Under autocast it is the two PyTorch calls, whose casts autocast decides."""
+    not twice differentiable. Under autocast, and for half-precision x (a DeepSpeed fp16 or bf16 engine's), it is
+    the two PyTorch calls, which keep their softmax's sums in float32."""
     if x.dim() != 2 or target.shape != x.shape[:1]:
         raise ValueError(f"linear_cross_entropy: x must be (rows, dim) and target (rows,), got {tuple(x.shape)} and "
                          f"{tuple(target.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64):
         return F.cross_entropy(F.linear(x, weight, bias), target)
     chunk = chunk or chunk_rows(x.shape[0], weight.shape[0], x.element_size())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
