@@ -6,9 +6,9 @@ The library registers ``torch.ops.dalle_engine_cpu.sparse_attention_fwd`` (q, k,
 handful of rows, bound by streaming the weight), ``decode_layer`` (one transformer layer of a decode step),
 ``counter_uniform`` (the sampler's counter-based noise), ``geglu_fwd`` / ``geglu_bwd`` (the feed-forward's GEGLU) and
 ``cross_entropy_rows`` (the training loss's rows), each row kernel built for AVX-512, AVX2 and baseline x86-64 and run
-for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta) implementations so
-``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It never fails to
-import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
+for the best the CPU has (``cpu_isa``, ``use_cpu_isa``); this module loads it, gives the ops fake (meta)
+implementations so ``torch.compile`` can trace them, and wraps the sparse attention pair in an autograd.Function. It
+never fails to import: ``available()`` says whether the kernels can be used, ``load_error()`` why not.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 
 from . import masks
 
-__all__ = ["BRANCH_TENSORS", "PACK_LANES", "available", "counter_uniform", "cpu_isa", "cpu_isas", "cross_entropy_rows", "decode_attention",
-           "decode_layer", "decode_stack", "geglu", "load_error", "pack_weight", "small_linear", "sparse_attention",
-           "use_cpu_isa"]
+__all__ = ["BRANCH_TENSORS", "PACK_LANES", "available", "counter_uniform", "cpu_isa", "cpu_isas", "cross_entropy_rows",
+           "decode_attention", "decode_layer", "decode_stack", "geglu", "load_error", "pack_weight", "small_linear",
+           "sparse_attention", "use_cpu_isa"]
 
 _NAMESPACE = "dalle_engine_cpu"
 
@@ -182,7 +182,8 @@ def cross_entropy_rows(logits: torch.Tensor, bias: torch.Tensor | None, target: 
     logits: ``(rows, vocabulary)`` contiguous float32 or float64 CPU; bias: ``(vocabulary,)`` of its dtype, or None;
     target: ``(rows,)`` int64 ids in ``[0, vocabulary)``. Returns ``(rows,)`` in logits' dtype. Overwrites logits:
     with ``grad``, each row becomes its loss's gradient, softmax minus the one-hot target; without, it is left
-    unspecified. Not differentiable. The op checks its arguments (RuntimeError); raises RuntimeError if the kernels are unavailable (see ``load_error()``)."""
+    unspecified. Not differentiable. The op checks its arguments (RuntimeError); raises RuntimeError if the kernels
+    are unavailable (see ``load_error()``)."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
     return getattr(torch.ops, _NAMESPACE).cross_entropy_rows(logits, bias, target, grad)
@@ -298,7 +299,8 @@ def decode_layer(x: torch.Tensor, attn: list[torch.Tensor | None], ff: list[torc
     heads, max_seq, dim_head)`` of x's dtype. pos: one position for every row, or ``(batch,)``. rotary: ``(cos, sin)``
     of the positions' angles, each ``(1 or batch, rot)``; rings: the branches' ``(batch, fmap_size + 1, dim)`` rings
     and shift_weights their positions' ``(1 or batch, 3, dim)`` rows of ``shift_weights`` (token shift), or None. All
-    of x's dtype, but for the stored weights. Returns x's shape. Not differentiable; the op checks its arguments (RuntimeError).
+    of x's dtype, but for the stored weights. Returns x's shape. Not differentiable; the op checks its arguments
+    (RuntimeError).
     """
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)

@@ -93,6 +93,15 @@ def test_frozen_inputs_get_no_gradient_and_no_grad_gives_the_loss() -> None:
                                    plain(x, weight, bias, target), rtol=0, atol=1e-12)
 
 
+def test_no_rows_give_nan_and_zero_gradients() -> None:
+    x, weight, bias, target = problem(0, 8, 30, torch.float64)
+    got = loss_and_grads(linear_cross_entropy, x, weight, bias, target)
+    want = loss_and_grads(plain, x, weight, bias, target)
+    assert got[0].isnan() and want[0].isnan()
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.equal(g, w)
+
+
 def test_second_backward_through_a_retained_graph() -> None:
     x, weight, bias, target = problem(20, 8, 30, torch.float64)
     x.requires_grad_(True)
