@@ -654,14 +654,15 @@ void backward_window_keys(const Plan& plan, const KeyLine& line, int64_t seq, co
   });
 }
 
-// A whole head, block after block in one thread, each block's P and dS in scratch that stays in cache: its queries'
-// contributions to dK and dV are added as the block is done (text keys and axial lines by GEMMs, window slots key by
-// key), in block order, so the sums are deterministic.
+// A thread's space for one block's P and dS while it runs whole heads.
 template <typename T>
 struct HeadScratch {
   Buffer<T> text_p, text_ds, local_p, local_ds;
 };
 
+// A whole head, block after block in one thread, each block's P and dS in scratch that stays in cache: its queries'
+// contributions to dK and dV are added as the block is done (text keys and axial lines by GEMMs, window slots key by
+// key), in block order, so the sums are deterministic.
 template <typename T>
 void backward_head(const Plan& plan, int64_t seq, const Head<T>& h, T* dq, T* dk, T* dv, int64_t dim, T scale,
                    HeadScratch<T>& scratch) {
